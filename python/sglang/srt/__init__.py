@@ -1,0 +1,1 @@
+"""SGLang runtime (server, scheduler, models)."""

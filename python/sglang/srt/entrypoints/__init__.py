@@ -1,0 +1,1 @@
+"""Entry points: the offline Engine and the HTTP server."""

@@ -1,0 +1,1 @@
+"""The main-process TokenizerManager and the per-rank schedulers."""

@@ -1,0 +1,121 @@
+"""Messages between the HTTP layer, the TokenizerManager (main process) and the rank-0 scheduler."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from sglang.srt.sampling.sampling_params import SamplingParams
+
+
+@dataclass
+class GenerateReqInput:
+    """A /generate request as users send it: one prompt or a batch (text or input_ids)."""
+
+    text: str | list[str] | None = None
+    input_ids: list[int] | list[list[int]] | None = None
+    sampling_params: dict[str, Any] | list[dict[str, Any]] | None = None
+    rid: str | list[str] | None = None
+    return_logprob: bool = False
+    top_logprobs_num: int = 0
+    stream: bool = False
+
+    def is_batch(self) -> bool:
+        if self.text is not None:
+            return isinstance(self.text, list)
+        return bool(self.input_ids) and isinstance(self.input_ids[0], list)
+
+    def split(self) -> list[GenerateReqInput]:
+        """One GenerateReqInput per prompt (a batch is served as independent requests)."""
+        if self.text is None and self.input_ids is None:
+            raise ValueError("Either 'text' or 'input_ids' is required.")
+        if self.text is not None and self.input_ids is not None:
+            raise ValueError("Give either 'text' or 'input_ids', not both.")
+        if not self.is_batch():
+            return [self]
+        prompts = self.text if self.text is not None else self.input_ids
+        n = len(prompts)
+        if n == 0:
+            raise ValueError("The batch of prompts is empty.")
+        params = self.sampling_params
+        if isinstance(params, list) and len(params) != n:
+            raise ValueError(f"'sampling_params' has {len(params)} entries for {n} prompts.")
+        rids = self.rid
+        if isinstance(rids, list) and len(rids) != n:
+            raise ValueError(f"'rid' has {len(rids)} entries for {n} prompts.")
+        return [
+            GenerateReqInput(
+                text=prompts[i] if self.text is not None else None,
+                input_ids=prompts[i] if self.input_ids is not None else None,
+                sampling_params=params[i] if isinstance(params, list) else params,
+                rid=rids[i] if isinstance(rids, list) else None,
+                return_logprob=self.return_logprob,
+                top_logprobs_num=self.top_logprobs_num,
+                stream=self.stream,
+            )
+            for i in range(n)
+        ]
+
+
+def new_rid() -> str:
+    """A fresh request id."""
+    return uuid.uuid4().hex
+
+
+@dataclass
+class TokenizedGenerateReqInput:
+    """A single tokenized request sent to the scheduler."""
+
+    rid: str
+    input_ids: list[int]
+    sampling_params: SamplingParams
+    return_logprob: bool = False
+    top_logprobs_num: int = 0
+
+
+@dataclass
+class AbortReq:
+    """Stop a request and free its memory."""
+
+    rid: str
+
+
+@dataclass
+class BatchTokenIDOut:
+    """New tokens of one scheduler step, per request (rank 0 → TokenizerManager)."""
+
+    rids: list[str]
+    new_token_ids: list[list[int]]
+    finished_reasons: list[dict[str, Any] | None]
+    prompt_tokens: list[int]
+    completion_tokens: list[int]
+    cached_tokens: list[int]
+    new_token_logprobs: list[list[float]] = field(default_factory=list)
+    new_top_logprobs: list[list[list[tuple[float, int]]]] = field(default_factory=list)
+
+
+@dataclass
+class RpcReqInput:
+    """A control call run by every TP rank (flush_cache, get_weights_by_name, R-Fork seed steps, ...)."""
+
+    method: str
+    params: dict[str, Any] = field(default_factory=dict)
+    rid: str = field(default_factory=new_rid)
+
+
+@dataclass
+class RpcReqOutput:
+    """The answers of every TP rank to one RpcReqInput, in rank order."""
+
+    rid: str
+    results: list[Any]
+
+
+@dataclass
+class SchedulerReady:
+    """Sent once by rank 0 when every rank has loaded its model."""
+
+    max_total_num_tokens: int
+    max_req_input_len: int
+    info: dict[str, Any] = field(default_factory=dict)

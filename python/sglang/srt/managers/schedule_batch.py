@@ -1,0 +1,108 @@
+"""Req (one request's scheduling state) and ScheduleBatch (turns a list of Reqs into a ForwardBatch)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from sglang.srt.managers.io_struct import TokenizedGenerateReqInput
+from sglang.srt.mem_cache.radix_cache import TreeNode
+from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMode
+from sglang.srt.sampling.sampling_params import SamplingParams
+
+
+@dataclass(eq=False)
+class Req:
+    """A request inside the scheduler: its tokens, KV row, progress and outputs."""
+
+    rid: str
+    origin_input_ids: list[int]
+    sampling_params: SamplingParams
+    return_logprob: bool = False
+    top_logprobs_num: int = 0
+    output_ids: list[int] = field(default_factory=list)
+    req_pool_idx: int | None = None
+    kv_len: int = 0  # tokens whose KV is in the pool (row req_pool_idx of req_to_token)
+    cached_len: int = 0  # of kv_len, tokens that came from the radix cache (slots owned by the tree)
+    cached_tokens: int = 0  # reported to the user: prompt tokens served from the cache
+    last_node: TreeNode | None = None
+    finished_reason: dict[str, Any] | None = None
+    extend_len: int = 0  # tokens computed in the current extend pass
+    generator: torch.Generator | None = None
+    new_logprobs: list[float] = field(default_factory=list)
+    new_top_logprobs: list[list[tuple[float, int]]] = field(default_factory=list)
+    sent_len: int = 0  # output tokens already sent to the TokenizerManager
+
+    @classmethod
+    def from_input(cls, recv: TokenizedGenerateReqInput) -> Req:
+        req = cls(
+            rid=recv.rid,
+            origin_input_ids=list(recv.input_ids),
+            sampling_params=recv.sampling_params,
+            return_logprob=recv.return_logprob,
+            top_logprobs_num=recv.top_logprobs_num,
+        )
+        if recv.sampling_params.seed is not None:
+            req.generator = torch.Generator().manual_seed(recv.sampling_params.seed)
+        return req
+
+    @property
+    def fill_ids(self) -> list[int]:
+        """All tokens of the sequence so far: prompt plus generated."""
+        return self.origin_input_ids + self.output_ids
+
+    @property
+    def finished(self) -> bool:
+        return self.finished_reason is not None
+
+    def remaining_prefill(self) -> int:
+        """Tokens still to prefill before the request can decode."""
+        return len(self.fill_ids) - self.kv_len
+
+    def reset_for_retract(self) -> None:
+        """Forget the KV state so the request is prefilled again (prompt plus outputs so far)."""
+        self.req_pool_idx = None
+        self.kv_len = self.cached_len = 0
+        self.last_node = None
+
+
+def build_forward_batch(
+    reqs: list[Req], mode: ForwardMode, out_cache_loc: torch.Tensor, runner: Any, return_full_logits: bool = False
+) -> ForwardBatch:
+    """Write the new slots into each request's KV row and build the flattened ForwardBatch."""
+    device = runner.device
+    req_to_token = runner.req_to_token_pool.req_to_token
+    ids: list[int] = []
+    positions: list[int] = []
+    seq_lens: list[int] = []
+    prefix_lens: list[int] = []
+    extend_lens: list[int] = []
+    start = 0
+    for req in reqs:
+        n = req.extend_len if mode.is_extend() else 1
+        tokens = req.fill_ids[req.kv_len : req.kv_len + n]
+        ids.extend(tokens)
+        positions.extend(range(req.kv_len, req.kv_len + n))
+        req_to_token[req.req_pool_idx, req.kv_len : req.kv_len + n] = out_cache_loc[start : start + n].to(device)
+        prefix_lens.append(req.kv_len)
+        extend_lens.append(n)
+        seq_lens.append(req.kv_len + n)
+        start += n
+    return ForwardBatch(
+        forward_mode=mode,
+        batch_size=len(reqs),
+        input_ids=torch.tensor(ids, dtype=torch.int64, device=device),
+        positions=torch.tensor(positions, dtype=torch.int64, device=device),
+        req_pool_indices=torch.tensor([r.req_pool_idx for r in reqs], dtype=torch.int64, device=device),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int64, device=device),
+        out_cache_loc=out_cache_loc.to(device),
+        seq_lens_cpu=seq_lens,
+        extend_prefix_lens_cpu=prefix_lens,
+        extend_seq_lens_cpu=extend_lens,
+        return_full_logits=return_full_logits,
+        req_to_token_pool=runner.req_to_token_pool,
+        token_to_kv_pool=runner.token_to_kv_pool,
+        attn_backend=runner.attn_backend,
+    )

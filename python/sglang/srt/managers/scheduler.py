@@ -1,0 +1,290 @@
+"""The scheduler: one process per TP rank; rank 0 receives requests and every rank makes the same decisions."""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from typing import Any
+
+import torch
+import zmq
+
+from sglang.srt.configs.model_config import ModelConfig
+from sglang.srt.distributed.parallel_state import broadcast_pyobj, gather_pyobj
+from sglang.srt.layers.sampler import Sampler
+from sglang.srt.managers import scheduler_rpc
+from sglang.srt.managers.io_struct import (
+    AbortReq,
+    BatchTokenIDOut,
+    RpcReqInput,
+    RpcReqOutput,
+    TokenizedGenerateReqInput,
+)
+from sglang.srt.managers.schedule_batch import Req, build_forward_batch
+from sglang.srt.managers.stop_checker import StopChecker
+from sglang.srt.mem_cache.radix_cache import RadixCache
+from sglang.srt.model_executor.forward_batch_info import ForwardMode
+from sglang.srt.model_executor.model_runner import ModelRunner
+from sglang.srt.server_args import PortArgs, ServerArgs
+
+logger = logging.getLogger(__name__)
+
+# How long an idle rank 0 waits for a request before it wakes the other ranks anyway (keeps their
+# blocking broadcast far from the process-group timeout without spinning two CPU cores).
+_IDLE_POLL_MS = 500
+
+
+class Scheduler:
+    """Continuous batching with chunked prefill and a radix prefix cache over one rank's ModelRunner."""
+
+    def __init__(self, server_args: ServerArgs, port_args: PortArgs, tp_rank: int, gpu_id: int) -> None:
+        self.server_args = server_args
+        self.tp_rank = tp_rank
+        self.model_config = ModelConfig.from_path(
+            server_args.model_path, server_args.dtype, server_args.context_length, server_args.device
+        )
+        self.model_config.check_tp(server_args.tp_size)
+        self.runner = ModelRunner(self.model_config, server_args, tp_rank, gpu_id, port_args.dist_init_method)
+        self.max_total_num_tokens = self.runner.max_total_num_tokens
+        self.max_req_input_len = min(self.model_config.context_len - 1, self.max_total_num_tokens - 1)
+        self.allocator = self.runner.token_to_kv_pool_allocator
+        self.tree_cache = RadixCache(self.allocator, disable=server_args.disable_radix_cache)
+        self.stop_checker = StopChecker(server_args.tokenizer_path, self.model_config)
+        self.sampler = Sampler(server_args.random_seed, self.stop_checker.stop_ids_for)
+        self.waiting: deque[Req] = deque()
+        self.running: list[Req] = []
+        self.chunked_req: Req | None = None
+        self.cached_tokens_total = 0
+        self.shutting_down = False
+        if tp_rank == 0:
+            ctx = zmq.Context(2)
+            self.recv_sock = ctx.socket(zmq.PULL)
+            self.recv_sock.bind(port_args.scheduler_input_ipc_name)
+            self.send_sock = ctx.socket(zmq.PUSH)
+            self.send_sock.connect(port_args.tokenizer_ipc_name)
+
+    # ---- main loop -------------------------------------------------------------------------------
+
+    def event_loop(self) -> None:
+        """Receive, schedule, run, repeat."""
+        while not self.shutting_down:
+            for msg in self.recv_requests():
+                self.process_input(msg)
+            step = self.get_next_batch()
+            if step is not None:
+                self.run_batch(*step)
+
+    def recv_requests(self) -> list[Any]:
+        msgs: list[Any] = []
+        if self.tp_rank == 0:
+            busy = bool(self.waiting or self.running or self.chunked_req)
+            if busy or self.recv_sock.poll(_IDLE_POLL_MS):
+                while True:
+                    try:
+                        msgs.append(self.recv_sock.recv_pyobj(zmq.NOBLOCK))
+                    except zmq.Again:
+                        break
+        return broadcast_pyobj(msgs, src=0)
+
+    def process_input(self, msg: Any) -> None:
+        if isinstance(msg, TokenizedGenerateReqInput):
+            req = Req.from_input(msg)
+            if len(req.origin_input_ids) > self.max_req_input_len:
+                req.finished_reason = {
+                    "type": "abort",
+                    "message": f"prompt of {len(req.origin_input_ids)} tokens exceeds {self.max_req_input_len}",
+                }
+                self.send_outputs([req])
+                return
+            self.waiting.append(req)
+        elif isinstance(msg, AbortReq):
+            self.abort(msg.rid)
+        elif isinstance(msg, RpcReqInput):
+            self.handle_rpc(msg)
+
+    def handle_rpc(self, msg: RpcReqInput) -> None:
+        result = scheduler_rpc.run(self, msg.method, msg.params)
+        results = gather_pyobj(result, dst=0)
+        if self.tp_rank == 0:
+            self.send_sock.send_pyobj(RpcReqOutput(rid=msg.rid, results=results))
+
+    def abort(self, rid: str) -> None:
+        for req in list(self.waiting):
+            if req.rid == rid:
+                self.waiting.remove(req)
+                if req.req_pool_idx is not None:
+                    self.release(req)
+                req.finished_reason = {"type": "abort", "message": "aborted"}
+                self.send_outputs([req])
+        for req in self.running + ([self.chunked_req] if self.chunked_req else []):
+            if req.rid == rid and not req.finished:
+                req.finished_reason = {"type": "abort", "message": "aborted"}
+
+    # ---- batching ---------------------------------------------------------------------------------
+
+    def get_next_batch(self) -> tuple[ForwardMode, list[Req]] | None:
+        self.drop_aborted_running()
+        if self.chunked_req or self.waiting:
+            reqs = self.admit_prefill()
+            if reqs:
+                return ForwardMode.EXTEND, reqs
+        if self.running:
+            self.reserve_decode_memory()
+            return ForwardMode.DECODE, list(self.running)
+        return None
+
+    def drop_aborted_running(self) -> None:
+        for req in [r for r in self.running if r.finished]:
+            self.running.remove(req)
+            self.release(req)
+            self.send_outputs([req])
+        if self.chunked_req is not None and self.chunked_req.finished:
+            req, self.chunked_req = self.chunked_req, None
+            self.release(req)
+            self.send_outputs([req])
+
+    def admit_prefill(self) -> list[Req]:
+        """Pick requests to prefill this step within the token budget and free KV memory."""
+        budget = self.server_args.chunked_prefill_size
+        budget = budget if budget and budget > 0 else 1 << 62
+        candidates = ([self.chunked_req] if self.chunked_req else []) + list(self.waiting)
+        self.chunked_req = None
+        admitted: list[Req] = []
+        for req in candidates:
+            if budget <= 0 or len(self.running) + len(admitted) >= self.server_args.max_running_requests:
+                break
+            newly_placed = req.req_pool_idx is None
+            if newly_placed and not self.place(req):
+                break
+            n = min(req.remaining_prefill(), budget)
+            reserve = len(self.running) + len(admitted) + 1
+            if not self.ensure_free(n + reserve):
+                if newly_placed:
+                    self.release(req)
+                    req.reset_for_retract()
+                break
+            req.extend_len = n
+            budget -= n
+            admitted.append(req)
+            if req in self.waiting:
+                self.waiting.remove(req)
+            if n < req.remaining_prefill():
+                self.chunked_req = req
+                break
+        return admitted
+
+    def place(self, req: Req) -> bool:
+        """Give req a KV row and reuse its longest cached prefix."""
+        row = self.runner.req_to_token_pool.alloc()
+        if row is None:
+            return False
+        req.req_pool_idx = row
+        # Always leave one token to compute: its logits give the first output token.
+        slots, node = self.tree_cache.match_prefix(req.fill_ids[:-1])
+        n = int(slots.numel())
+        if n:
+            self.runner.req_to_token_pool.req_to_token[row, :n] = slots.to(self.runner.device)
+        req.kv_len = req.cached_len = n
+        if not req.output_ids:
+            req.cached_tokens = n
+            self.cached_tokens_total += n
+        req.last_node = node
+        self.tree_cache.inc_lock_ref(node)
+        return True
+
+    def ensure_free(self, n: int) -> bool:
+        short = n - self.allocator.available_size()
+        if short > 0:
+            self.tree_cache.evict(short)
+        return self.allocator.available_size() >= n
+
+    def reserve_decode_memory(self) -> None:
+        """Make room for one token per running request, retracting the newest requests if needed."""
+        while self.running and not self.ensure_free(len(self.running)):
+            victim = self.running.pop()
+            self.release(victim)
+            victim.reset_for_retract()
+            self.waiting.appendleft(victim)
+            logger.warning("KV cache full: request %s retracted and will be prefilled again", victim.rid)
+
+    def release(self, req: Req) -> None:
+        """Return req's KV row; its computed tokens go into the radix cache (or back to the allocator)."""
+        row = req.req_pool_idx
+        slots = self.runner.req_to_token_pool.req_to_token[row, : req.kv_len].to("cpu")
+        if self.tree_cache.disable:
+            self.allocator.free(slots[req.cached_len :])
+        else:
+            done = self.tree_cache.insert(req.fill_ids[: req.kv_len], slots)
+            self.allocator.free(slots[req.cached_len : done])
+            self.tree_cache.dec_lock_ref(req.last_node)
+        self.runner.req_to_token_pool.free(row)
+        req.req_pool_idx = None
+
+    # ---- running a batch ----------------------------------------------------------------------------
+
+    def run_batch(self, mode: ForwardMode, reqs: list[Req]) -> None:
+        n_tokens = sum(r.extend_len for r in reqs) if mode.is_extend() else len(reqs)
+        out_cache_loc = self.allocator.alloc(n_tokens)
+        assert out_cache_loc is not None, "memory was reserved before scheduling"
+        batch = build_forward_batch(reqs, mode, out_cache_loc, self.runner)
+        output = self.runner.forward(batch)
+        for req in reqs:
+            req.kv_len += req.extend_len if mode.is_extend() else 1
+        prefilled = [r for r in reqs if r.remaining_prefill() == 0 and not r.finished]
+        for req in prefilled:
+            if req.sampling_params.max_new_tokens <= len(req.output_ids):
+                req.finished_reason = {"type": "length", "matched": None}  # asked for no tokens
+        rows = [i for i, r in enumerate(reqs) if r in prefilled and not r.finished]
+        if rows:
+            self.sample_into([reqs[i] for i in rows], output.next_token_logits, rows)
+        if mode.is_extend():
+            self.running.extend(r for r in prefilled if not r.finished)
+        for req in [r for r in reqs if r.finished]:
+            if req in self.running:
+                self.running.remove(req)
+            if req is self.chunked_req:
+                self.chunked_req = None
+            self.release(req)
+        self.send_outputs([r for r in reqs if r.finished or len(r.output_ids) > r.sent_len])
+
+    def sample_into(self, reqs: list[Req], logits: torch.Tensor, rows: list[int]) -> None:
+        """Rank 0 samples one token per request and shares the choice, so every rank stays in step."""
+        sample = None
+        if self.tp_rank == 0:
+            sample = self.sampler(logits[torch.tensor(rows, device=logits.device)], reqs)
+        sample = broadcast_pyobj(sample, src=0)
+        for j, req in enumerate(reqs):
+            req.output_ids.append(sample.token_ids[j])
+            if req.return_logprob:
+                req.new_logprobs.append(sample.logprobs[j])
+                req.new_top_logprobs.append(sample.top_logprobs[j] or [])
+            self.stop_checker.check(req, self.model_config.context_len)
+
+    def send_outputs(self, reqs: list[Req]) -> None:
+        if self.tp_rank != 0 or not reqs:
+            return
+        out = BatchTokenIDOut([], [], [], [], [], [], [], [])
+        for req in reqs:
+            out.rids.append(req.rid)
+            out.new_token_ids.append(req.output_ids[req.sent_len :])
+            out.finished_reasons.append(req.finished_reason)
+            out.prompt_tokens.append(len(req.origin_input_ids))
+            out.completion_tokens.append(len(req.output_ids))
+            out.cached_tokens.append(req.cached_tokens)
+            out.new_token_logprobs.append(req.new_logprobs)
+            out.new_top_logprobs.append(req.new_top_logprobs)
+            req.sent_len = len(req.output_ids)
+            req.new_logprobs, req.new_top_logprobs = [], []
+        self.send_sock.send_pyobj(out)
+
+    def get_load(self) -> dict[str, int]:
+        """Counters for /get_server_info and tests."""
+        return {
+            "num_running_reqs": len(self.running),
+            "num_waiting_reqs": len(self.waiting),
+            "available_kv_tokens": self.allocator.available_size(),
+            "evictable_kv_tokens": self.tree_cache.evictable_size(),
+            "max_total_num_tokens": self.max_total_num_tokens,
+            "cached_tokens_total": self.cached_tokens_total,
+        }
+

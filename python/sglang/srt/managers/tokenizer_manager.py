@@ -1,0 +1,261 @@
+"""TokenizerManager: the main process's side of serving — tokenize, hand to rank 0, detokenize, stream."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from sglang.srt.configs.model_config import ModelConfig
+from sglang.srt.managers.io_struct import (
+    AbortReq,
+    BatchTokenIDOut,
+    GenerateReqInput,
+    RpcReqInput,
+    RpcReqOutput,
+    TokenizedGenerateReqInput,
+    new_rid,
+)
+from sglang.srt.sampling.sampling_params import SamplingParams
+from sglang.srt.server_args import PortArgs, ServerArgs
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ReqState:
+    """What the main process knows of one in-flight request."""
+
+    rid: str
+    stop: list[str]
+    skip_special_tokens: bool
+    prompt_tokens: int
+    output_ids: list[int] = field(default_factory=list)
+    logprobs: list[tuple[float, int]] = field(default_factory=list)
+    top_logprobs: list[list[tuple[float, int]]] = field(default_factory=list)
+    pending: list[dict[str, Any]] = field(default_factory=list)
+    finished: bool = False
+    event: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class TokenizerManager:
+    """Routes generate and control requests to the schedulers and their answers back to callers."""
+
+    def __init__(self, server_args: ServerArgs, port_args: PortArgs, scheduler_info: dict[str, Any]) -> None:
+        from transformers import AutoTokenizer
+
+        self.server_args = server_args
+        self.model_config = ModelConfig.from_path(
+            server_args.model_path, server_args.dtype, server_args.context_length, server_args.device
+        )
+        self.tokenizer = AutoTokenizer.from_pretrained(server_args.tokenizer_path)
+        self.scheduler_info = scheduler_info
+        self.max_req_input_len: int = scheduler_info["max_req_input_len"]
+        ctx = zmq.asyncio.Context(2)
+        self.send_sock = ctx.socket(zmq.PUSH)
+        self.send_sock.connect(port_args.scheduler_input_ipc_name)
+        self.recv_sock = ctx.socket(zmq.PULL)
+        self.recv_sock.bind(port_args.tokenizer_ipc_name)
+        self.rid_to_state: dict[str, ReqState] = {}
+        self.rpc_waiters: dict[str, asyncio.Future] = {}
+        self.dead_reason: str | None = None
+        self._loop_task: asyncio.Task | None = None
+
+    # ---- generation ---------------------------------------------------------------------------
+
+    async def generate_request(self, obj: GenerateReqInput) -> AsyncIterator[dict[str, Any] | list[dict[str, Any]]]:
+        """Yield outputs for obj: one final dict (or list for a batch), or cumulative dicts when streaming."""
+        self._ensure_loop()
+        parts = obj.split()
+        prepared = [self._tokenize(p) for p in parts]  # validate the whole batch before sending any of it
+        if not obj.is_batch():
+            async for out in self._run_one(*prepared[0]):
+                yield out
+            return
+        if not obj.stream:
+            yield list(await asyncio.gather(*(self._last(self._run_one(*p)) for p in prepared)))
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(index: int, gen: AsyncIterator[dict[str, Any]]) -> None:
+            try:
+                async for out in gen:
+                    await queue.put({**out, "index": index})
+            finally:
+                await queue.put(None)
+
+        tasks = [asyncio.create_task(pump(i, self._run_one(*p))) for i, p in enumerate(prepared)]
+        try:
+            remaining = len(tasks)
+            while remaining:
+                item = await queue.get()
+                if item is None:
+                    remaining -= 1
+                else:
+                    yield item
+        finally:
+            for t in tasks:
+                t.cancel()
+
+    def _tokenize(self, obj: GenerateReqInput) -> tuple[TokenizedGenerateReqInput, bool]:
+        params = SamplingParams.from_dict(obj.sampling_params)
+        if obj.input_ids is not None:
+            ids = list(obj.input_ids)
+            vocab = self.model_config.vocab_size
+            bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"input_ids: token id {bad[0]!r} is not in the vocabulary [0, {vocab}).")
+        else:
+            if not isinstance(obj.text, str):
+                raise ValueError(f"text: expected a string, got {type(obj.text).__name__}.")
+            ids = self.tokenizer.encode(obj.text)
+        if not ids:
+            raise ValueError("text: the prompt is empty; send at least one token.")
+        if len(ids) > self.max_req_input_len:
+            raise ValueError(
+                f"text: the prompt has {len(ids)} tokens, more than this server accepts ({self.max_req_input_len}; "
+                f"context length {self.model_config.context_len}). Shorten the prompt."
+            )
+        rid = obj.rid if isinstance(obj.rid, str) else new_rid()
+        if rid in self.rid_to_state:
+            raise ValueError(f"rid: request id {rid!r} is already in use.")
+        req = TokenizedGenerateReqInput(rid, ids, params, obj.return_logprob, obj.top_logprobs_num)
+        return req, obj.stream
+
+    async def _run_one(self, req: TokenizedGenerateReqInput, stream: bool) -> AsyncIterator[dict[str, Any]]:
+        if self.dead_reason:
+            raise RuntimeError(self.dead_reason)
+        params = req.sampling_params
+        state = ReqState(req.rid, params.stop, params.skip_special_tokens, len(req.input_ids))
+        self.rid_to_state[req.rid] = state
+        self.send_sock.send_pyobj(req)
+        try:
+            while True:
+                await state.event.wait()
+                state.event.clear()
+                outs, state.pending = state.pending, []
+                if stream:
+                    for out in outs:
+                        yield out
+                if state.finished:
+                    if not stream:
+                        yield outs[-1]
+                    return
+        finally:
+            if not state.finished:
+                self.abort_request(req.rid)
+            self.rid_to_state.pop(req.rid, None)
+
+    @staticmethod
+    async def _last(gen: AsyncIterator[dict[str, Any]]) -> dict[str, Any]:
+        last = None
+        async for out in gen:
+            last = out
+        return last
+
+    def abort_request(self, rid: str) -> None:
+        """Ask the scheduler to stop rid and free its memory."""
+        self.send_sock.send_pyobj(AbortReq(rid))
+
+    # ---- control ------------------------------------------------------------------------------
+
+    async def rpc(self, method: str, timeout: float | None = 300.0, **params: Any) -> list[Any]:
+        """Run a control method on every TP rank; returns per-rank values or raises RuntimeError."""
+        self._ensure_loop()
+        if self.dead_reason:
+            raise RuntimeError(self.dead_reason)
+        msg = RpcReqInput(method=method, params=params)
+        fut = asyncio.get_running_loop().create_future()
+        self.rpc_waiters[msg.rid] = fut
+        self.send_sock.send_pyobj(msg)
+        try:
+            results = await asyncio.wait_for(fut, timeout)
+        finally:
+            self.rpc_waiters.pop(msg.rid, None)
+        for rank, res in enumerate(results):
+            if not res["ok"]:
+                raise RuntimeError(f"TP{rank}: {res['error']}")
+        return [res["value"] for res in results]
+
+    def mark_dead(self, reason: str) -> None:
+        """A scheduler died: fail everything in flight and every later call with reason."""
+        self.dead_reason = reason
+        for state in self.rid_to_state.values():
+            state.pending.append(self._output(state, {"type": "abort", "message": reason}, 0))
+            state.finished = True
+            state.event.set()
+        for fut in self.rpc_waiters.values():
+            if not fut.done():
+                fut.set_exception(RuntimeError(reason))
+
+    # ---- receiving ----------------------------------------------------------------------------
+
+    def _ensure_loop(self) -> None:
+        if self._loop_task is None or self._loop_task.done():
+            self._loop_task = asyncio.get_running_loop().create_task(self._handle_loop())
+
+    async def _handle_loop(self) -> None:
+        while True:
+            msg = await self.recv_sock.recv_pyobj()
+            if isinstance(msg, BatchTokenIDOut):
+                self._handle_tokens(msg)
+            elif isinstance(msg, RpcReqOutput):
+                fut = self.rpc_waiters.get(msg.rid)
+                if fut is not None and not fut.done():
+                    fut.set_result(msg.results)
+
+    def _handle_tokens(self, msg: BatchTokenIDOut) -> None:
+        for i, rid in enumerate(msg.rids):
+            state = self.rid_to_state.get(rid)
+            if state is None:
+                continue
+            state.output_ids.extend(msg.new_token_ids[i])
+            if msg.new_token_logprobs and msg.new_token_logprobs[i]:
+                new_ids = msg.new_token_ids[i]
+                state.logprobs.extend(zip(msg.new_token_logprobs[i], new_ids))
+                state.top_logprobs.extend(msg.new_top_logprobs[i])
+            reason = msg.finished_reasons[i]
+            state.pending.append(self._output(state, reason, msg.cached_tokens[i]))
+            state.finished = reason is not None
+            state.event.set()
+
+    def _output(self, state: ReqState, reason: dict[str, Any] | None, cached: int) -> dict[str, Any]:
+        text = self.tokenizer.decode(state.output_ids, skip_special_tokens=state.skip_special_tokens)
+        if reason is None:
+            text = text.rstrip("\ufffd")  # hold back a character whose bytes are not all here yet
+        elif reason.get("type") == "stop" and isinstance(reason.get("matched"), str):
+            text = text[: text.find(reason["matched"])] if reason["matched"] in text else text
+        if reason is not None and reason.get("type") == "length":
+            reason = {**reason, "length": len(state.output_ids)}
+        meta: dict[str, Any] = {
+            "id": state.rid,
+            "prompt_tokens": state.prompt_tokens,
+            "completion_tokens": len(state.output_ids),
+            "cached_tokens": cached,
+            "finish_reason": reason,
+        }
+        if state.logprobs:
+            meta["output_token_logprobs"] = list(state.logprobs)
+            meta["output_top_logprobs"] = list(state.top_logprobs)
+        return {"text": text, "output_ids": list(state.output_ids), "meta_info": meta}
+
+    def model_info(self) -> dict[str, Any]:
+        """What /get_model_info reports."""
+        return {
+            "model_path": self.server_args.model_path,
+            "tokenizer_path": self.server_args.tokenizer_path,
+            "is_generation": True,
+            "architecture": self.model_config.architecture,
+            "dtype": str(self.model_config.dtype).replace("torch.", ""),
+            "context_length": self.model_config.context_len,
+        }
+
+    def server_info(self) -> dict[str, Any]:
+        """Static part of /get_server_info: the arguments and what the schedulers reported at start."""
+        return {**dataclasses.asdict(self.server_args), **self.scheduler_info}

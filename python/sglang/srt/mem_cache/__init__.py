@@ -1,0 +1,1 @@
+"""KV cache memory and the radix prefix cache."""

@@ -1,0 +1,1 @@
+"""Model execution: the runner, forward batch metadata."""

@@ -1,0 +1,118 @@
+"""ModelRunner: one TP rank's model, KV cache and attention backend, and the forward pass."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import psutil
+import torch
+
+from sglang.srt.configs.load_config import LoadConfig, LoadFormat
+from sglang.srt.configs.model_config import ModelConfig
+from sglang.srt.distributed.parallel_state import init_distributed
+from sglang.srt.layers.attention import create_attention_backend
+from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool, TokenToKVPoolAllocator
+from sglang.srt.model_executor.forward_batch_info import ForwardBatch
+from sglang.srt.server_args import ServerArgs
+
+logger = logging.getLogger(__name__)
+
+# On CPU, KV buffers are capped so an idle tiny-model server does not reserve gigabytes.
+_CPU_MAX_KV_TOKENS = 1 << 17
+
+
+def load_config_from_server_args(server_args: ServerArgs) -> LoadConfig:
+    """The LoadConfig a server's flags describe."""
+    ports = server_args.remote_instance_weight_loader_send_weights_group_ports
+    return LoadConfig(
+        load_format=LoadFormat(server_args.load_format),
+        seed_instance_ip=server_args.remote_instance_weight_loader_seed_instance_ip,
+        seed_instance_service_port=server_args.remote_instance_weight_loader_seed_instance_service_port,
+        send_weights_group_ports=tuple(ports) if ports else None,
+        remote_backend=server_args.remote_instance_weight_loader_backend,
+        timeout=server_args.remote_instance_weight_loader_timeout,
+        seed_api_key=server_args.remote_instance_weight_loader_seed_api_key,
+        verify=not server_args.remote_instance_weight_loader_disable_verify,
+    )
+
+
+class ModelRunner:
+    """Owns the model and KV cache of one TP rank."""
+
+    def __init__(
+        self,
+        model_config: ModelConfig,
+        server_args: ServerArgs,
+        tp_rank: int,
+        gpu_id: int,
+        dist_init_method: str,
+    ) -> None:
+        self.model_config = model_config
+        self.server_args = server_args
+        self.tp_rank = tp_rank
+        self.tp_size = server_args.tp_size
+        if server_args.device == "cuda":
+            torch.cuda.set_device(gpu_id)
+            self.device = torch.device("cuda", gpu_id)
+        else:
+            self.device = torch.device("cpu")
+        self.gpu_id = gpu_id
+        init_distributed(tp_rank, self.tp_size, dist_init_method, self.device)
+        torch.manual_seed(server_args.random_seed)
+        self.load_model()
+        self.init_memory_pool()
+        self.attn_backend = create_attention_backend(server_args.attention_backend, self)
+
+    def load_model(self) -> None:
+        from sglang.srt.model_loader import get_model_loader
+
+        start = time.perf_counter()
+        self.load_config = load_config_from_server_args(self.server_args)
+        loader = get_model_loader(self.load_config)
+        self.model = loader.load_model(self.model_config, self.device)
+        self.weight_load_seconds = time.perf_counter() - start
+        self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        logger.info(
+            "TP%d loaded weights (%s, %.1f MB) in %.2f s",
+            self.tp_rank,
+            self.load_config.load_format.value,
+            self.weight_bytes / 1e6,
+            self.weight_load_seconds,
+        )
+
+    def init_memory_pool(self) -> None:
+        cfg = self.model_config
+        kv_heads = cfg.num_kv_heads_per_rank(self.tp_size)
+        per_token = MHATokenToKVPool.bytes_per_token(cfg.num_layers, kv_heads, cfg.head_dim, cfg.dtype)
+        if self.server_args.max_total_tokens:
+            tokens = self.server_args.max_total_tokens
+        else:
+            tokens = self._tokens_that_fit(per_token)
+        if tokens < 16:
+            raise RuntimeError(
+                f"Not enough memory for the KV cache ({tokens} tokens fit); "
+                "raise --mem-fraction-static or set --max-total-tokens."
+            )
+        self.max_total_num_tokens = tokens
+        rows = self.server_args.max_running_requests + 8
+        self.req_to_token_pool = ReqToTokenPool(rows, cfg.context_len + 8, self.device)
+        self.token_to_kv_pool = MHATokenToKVPool(tokens, cfg.num_layers, kv_heads, cfg.head_dim, cfg.dtype, self.device)
+        self.token_to_kv_pool_allocator = TokenToKVPoolAllocator(tokens, self.device)
+        logger.info("TP%d KV cache: %d tokens (%.1f MB)", self.tp_rank, tokens, tokens * per_token / 1e6)
+
+    def _tokens_that_fit(self, per_token: int) -> int:
+        frac = self.server_args.mem_fraction_static
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            used_elsewhere = total - free
+            budget = total * frac - used_elsewhere
+            return int(max(budget, 0) // per_token)
+        budget = psutil.virtual_memory().available * frac
+        return int(min(budget // per_token, _CPU_MAX_KV_TOKENS))
+
+    @torch.inference_mode()
+    def forward(self, forward_batch: ForwardBatch):
+        """Run the model on a batch; returns the model's LogitsProcessorOutput."""
+        self.attn_backend.init_forward_metadata(forward_batch)
+        return self.model(forward_batch.input_ids, forward_batch.positions, forward_batch)

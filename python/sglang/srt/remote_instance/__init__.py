@@ -1,0 +1,1 @@
+"""Tensor R-Fork, seed side: control handlers that export this instance's weights."""

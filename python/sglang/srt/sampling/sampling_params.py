@@ -1,0 +1,113 @@
+"""SamplingParams: upstream SGLang's sampling fields with validation that names the bad field."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class SamplingParamsError(ValueError):
+    """A sampling parameter is out of range; `field` names it."""
+
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(f"sampling_params.{field_name}: {message}")
+        self.field = field_name
+
+
+@dataclass
+class SamplingParams:
+    """Per-request sampling settings (names follow upstream SGLang's `sampling_params`)."""
+
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_new_tokens: int = 0
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    seed: int | None = None
+    n: int = 1
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> SamplingParams:
+        """Build from a request dict; unknown keys and wrong types are errors naming the key."""
+        data = dict(data or {})
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in data.items():
+            if key not in names:
+                if key in _IGNORED_KEYS:
+                    continue
+                raise SamplingParamsError(key, f"unknown sampling parameter; known: {', '.join(sorted(names))}")
+            if value is None:
+                continue
+            kwargs[key] = _coerce(key, value, names[key].type)
+        params = cls(**kwargs)
+        params.validate()
+        return params
+
+    def validate(self) -> None:
+        """Raise SamplingParamsError for the first out-of-range field."""
+        checks = (
+            ("max_new_tokens", self.max_new_tokens >= 0, "must be >= 0"),
+            ("temperature", self.temperature >= 0, "must be >= 0"),
+            ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
+            ("top_k", self.top_k == -1 or self.top_k >= 1, "must be -1 (disabled) or >= 1"),
+            ("min_p", 0 <= self.min_p <= 1, "must be in [0, 1]"),
+            ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "must be in [-2, 2]"),
+            ("presence_penalty", -2 <= self.presence_penalty <= 2, "must be in [-2, 2]"),
+            ("repetition_penalty", 0 < self.repetition_penalty <= 2, "must be in (0, 2]"),
+            ("min_new_tokens", self.min_new_tokens >= 0, "must be >= 0"),
+            ("n", 1 <= self.n <= 64, "must be in [1, 64]"),
+        )
+        for name, ok, message in checks:
+            if not ok:
+                raise SamplingParamsError(name, f"{message}, got {getattr(self, name)!r}")
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature < 1e-5 or self.top_k == 1
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.frequency_penalty != 0 or self.presence_penalty != 0 or self.repetition_penalty != 1
+
+
+# Accepted for compatibility with upstream clients; they have no effect here.
+_IGNORED_KEYS = {"spaces_between_special_tokens", "no_stop_trim", "json_schema", "regex", "ebnf", "logit_bias"}
+
+
+def _coerce(key: str, value: Any, annotation: str) -> Any:
+    text = str(annotation)
+    try:
+        if text.startswith("bool"):
+            if not isinstance(value, bool):
+                raise TypeError
+            return value
+        if text.startswith("int"):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+                raise TypeError
+            return int(value)
+        if text.startswith("float"):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError
+            return float(value)
+        if text.startswith("list[str]"):
+            value = [value] if isinstance(value, str) else value
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise TypeError
+            return value
+        if text.startswith("list[int]"):
+            if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+                raise TypeError
+            return value
+    except TypeError:
+        raise SamplingParamsError(key, f"expected {text}, got {type(value).__name__} {value!r}") from None
+    return value

@@ -1,0 +1,253 @@
+"""Server arguments: one dataclass, the CLI generated from it, validation in one place."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+LOAD_FORMATS = ("auto", "safetensors", "pt", "dummy", "remote_instance")
+DTYPES = ("auto", "float32", "float16", "bfloat16", "half", "float", "bf16", "fp16", "fp32")
+DEVICES = ("cpu", "cuda")
+ATTENTION_BACKENDS = ("torch_native", "flashinfer")
+REMOTE_BACKENDS = ("nccl", "transfer_engine")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+class ServerArgsError(ValueError):
+    """Raised when the server arguments are inconsistent; the message says what to change."""
+
+
+def _opt(help: str, **kw: Any) -> Any:
+    """A dataclass field that carries its CLI help text (and choices/flags) as metadata."""
+    default = kw.pop("default", None)
+    if "default_factory" in kw:
+        return field(default_factory=kw.pop("default_factory"), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class ServerArgs:
+    """Every knob of a server or an offline Engine; field names are upstream SGLang's flag names."""
+
+    # Model and tokenizer
+    model_path: str = _opt("Path of the HF model directory (config, tokenizer, weights).", default=None)
+    tokenizer_path: str | None = _opt("Path of the tokenizer; defaults to --model-path.")
+    trust_remote_code: bool = _opt("Allow custom model code from the hub (kept for compatibility).", default=False)
+    dtype: str = _opt("Data type of weights and activations.", default="auto", choices=DTYPES)
+    context_length: int | None = _opt("Maximum context length; defaults to the model's.")
+    served_model_name: str | None = _opt("Model name reported by the OpenAI API; defaults to --model-path.")
+    load_format: str = _opt("How weights are loaded.", default="auto", choices=LOAD_FORMATS)
+
+    # HTTP server
+    host: str = _opt("Host the HTTP server binds to.", default="127.0.0.1")
+    port: int = _opt("Port of the HTTP server.", default=30000)
+    api_key: str | None = _opt("If set, every endpoint except /health requires 'Authorization: Bearer <key>'.")
+    log_level: str = _opt("Logging level.", default="info", choices=LOG_LEVELS)
+
+    # Device and parallelism
+    device: str | None = _opt("Device: cuda or cpu; defaults to cuda when available.", choices=DEVICES)
+    tp_size: int = _opt("Tensor parallel size.", default=1)
+    base_gpu_id: int = _opt("First GPU id used by this instance.", default=0)
+    nnodes: int = _opt("Number of nodes (launches) that share the TP ranks.", default=1)
+    node_rank: int = _opt("Rank of this node among --nnodes.", default=0)
+    dist_init_addr: str | None = _opt("host:port of the torch.distributed rendezvous for multi-node runs.")
+    random_seed: int | None = _opt("Random seed; defaults to a fixed value so runs are reproducible.")
+
+    # Memory and scheduling
+    mem_fraction_static: float | None = _opt("Fraction of device memory for weights plus KV cache.")
+    max_total_tokens: int | None = _opt("Size of the KV cache in tokens; overrides --mem-fraction-static.")
+    max_running_requests: int | None = _opt("Maximum number of requests in a batch.")
+    chunked_prefill_size: int | None = _opt("Maximum tokens prefilled in one forward pass (-1 disables chunking).")
+    attention_backend: str | None = _opt("Attention kernels.", choices=ATTENTION_BACKENDS)
+    disable_radix_cache: bool = _opt("Disable the radix prefix cache.", default=False)
+    cuda_graph_max_bs: int | None = _opt("Largest decode batch captured in a CUDA graph.")
+    disable_cuda_graph: bool = _opt("Disable CUDA graphs.", default=False)
+
+    # Tensor R-Fork (upstream flag names)
+    remote_instance_weight_loader_seed_instance_ip: str | None = _opt("R-Fork: IP of the seed instance.")
+    remote_instance_weight_loader_seed_instance_service_port: int | None = _opt(
+        "R-Fork: HTTP port of the seed instance."
+    )
+    remote_instance_weight_loader_send_weights_group_ports: list[int] | None = _opt(
+        "R-Fork (nccl): JSON list of group ports on the seed host, one per TP rank, e.g. '[60000,60001]'.",
+        parse=json.loads,
+    )
+    remote_instance_weight_loader_backend: str = _opt(
+        "R-Fork: transfer backend used by a client.", default="nccl", choices=REMOTE_BACKENDS
+    )
+    remote_instance_weight_loader_start_seed_via_transfer_engine: bool = _opt(
+        "R-Fork: publish this instance's weights through a Mooncake TransferEngine.", default=False
+    )
+    engine_info_bootstrap_port: int = _opt("R-Fork: port of the TransferEngine info bootstrap server.", default=6789)
+    remote_instance_weight_loader_timeout: float = _opt(
+        "R-Fork (ours): seconds any single fork step may take before it fails.", default=120.0
+    )
+    remote_instance_weight_loader_seed_api_key: str | None = _opt(
+        "R-Fork (ours): API key sent to the seed; defaults to --api-key."
+    )
+    remote_instance_weight_loader_disable_verify: bool = _opt(
+        "R-Fork (ours): skip the per-tensor checksum check after a fork.", default=False
+    )
+
+    def __post_init__(self) -> None:
+        self._fill_defaults()
+        self.validate()
+
+    def _fill_defaults(self) -> None:
+        if self.tokenizer_path is None:
+            self.tokenizer_path = self.model_path
+        if self.served_model_name is None:
+            self.served_model_name = self.model_path
+        if self.device is None:
+            self.device = "cuda" if _cuda_available() else "cpu"
+        if self.attention_backend is None:
+            self.attention_backend = "torch_native"
+        if self.random_seed is None:
+            self.random_seed = 42
+        if self.chunked_prefill_size is None:
+            self.chunked_prefill_size = 8192 if self.device == "cuda" else 2048
+        if self.max_running_requests is None:
+            self.max_running_requests = 256 if self.device == "cuda" else 64
+        if self.mem_fraction_static is None:
+            self.mem_fraction_static = 0.85 if self.device == "cuda" else 0.3
+        if self.cuda_graph_max_bs is None:
+            self.cuda_graph_max_bs = 32
+        if self.remote_instance_weight_loader_seed_api_key is None:
+            self.remote_instance_weight_loader_seed_api_key = self.api_key
+
+    def validate(self) -> None:
+        """Check everything that can be checked without loading the model; raise ServerArgsError."""
+        if not self.model_path:
+            raise ServerArgsError("--model-path is required: pass the directory of an HF model.")
+        if self.tp_size < 1:
+            raise ServerArgsError(f"--tp-size must be >= 1, got {self.tp_size}.")
+        if self.nnodes < 1 or not 0 <= self.node_rank < self.nnodes:
+            raise ServerArgsError(f"--node-rank {self.node_rank} must be in [0, --nnodes={self.nnodes}).")
+        if self.tp_size % self.nnodes:
+            raise ServerArgsError(f"--tp-size {self.tp_size} must be divisible by --nnodes {self.nnodes}.")
+        if self.nnodes > 1 and not self.dist_init_addr:
+            raise ServerArgsError("--nnodes > 1 needs --dist-init-addr host:port (the same on every node).")
+        if not 0 < self.mem_fraction_static < 1:
+            raise ServerArgsError(f"--mem-fraction-static must be in (0, 1), got {self.mem_fraction_static}.")
+        if self.max_total_tokens is not None and self.max_total_tokens < 16:
+            raise ServerArgsError(f"--max-total-tokens must be >= 16, got {self.max_total_tokens}.")
+        if self.context_length is not None and self.context_length < 1:
+            raise ServerArgsError(f"--context-length must be >= 1, got {self.context_length}.")
+        if self.max_running_requests < 1:
+            raise ServerArgsError(f"--max-running-requests must be >= 1, got {self.max_running_requests}.")
+        if self.device == "cuda" and not _cuda_available():
+            raise ServerArgsError("--device cuda was requested but CUDA is not available; use --device cpu.")
+        ports = self.remote_instance_weight_loader_send_weights_group_ports
+        if ports is not None and not (
+            isinstance(ports, list) and all(isinstance(p, int) and 0 < p < 65536 for p in ports)
+        ):
+            raise ServerArgsError(
+                "--remote-instance-weight-loader-send-weights-group-ports must be a JSON list of ports, "
+                f"e.g. '[60000,60001]'; got {ports!r}."
+            )
+        for name in ("port", "engine_info_bootstrap_port"):
+            value = getattr(self, name)
+            if not 0 < value < 65536:
+                raise ServerArgsError(f"--{name.replace('_', '-')} must be a port number, got {value}.")
+        if self.remote_instance_weight_loader_timeout <= 0:
+            raise ServerArgsError("--remote-instance-weight-loader-timeout must be positive.")
+
+    @property
+    def tp_size_per_node(self) -> int:
+        """TP ranks that this launch runs."""
+        return self.tp_size // self.nnodes
+
+    def url(self) -> str:
+        """Base URL of this server's HTTP API."""
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
+        return f"http://{host}:{self.port}"
+
+    @staticmethod
+    def add_cli_args(parser: argparse.ArgumentParser) -> None:
+        """Add one --flag per dataclass field to the parser."""
+        for f in dataclasses.fields(ServerArgs):
+            flag = "--" + f.name.replace("_", "-")
+            meta = dict(f.metadata)
+            kwargs: dict[str, Any] = {"dest": f.name, "help": meta.get("help", ""), "default": _field_default(f)}
+            if f.type in ("bool", bool):
+                kwargs["action"] = "store_true"
+            else:
+                kwargs["type"] = meta.get("parse") or _scalar_type(f)
+                if "choices" in meta:
+                    kwargs["choices"] = meta["choices"]
+            parser.add_argument(flag, **kwargs)
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace) -> ServerArgs:
+        """Build ServerArgs from parsed CLI arguments."""
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of all fields (JSON-serialisable), e.g. for /get_server_info."""
+        return dataclasses.asdict(self)
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return None
+
+
+def _scalar_type(f: dataclasses.Field) -> type:
+    text = str(f.type)
+    for name, typ in (("int", int), ("float", float)):
+        if text.startswith(name):
+            return typ
+    return str
+
+
+def _cuda_available() -> bool:
+    if os.environ.get("SGLANG_FORCE_CPU") == "1":
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def prepare_server_args(argv: list[str]) -> ServerArgs:
+    """Parse a launcher command line into ServerArgs."""
+    parser = argparse.ArgumentParser(prog="python -m sglang.launch_server")
+    ServerArgs.add_cli_args(parser)
+    return ServerArgs.from_cli_args(parser.parse_args(argv))
+
+
+@dataclass(frozen=True)
+class PortArgs:
+    """Internal addresses: ZMQ IPC endpoints between the main process and rank 0, and the TP rendezvous."""
+
+    scheduler_input_ipc_name: str
+    tokenizer_ipc_name: str
+    dist_init_method: str
+
+    @staticmethod
+    def init_new(server_args: ServerArgs) -> PortArgs:
+        """Fresh IPC names; the rendezvous is --dist-init-addr when given, else a free local port."""
+        import tempfile
+        import uuid
+
+        base = os.path.join(tempfile.gettempdir(), f"sglang_{uuid.uuid4().hex[:12]}")
+        if server_args.dist_init_addr:
+            init = f"tcp://{server_args.dist_init_addr}"
+        else:
+            init = f"tcp://127.0.0.1:{free_port()}"
+        return PortArgs(f"ipc://{base}_sched", f"ipc://{base}_tok", init)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port that was free a moment ago (bind to 0 and read it back)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
