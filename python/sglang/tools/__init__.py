@@ -1,0 +1,1 @@
+"""Developer tools: helpers that are not part of the serving runtime itself."""
