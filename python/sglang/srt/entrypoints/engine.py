@@ -55,8 +55,13 @@ class EngineHandle:
 
 def launch_engine(server_args: ServerArgs) -> EngineHandle:
     """Start this node's scheduler processes, wait until they have loaded, and build the TokenizerManager."""
+    from sglang.srt.configs.model_config import ModelConfig
     from sglang.srt.managers.scheduler_process import run_scheduler_process
 
+    # Fail fast in this process on what can be checked without a device: bad path, architecture, TP size.
+    ModelConfig.from_path(
+        server_args.model_path, server_args.dtype, server_args.context_length, server_args.device
+    ).check_tp(server_args.tp_size)
     port_args = PortArgs.init_new(server_args)
     ctx = mp.get_context("spawn")
     procs, pipes = [], []
@@ -165,8 +170,11 @@ class Engine:
         return {**self.tokenizer_manager.server_info(), **self.rpc("get_load")[0]}
 
     def shutdown(self) -> None:
-        """Stop the scheduler processes."""
+        """Stop the scheduler processes and this engine's event loop (idempotent)."""
         self.handle.shutdown()
+        if not self.loop.is_closed():
+            self.loop.run_until_complete(self.tokenizer_manager.close())
+            self.loop.close()
 
     def __enter__(self) -> Engine:
         return self

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 from collections.abc import AsyncIterator
@@ -193,6 +194,15 @@ class TokenizerManager:
         for fut in self.rpc_waiters.values():
             if not fut.done():
                 fut.set_exception(RuntimeError(reason))
+
+    async def close(self) -> None:
+        """Stop receiving (used when the owner of the event loop shuts down)."""
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+        self.recv_sock.close(linger=0)
+        self.send_sock.close(linger=0)
 
     # ---- receiving ----------------------------------------------------------------------------
 
