@@ -109,6 +109,16 @@ def gather_pyobj(obj: Any, dst: int = 0) -> list[Any] | None:
     return out
 
 
+def all_gather_pyobj(obj: Any) -> list[Any]:
+    """One picklable object from every TP rank, on every rank, in rank order."""
+    group = get_tp_group()
+    if group.size == 1:
+        return [obj]
+    out: list[Any] = [None] * group.size
+    dist.all_gather_object(out, obj, group=group.cpu_group)
+    return out
+
+
 def broadcast_tensor(x: torch.Tensor, src: int = 0) -> torch.Tensor:
     """Broadcast a tensor in place over the device group."""
     group = get_tp_group()

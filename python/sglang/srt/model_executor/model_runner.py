@@ -63,14 +63,20 @@ class ModelRunner:
         self.load_model()
         self.init_memory_pool()
         self.attn_backend = create_attention_backend(server_args.attention_backend, self)
+        if server_args.remote_instance_weight_loader_start_seed_via_transfer_engine:
+            from sglang.srt.remote_instance.transfer_engine_seed import start_transfer_engine_seed
+
+            self.transfer_engine_seed = start_transfer_engine_seed(self)
 
     def load_model(self) -> None:
+        import sglang.srt.model_loader.remote_instance_loader  # noqa: F401  (registers remote_instance)
         from sglang.srt.model_loader import get_model_loader
 
         start = time.perf_counter()
         self.load_config = load_config_from_server_args(self.server_args)
         loader = get_model_loader(self.load_config)
         self.model = loader.load_model(self.model_config, self.device)
+        self.fork_report = getattr(loader, "fork_report", None)
         self.weight_load_seconds = time.perf_counter() - start
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         logger.info(

@@ -1,0 +1,161 @@
+"""Client side of the NCCL backend (gloo on CPU): lease the seed, join a pair group per rank, receive."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from torch import nn
+
+from sglang.srt.distributed.parallel_state import broadcast_pyobj
+from sglang.srt.model_loader.remote_instance_loader import (
+    ForkContext,
+    RemoteManifest,
+    RemoteWeightBackend,
+    _agree,
+    _run,
+    register_remote_backend,
+)
+from sglang.srt.model_loader.remote_instance_weight_loader_utils import RemoteInstanceError, local_ip_towards
+from sglang.srt.remote_instance.manifest import TensorSpec, weight_tensors
+from sglang.srt.remote_instance.pair_group import PairGroupError, open_pair_group
+
+
+class _Call(threading.Thread):
+    """Runs a blocking seed request next to our own group work (the seed answers only once both sides acted)."""
+
+    def __init__(self, fn: Any) -> None:
+        super().__init__(daemon=True)
+        self.fn = fn
+        self.error: Exception | None = None
+
+    def run(self) -> None:
+        try:
+            self.fn()
+        except Exception as e:  # surfaced by result()
+            self.error = e
+
+    def result(self, timeout: float) -> None:
+        self.join(timeout)
+        if self.is_alive():
+            raise TimeoutError("the seed did not answer in time")
+        if self.error is not None:
+            raise self.error
+
+
+@register_remote_backend("nccl")
+class NcclBackend(RemoteWeightBackend):
+    """Upstream's wire protocol plus a lease, so a second client waits (HTTP 409) instead of colliding."""
+
+    def __init__(self) -> None:
+        self.lease_id: str | None = None
+
+    def fetch_manifest(self, ctx: ForkContext) -> RemoteManifest:
+        data = ctx.seed.request("manifest", "GET", "/remote_instance_weight_manifest", params={"rank": ctx.tp_rank})
+        return RemoteManifest([TensorSpec.from_json(d) for d in data["tensors"]], data.get("checksums"))
+
+    def transfer(self, model: nn.Module, ctx: ForkContext) -> int:
+        ports = list(ctx.load_config.send_weights_group_ports or [])
+        if len(ports) != ctx.tp_size:
+            raise RemoteInstanceError(
+                ctx.seed.name,
+                "ports",
+                f"--remote-instance-weight-loader-send-weights-group-ports has "
+                f"{len(ports)} port(s) for --tp-size {ctx.tp_size}; give exactly one per TP rank",
+            )
+        client_ip = local_ip_towards(ctx.seed.ip)
+        body = {
+            "master_address": ctx.seed.ip,
+            "ports": ",".join(map(str, ports)),
+            "group_name": f"send_weights_{client_ip}",
+        }
+        port = ports[ctx.tp_rank]
+        key = f"{body['group_name']}_{port}_{ctx.tp_rank}"
+        try:
+            return self._transfer(model, ctx, body, port, key)
+        finally:
+            if ctx.tp_rank == 0 and self.lease_id is not None:
+                self._release(ctx)
+
+    def _transfer(self, model: nn.Module, ctx: ForkContext, body: dict[str, Any], port: int, key: str) -> int:
+        t = time.perf_counter()
+        if ctx.tp_rank == 0:
+            err = _run(lambda: self._lease(ctx, body["ports"]))
+        else:
+            err = None
+        _agree(ctx, "lease", err)
+        body = broadcast_pyobj({**body, "lease_id": self.lease_id}, src=0)
+
+        init = _Call(
+            lambda: ctx.seed.request(
+                "init group",
+                "POST",
+                "/init_weights_send_group_for_remote_instance",
+                json={**body, "group_rank": 0, "world_size": 2, "backend": "nccl"},
+                timeout=ctx.remaining(),
+            )
+        )
+        if ctx.tp_rank == 0:
+            init.start()
+        group = None
+
+        def join() -> None:
+            nonlocal group
+            try:
+                group = open_pair_group(ctx.seed.ip, port, 1, key, ctx.device, ctx.remaining())
+            except PairGroupError as e:
+                raise RemoteInstanceError(ctx.seed.name, "join group", str(e)) from None
+            if ctx.tp_rank == 0:
+                init.result(ctx.remaining())
+
+        try:
+            _agree(ctx, "init group", _run(join))
+        except Exception:
+            if group is not None:
+                group.close()
+            raise
+        ctx.timings["group setup"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        tensors = [tensor for _, tensor in weight_tensors(model)]
+        send = _Call(
+            lambda: ctx.seed.request(
+                "send", "POST", "/send_weights_to_remote_instance", json=body, timeout=ctx.remaining()
+            )
+        )
+        if ctx.tp_rank == 0:
+            send.start()
+
+        def receive() -> None:
+            try:
+                group.broadcast_all(tensors, ctx.deadline)
+            except (PairGroupError, RuntimeError) as e:
+                raise RemoteInstanceError(ctx.seed.name, "transfer", f"receiving weights failed: {e}") from None
+            finally:
+                group.close()
+            if ctx.tp_rank == 0:
+                send.result(ctx.remaining())
+
+        _agree(ctx, "transfer", _run(receive))
+        ctx.timings["transfer"] = time.perf_counter() - t
+        return sum(x.numel() * x.element_size() for x in tensors)
+
+    def _lease(self, ctx: ForkContext, ports: str) -> None:
+        data = ctx.seed.request(
+            "lease",
+            "POST",
+            "/remote_instance_fork_lease",
+            json={"ports": ports},
+            retry_busy_until=ctx.deadline,
+        )
+        self.lease_id = data["lease_id"]
+
+    def _release(self, ctx: ForkContext) -> None:
+        try:
+            ctx.seed.request(
+                "release", "POST", "/remote_instance_fork_lease/release", json={"lease_id": self.lease_id}, timeout=5
+            )
+        except RemoteInstanceError:
+            pass  # the seed drops an unreleased lease on its own when it expires
+        self.lease_id = None

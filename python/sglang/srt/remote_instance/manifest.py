@@ -1,0 +1,103 @@
+"""The weight manifest (what a rank holds) and per-tensor checksums, shared by both R-Fork backends."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+# Words per checksum chunk: bounds the int64 temporaries to a few hundred MB on large tensors.
+_CHUNK_WORDS = 1 << 25
+_MOD = 65521  # position weights cycle through 1.._MOD so swapped words change the sum
+_MASK = (1 << 64) - 1
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One parameter as both sides must see it: name, dtype, shape, byte size."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["shape"] = list(self.shape)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> TensorSpec:
+        return cls(str(d["name"]), str(d["dtype"]), tuple(int(x) for x in d["shape"]), int(d["nbytes"]))
+
+
+def weight_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The tensors a fork moves, in transfer order: named_parameters() (tied weights once)."""
+    return [(name, p.data) for name, p in model.named_parameters()]
+
+
+def build_manifest(model: nn.Module) -> list[TensorSpec]:
+    """Specs of every transferred tensor of this rank, in transfer order."""
+    return [
+        TensorSpec(name, str(t.dtype).removeprefix("torch."), tuple(t.shape), t.numel() * t.element_size())
+        for name, t in weight_tensors(model)
+    ]
+
+
+def diff_manifests(local: list[TensorSpec], remote: list[TensorSpec], limit: int = 5) -> list[str]:
+    """Human-readable differences (at most limit), empty when the two ranks can exchange bytes."""
+    diffs: list[str] = []
+    local_by_name = {s.name: s for s in local}
+    remote_by_name = {s.name: s for s in remote}
+    missing = [n for n in local_by_name if n not in remote_by_name]
+    extra = [n for n in remote_by_name if n not in local_by_name]
+    if missing:
+        diffs.append(f"{len(missing)} parameter(s) missing on the seed, e.g. {missing[:3]}")
+    if extra:
+        diffs.append(f"{len(extra)} parameter(s) only on the seed, e.g. {extra[:3]}")
+    for name, mine in local_by_name.items():
+        theirs = remote_by_name.get(name)
+        if theirs is None or theirs == mine:
+            continue
+        if theirs.dtype != mine.dtype:
+            diffs.append(f"{name}: dtype {theirs.dtype} on the seed, {mine.dtype} here")
+        elif theirs.shape != mine.shape:
+            diffs.append(f"{name}: shape {list(theirs.shape)} on the seed, {list(mine.shape)} here")
+        if len(diffs) >= limit:
+            break
+    if not diffs and [s.name for s in local] != [s.name for s in remote]:
+        diffs.append("same parameters but in a different order")
+    return diffs[:limit]
+
+
+@torch.inference_mode()
+def tensor_checksum(t: torch.Tensor) -> str:
+    """64-bit position-weighted sum of the tensor's 32-bit words, computed where the tensor lives.
+
+    Integer addition wraps modulo 2**64 and is associative, so the value does not depend on the
+    device or the reduction order: a CPU seed and a CUDA client agree on equal bytes.
+    """
+    raw = t.detach().contiguous().reshape(-1).view(torch.uint8)
+    words = raw.view(torch.int32) if raw.numel() % 4 == 0 else raw.to(torch.int32)
+    weighted = torch.zeros((), dtype=torch.int64, device=t.device)
+    plain = torch.zeros((), dtype=torch.int64, device=t.device)
+    for start in range(0, words.numel(), _CHUNK_WORDS):
+        chunk = words[start : start + _CHUNK_WORDS].to(torch.int64)
+        pos = torch.arange(start, start + chunk.numel(), device=t.device, dtype=torch.int64) % _MOD + 1
+        weighted += (chunk * pos).sum()
+        plain += chunk.sum()
+    value = (int(weighted) * 1_000_003 + int(plain) + raw.numel()) & _MASK
+    return f"{value:016x}"
+
+
+def model_checksums(model: nn.Module) -> dict[str, str]:
+    """Checksum of every transferred tensor, keyed by name."""
+    return {name: tensor_checksum(t) for name, t in weight_tensors(model)}
+
+
+def verify_checksums(model: nn.Module, expected: dict[str, str]) -> list[str]:
+    """Names whose bytes here differ from the seed's (empty means every tensor matched)."""
+    got = model_checksums(model)
+    return [name for name, value in got.items() if expected.get(name) != value]

@@ -1,0 +1,276 @@
+"""Crash-proof use of a Mooncake TransferEngine: one engine per object, bounded reads, error codes as words."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+NIC_PROTOCOLS = ("tcp", "rdma")
+PROTOCOLS = (*NIC_PROTOCOLS, "nvlink_intra")
+INSTALL_HINT = "pip install mooncake-transfer-engine (CUDA) or mooncake-transfer-engine-non-cuda (CPU only)"
+
+# Mooncake's error.h codes that its Python API can return.
+_ERRORS = {
+    -1: "invalid argument or failed transfer (details in Mooncake's log on stderr)",
+    -3: "address not registered",
+    -7: "address range overlaps an already registered region",
+    -101: "host name could not be resolved",
+    -102: "socket error: the peer is unreachable",
+    -104: "the peer rejected the handshake",
+}
+# Environment is process-wide and Mooncake reads it while initialize() installs transports.
+_ENV_LOCK = threading.Lock()
+# Engines and buffers of failed reads: in-flight slices may still land, so neither may be freed.
+_KEEP_ALIVE: list[Any] = []
+
+
+class MooncakeError(RuntimeError):
+    """A Mooncake call failed; the message says which call and why."""
+
+
+def describe(rc: int) -> str:
+    """Words for a Mooncake return code."""
+    return f"{_ERRORS.get(rc, 'unknown error')} (code {rc})"
+
+
+def mooncake_module() -> Any:
+    """The `mooncake.engine` module, or MooncakeError saying how to install it."""
+    try:
+        import mooncake.engine as module
+    except ImportError as e:
+        raise MooncakeError(f"Mooncake TransferEngine is not usable here ({e}); {INSTALL_HINT}.") from None
+    return module
+
+
+def mooncake_available() -> bool:
+    """Whether `mooncake.engine` imports."""
+    try:
+        mooncake_module()
+    except MooncakeError:
+        return False
+    return True
+
+
+def supports_intra_nvlink() -> bool:
+    """Whether the installed Mooncake build has the intra-host NVLink (CUDA IPC) transport."""
+    try:
+        return bool(getattr(mooncake_module(), "SUPPORT_INTRA_NVLINK", False))
+    except MooncakeError:
+        return False
+
+
+def rdma_devices() -> list[str]:
+    """RDMA HCAs visible to this host (Mooncake picks RDMA over TCP whenever there is one)."""
+    try:
+        return sorted(os.listdir("/sys/class/infiniband"))
+    except OSError:
+        return []
+
+
+def forced_protocol() -> str | None:
+    """The protocol MOONCAKE_PROTOCOL forces, None for automatic selection."""
+    value = os.environ.get("MOONCAKE_PROTOCOL", "").strip().lower()
+    if not value or value == "auto":
+        return None
+    if value not in PROTOCOLS:
+        raise MooncakeError(f"MOONCAKE_PROTOCOL={value!r} is not one of {', '.join(PROTOCOLS)} (or unset for auto).")
+    return value
+
+
+def auto_nic_protocol() -> str:
+    """What Mooncake will use for NIC traffic here: RDMA if an HCA exists, else TCP."""
+    return "rdma" if rdma_devices() else "tcp"
+
+
+def nic_device_for_gpu(gpu_id: int | None) -> str:
+    """MOONCAKE_DEVICE resolved for one GPU: a NIC list, or a per-GPU JSON mapping (inline or a file)."""
+    spec = os.environ.get("MOONCAKE_DEVICE", "").strip()
+    if spec.endswith(".json") and os.path.isfile(spec):
+        with open(spec) as f:
+            spec = f.read().strip()
+    if not spec.startswith("{"):
+        return spec
+    try:
+        mapping = json.loads(spec)
+    except ValueError as e:
+        raise MooncakeError(f"MOONCAKE_DEVICE is not valid JSON ({e}); use 'mlx5_0,mlx5_1' or '{{\"0\": \"mlx5_0\"}}'.")
+    return str(mapping.get(str(gpu_id), "")) if gpu_id is not None else ""
+
+
+@contextmanager
+def _transport_env(protocol: str) -> Iterator[None]:
+    wanted = {"MC_INTRANODE_NVLINK": "1" if protocol == "nvlink_intra" else None}
+    # Only TCP needs forcing: Mooncake silently prefers RDMA when an HCA is present.
+    wanted["MC_FORCE_TCP"] = "1" if protocol == "tcp" and rdma_devices() else None
+    with _ENV_LOCK:
+        saved = {key: os.environ.get(key) for key in wanted}
+        try:
+            for key, value in wanted.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+            yield
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+
+@dataclass(frozen=True)
+class ReadEntry:
+    """One contiguous read: local destination, remote source, byte count, and the tensor it belongs to."""
+
+    name: str
+    local_addr: int
+    remote_addr: int
+    length: int
+
+
+class GuardedEngine:
+    """One initialized TransferEngine; no method can reach Mooncake before or after its useful life."""
+
+    def __init__(self, host: str, protocol: str, device_name: str = "") -> None:
+        module = mooncake_module()
+        if protocol not in PROTOCOLS:
+            raise MooncakeError(f"unknown Mooncake protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}")
+        self.host = host
+        self.protocol = protocol
+        before = _listening()
+        engine = module.TransferEngine()
+        with _transport_env(protocol):
+            rc = engine.initialize(host, "P2PHANDSHAKE", protocol, device_name)
+        if rc != 0:
+            # A failed engine is never touched again: methods on it may segfault.
+            _KEEP_ALIVE.append(engine)
+            raise MooncakeError(
+                f"TransferEngine.initialize({host!r}, protocol={protocol!r}, device={device_name!r}) failed: "
+                f"{describe(rc)}; check MOONCAKE_PROTOCOL/MOONCAKE_DEVICE and Mooncake's log"
+            )
+        self._engine: Any = engine
+        self.rpc_port = int(engine.get_rpc_port())
+        self.listening = sorted(_listening() - before, key=lambda a: a[1])
+        self._registered: list[int] = []
+
+    @property
+    def session_id(self) -> str:
+        """The name peers use to reach this engine."""
+        return f"{self.host}:{self.rpc_port}"
+
+    def _live(self) -> Any:
+        if self._engine is None:
+            raise MooncakeError("this TransferEngine was closed; create a new one")
+        return self._engine
+
+    def register(self, regions: list[tuple[int, int]], location: str) -> None:
+        """Register (addr, length) regions for access by peers; MooncakeError names the first bad one."""
+        engine = self._live()
+        regions = [r for r in regions if r[1] > 0]
+        if not regions:
+            return
+        rc = engine.batch_register_memory([a for a, _ in regions], [n for _, n in regions], location)
+        if rc == 0:
+            self._registered.extend(a for a, _ in regions)
+            return
+        # The batch call does not say which region failed; find out one by one.
+        for addr, length in regions:
+            if addr in self._registered:
+                continue
+            rc = engine.register_memory(addr, length, location)
+            if rc != 0:
+                raise MooncakeError(
+                    f"registering {length} bytes at {addr:#x} ({location}) with Mooncake failed: {describe(rc)}"
+                )
+            self._registered.append(addr)
+
+    def read(
+        self,
+        session_id: str,
+        entries: list[ReadEntry],
+        deadline: float,
+        window: int,
+        on_progress: Callable[[int], None] | None = None,
+    ) -> int:
+        """Read every entry from session_id with at most window requests in flight; returns bytes read."""
+        engine = self._live()
+        pending = deque(e for e in entries if e.length > 0)
+        inflight: dict[int, ReadEntry] = {}
+        done = 0
+        try:
+            while pending or inflight:
+                while pending and len(inflight) < window:
+                    entry = pending.popleft()
+                    batch = engine.batch_transfer_async_read(
+                        session_id, [entry.local_addr], [entry.remote_addr], [entry.length]
+                    )
+                    if not batch:
+                        raise MooncakeError(
+                            f"submitting the read of {entry.name} to {session_id} failed: the peer's TransferEngine "
+                            "is unreachable or gone (Mooncake's log on stderr has the cause)"
+                        )
+                    inflight[batch] = entry
+                progressed = False
+                for batch, entry in list(inflight.items()):
+                    status = engine.transfer_check_status(batch)
+                    if status == 0:
+                        continue
+                    # Mooncake frees the batch when it reports 1 or -1; never poll it again.
+                    del inflight[batch]
+                    if status != 1:
+                        why = "timed out (MC_TRANSFER_TIMEOUT)" if status == -2 else "failed"
+                        raise MooncakeError(
+                            f"reading {entry.name} ({entry.length} bytes) from {session_id} {why}: the peer died, "
+                            "dropped the connection or does not hold that address"
+                        )
+                    done += entry.length
+                    progressed = True
+                    if on_progress is not None:
+                        on_progress(done)
+                if not progressed:
+                    if time.monotonic() > deadline:
+                        raise MooncakeError(
+                            f"reading from {session_id} made no progress before the deadline "
+                            f"({len(inflight)} request(s) in flight, {done} bytes done)"
+                        )
+                    time.sleep(0.0005)
+        except BaseException:
+            if inflight:
+                _KEEP_ALIVE.append((self._engine, entries))
+                self._engine = None
+            raise
+        return done
+
+    def close(self) -> None:
+        """Unregister everything and drop the engine (Mooncake's teardown takes about a second)."""
+        engine, self._engine = self._engine, None
+        if engine is None:
+            return
+        if self._registered:
+            rc = engine.batch_unregister_memory(self._registered)
+            if rc != 0:
+                logger.warning("unregistering %d Mooncake region(s) failed: %s", len(self._registered), describe(rc))
+            self._registered = []
+        del engine
+
+
+def _listening() -> set[tuple[str, int]]:
+    """(ip, port) of this process's listening TCP sockets, to report exactly what Mooncake opened."""
+    import psutil
+
+    try:
+        conns = psutil.Process().net_connections("tcp")
+    except (psutil.Error, OSError):
+        return set()
+    return {(c.laddr.ip, c.laddr.port) for c in conns if c.status == psutil.CONN_LISTEN}
