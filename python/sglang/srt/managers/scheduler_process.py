@@ -40,6 +40,7 @@ def run_scheduler_process(
                 "max_req_input_len": scheduler.max_req_input_len,
                 "weight_load_seconds": scheduler.runner.weight_load_seconds,
                 "weight_bytes": scheduler.runner.weight_bytes,
+                "fork_report": scheduler.runner.fork_report,
             },
         )
     )

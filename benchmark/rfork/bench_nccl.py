@@ -1,0 +1,116 @@
+"""R-Fork NCCL backend on two GPUs: fork GB/s vs a raw NCCL broadcast of the same tensors, fork load time vs disk.
+
+    python benchmark/rfork/bench_nccl.py [--model-dir /tmp/llama8b] [--seed-gpu 0 --client-gpu 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (  # noqa: E402
+    drop_page_cache,
+    ensure_checkpoint,
+    launch,
+    server_info,
+    stamp,
+    weightless_copy,
+    write_result,
+)
+
+from sglang.srt.server_args import free_port  # noqa: E402
+
+
+def _param_shapes(model_dir: Path) -> list[tuple[tuple[int, ...], torch.dtype]]:
+    """Shapes of the tensors a fork moves, from our model skeleton on the meta device."""
+    from sglang.srt.configs.model_config import ModelConfig
+    from sglang.srt.model_loader.loader import build_model_skeleton
+
+    cfg = ModelConfig.from_path(str(model_dir), "bfloat16", device="cuda")
+    model = build_model_skeleton(cfg, torch.device("meta"))
+    return [(tuple(p.shape), p.dtype) for _, p in model.named_parameters()]
+
+
+def _raw_broadcast(rank: int, gpus: list[int], port: int, shapes: list, results: dict) -> None:
+    torch.cuda.set_device(gpus[rank])
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    tensors = [torch.empty(s, dtype=d, device="cuda") for s, d in shapes]
+    nbytes = sum(t.numel() * t.element_size() for t in tensors)
+    times = []
+    for _ in range(4):
+        dist.barrier()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for t in tensors:
+            dist.broadcast(t, src=0)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    if rank == 1:
+        best = min(times[1:])
+        results["raw"] = {"bytes": nbytes, "best_s": best, "gbps": nbytes / best / 1e9}
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model-dir", default="/tmp/llama8b")
+    parser.add_argument("--seed-gpu", type=int, default=0)
+    parser.add_argument("--client-gpu", type=int, default=1)
+    args = parser.parse_args()
+    model_dir = ensure_checkpoint(Path(args.model_dir))
+    shapes = _param_shapes(model_dir)
+    results = mp.Manager().dict()
+    mp.spawn(_raw_broadcast, args=([args.seed_gpu, args.client_gpu], free_port(), shapes, results), nprocs=2)
+    raw = dict(results["raw"])
+
+    cold = drop_page_cache()
+    common = ["--attention-backend", "torch_native", "--disable-cuda-graph", "--max-total-tokens", "65536"]
+    logs = Path(os.environ.get("OUT", "/tmp"))
+    seed_port, client_port = free_port(), free_port()
+    seed = launch(model_dir, seed_port, [*common, "--base-gpu-id", str(args.seed_gpu)], logs / "seed.log")
+    client = None
+    try:
+        disk = server_info(seed_port)
+        client_dir = weightless_copy(model_dir, Path("/tmp/llama8b-client"))
+        fork_args = [
+            *common, "--base-gpu-id", str(args.client_gpu), "--load-format", "remote_instance",
+            "--remote-instance-weight-loader-seed-instance-ip", "127.0.0.1",
+            "--remote-instance-weight-loader-seed-instance-service-port", str(seed_port),
+            "--remote-instance-weight-loader-send-weights-group-ports", f"[{free_port()}]",
+        ]
+        client = launch(client_dir, client_port, fork_args, logs / "client.log")
+        forked = server_info(client_port)
+    finally:
+        for proc in (client, seed):
+            if proc is not None:
+                proc.terminate()
+                proc.wait(30)
+    report = forked["fork_report"]
+    write_result(
+        {
+            **stamp("python benchmark/rfork/bench_nccl.py"),
+            "model": "Llama-3-8B-shaped, bf16, random weights",
+            "weight_bytes": forked["weight_bytes"],
+            "raw_nccl_broadcast_gbps": round(raw["gbps"], 1),
+            "fork_transfer_gbps": round(report["gbps"], 1),
+            "fork_vs_raw": round(report["gbps"] / raw["gbps"], 3),
+            "fork_steps_s": {k: round(v, 3) for k, v in report["timings"].items()},
+            "fork_weight_load_s": round(forked["weight_load_seconds"], 2),
+            "disk_weight_load_s": round(disk["weight_load_seconds"], 2),
+            "disk_page_cache_dropped": cold,
+            "fork_speedup_vs_disk": round(disk["weight_load_seconds"] / forked["weight_load_seconds"], 2),
+        },
+        "rfork_nccl_h200x2.json",
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""CUDA runs of the Engine (skipped without a GPU): HF-equal float32 greedy output, an 8B-shaped bf16 model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import sglang
+from sglang.test.hf_reference import hf_greedy
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+LLAMA3_8B_SHAPE = {
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "num_hidden_layers": 32,
+    "vocab_size": 128256,
+    "rope_theta": 500000.0,
+    "head_dim": 128,
+    "max_position_embeddings": 8192,
+    "torch_dtype": "bfloat16",
+}
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_cuda_float32_greedy_matches_hf(tiny_model_dir, arch):
+    path = tiny_model_dir(arch)
+    prompts = [[5, 6, 7], list(range(10, 60)), [100, 200, 300, 400, 5, 6], list(range(300, 420))]
+    expected = hf_greedy(path, prompts, 32)
+    with sglang.Engine(model_path=path, device="cuda", dtype="float32", attention_backend="torch_native") as engine:
+        outs = engine.generate(
+            input_ids=prompts, sampling_params={"temperature": 0, "max_new_tokens": 32, "ignore_eos": True}
+        )
+    assert [o["output_ids"] for o in outs] == expected
+
+
+def test_llama3_8b_shaped_dummy_generates(tiny_model_dir, tmp_path):
+    src = tiny_model_dir("llama")
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copy(f"{src}/{name}", tmp_path / name)
+    config = json.loads(Path(src, "config.json").read_text())
+    config.update(LLAMA3_8B_SHAPE)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with sglang.Engine(
+        model_path=str(tmp_path), load_format="dummy", dtype="bfloat16", max_total_tokens=32768
+    ) as engine:
+        out = engine.generate(
+            ["Hello, my name is", "The capital of France is"],
+            {"temperature": 0, "max_new_tokens": 16, "ignore_eos": True},
+        )
+        info = engine.get_server_info()
+    assert all(len(o["output_ids"]) == 16 for o in out)
+    assert info["weight_bytes"] > 15e9
