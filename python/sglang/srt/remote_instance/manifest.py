@@ -74,21 +74,23 @@ def diff_manifests(local: list[TensorSpec], remote: list[TensorSpec], limit: int
 
 @torch.inference_mode()
 def tensor_checksum(t: torch.Tensor) -> str:
-    """64-bit position-weighted sum of the tensor's 32-bit words, computed where the tensor lives.
+    """64-bit position-weighted sum of the tensor's bytes taken as 64-bit words, computed where the tensor lives.
 
     Integer addition wraps modulo 2**64 and is associative, so the value does not depend on the
     device or the reduction order: a CPU seed and a CUDA client agree on equal bytes.
     """
     raw = t.detach().contiguous().reshape(-1).view(torch.uint8)
-    words = raw.view(torch.int32) if raw.numel() % 4 == 0 else raw.to(torch.int32)
+    body = raw.numel() - raw.numel() % 8
+    words = raw[:body].view(torch.int64)
     weighted = torch.zeros((), dtype=torch.int64, device=t.device)
     plain = torch.zeros((), dtype=torch.int64, device=t.device)
     for start in range(0, words.numel(), _CHUNK_WORDS):
-        chunk = words[start : start + _CHUNK_WORDS].to(torch.int64)
+        chunk = words[start : start + _CHUNK_WORDS]
         pos = torch.arange(start, start + chunk.numel(), device=t.device, dtype=torch.int64) % _MOD + 1
         weighted += (chunk * pos).sum()
         plain += chunk.sum()
-    value = (int(weighted) * 1_000_003 + int(plain) + raw.numel()) & _MASK
+    tail = int.from_bytes(bytes(raw[body:].cpu().tolist()), "little")  # the last < 8 bytes, if any
+    value = (int(weighted) * 1_000_003 + int(plain) + tail * 7 + raw.numel()) & _MASK
     return f"{value:016x}"
 
 

@@ -8,7 +8,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -30,8 +30,12 @@ _ERRORS = {
 }
 # Environment is process-wide and Mooncake reads it while initialize() installs transports.
 _ENV_LOCK = threading.Lock()
-# Engines and buffers of failed reads: in-flight slices may still land, so neither may be freed.
+# Engines are never destroyed: teardown holds the GIL for about a second, and after an abandoned read
+# in-flight slices may still land in the engine's and the caller's buffers.
 _KEEP_ALIVE: list[Any] = []
+_POLL_SLEEP = 0.0005
+# Extra wait past the caller's deadline so a read that fails on time reports its own error first.
+_JOIN_GRACE = 2.0
 
 
 class MooncakeError(RuntimeError):
@@ -103,7 +107,9 @@ def nic_device_for_gpu(gpu_id: int | None) -> str:
     try:
         mapping = json.loads(spec)
     except ValueError as e:
-        raise MooncakeError(f"MOONCAKE_DEVICE is not valid JSON ({e}); use 'mlx5_0,mlx5_1' or '{{\"0\": \"mlx5_0\"}}'.")
+        raise MooncakeError(
+            f"MOONCAKE_DEVICE is not valid JSON ({e}); use 'mlx5_0,mlx5_1' or '{{\"0\": \"mlx5_0\"}}'."
+        ) from None
     return str(mapping.get(str(gpu_id), "")) if gpu_id is not None else ""
 
 
@@ -195,16 +201,37 @@ class GuardedEngine:
                 )
             self._registered.append(addr)
 
-    def read(
-        self,
-        session_id: str,
-        entries: list[ReadEntry],
-        deadline: float,
-        window: int,
-        on_progress: Callable[[int], None] | None = None,
-    ) -> int:
-        """Read every entry from session_id with at most window requests in flight; returns bytes read."""
+    def read(self, session_id: str, entries: list[ReadEntry], deadline: float, window: int, owner: Any) -> int:
+        """Read every entry from session_id, at most window requests in flight, by deadline; returns bytes read.
+
+        owner holds the local buffers; if the read is abandoned mid-flight it is kept alive with the engine.
+        """
         engine = self._live()
+        outcome: dict[str, Any] = {}
+
+        def work() -> None:
+            try:
+                outcome["bytes"] = self._read_loop(engine, session_id, entries, deadline, window, owner)
+            except BaseException as e:  # handed to the waiting thread
+                outcome["error"] = e
+
+        worker = threading.Thread(target=work, name="mooncake-read", daemon=True)
+        worker.start()
+        # Some Mooncake calls block inside C (a frozen peer stalls the handshake for about 60 s): bound them here.
+        worker.join(max(0.0, deadline - time.monotonic()) + _JOIN_GRACE)
+        if worker.is_alive():
+            self._abandon(owner)
+            raise MooncakeError(
+                f"reading from {session_id}: a Mooncake call did not return before the deadline; "
+                "the peer's TransferEngine is hung or unreachable"
+            )
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["bytes"]
+
+    def _read_loop(
+        self, engine: Any, session_id: str, entries: list[ReadEntry], deadline: float, window: int, owner: Any
+    ) -> int:
         pending = deque(e for e in entries if e.length > 0)
         inflight: dict[int, ReadEntry] = {}
         done = 0
@@ -236,24 +263,26 @@ class GuardedEngine:
                         )
                     done += entry.length
                     progressed = True
-                    if on_progress is not None:
-                        on_progress(done)
                 if not progressed:
                     if time.monotonic() > deadline:
                         raise MooncakeError(
-                            f"reading from {session_id} made no progress before the deadline "
+                            f"reading from {session_id} did not finish before the deadline "
                             f"({len(inflight)} request(s) in flight, {done} bytes done)"
                         )
-                    time.sleep(0.0005)
+                    time.sleep(_POLL_SLEEP)
         except BaseException:
             if inflight:
-                _KEEP_ALIVE.append((self._engine, entries))
-                self._engine = None
+                self._abandon(owner)
             raise
         return done
 
+    def _abandon(self, owner: Any) -> None:
+        # In-flight slices may still land in the destination buffers: keep both alive and never reuse the engine.
+        _KEEP_ALIVE.append((self._engine, owner))
+        self._engine = None
+
     def close(self) -> None:
-        """Unregister everything and drop the engine (Mooncake's teardown takes about a second)."""
+        """Unregister everything and retire the engine (kept, idle: destroying one holds the GIL for ~1 s)."""
         engine, self._engine = self._engine, None
         if engine is None:
             return
@@ -262,7 +291,7 @@ class GuardedEngine:
             if rc != 0:
                 logger.warning("unregistering %d Mooncake region(s) failed: %s", len(self._registered), describe(rc))
             self._registered = []
-        del engine
+        _KEEP_ALIVE.append(engine)
 
 
 def _listening() -> set[tuple[str, int]]:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,8 +85,25 @@ def open_pair_group(
     group = PairGroup(name, rank, device, store, pg)
     probe = torch.zeros(1, device=device)
     try:
-        group.broadcast_all([probe], deadline)
+        # NCCL creates the communicator on the first collective and, by default, connects its channels lazily
+        # on the first large one (about 0.6 s between two H200s, which would land inside the transfer).
+        # Connecting everything now keeps setup and data movement apart.
+        with _env("NCCL_RUNTIME_CONNECT", "0"):
+            group.broadcast_all([probe], deadline)
     except Exception:
         group.close()
         raise
     return group
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str) -> Iterator[None]:
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
