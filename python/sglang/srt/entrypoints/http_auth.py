@@ -1,0 +1,40 @@
+"""API-key check for every HTTP endpoint, as one ASGI middleware so that routes added later are covered."""
+
+from __future__ import annotations
+
+import hmac
+import json
+from typing import Any
+
+from sglang.srt.entrypoints.openai.protocol import error_body
+
+# Load balancers and launchers probe liveness without credentials.
+OPEN_PATHS = frozenset({"/health"})
+
+
+class ApiKeyMiddleware:
+    """Reject HTTP requests that lack `Authorization: Bearer <api_key>` with 401."""
+
+    def __init__(self, app: Any, api_key: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        # A plain ASGI middleware (not BaseHTTPMiddleware) so that streamed responses and client
+        # disconnects reach the endpoint untouched.
+        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS and scope["method"] != "OPTIONS":
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                await _reject(send)
+                return
+        await self.app(scope, receive, send)
+
+
+async def _reject(send: Any) -> None:
+    message = (
+        "Missing or wrong API key: send the header 'Authorization: Bearer <key>' with the server's --api-key."
+    )
+    body = json.dumps(error_body(message, None, 401)).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": 401, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

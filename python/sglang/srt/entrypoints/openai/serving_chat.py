@@ -1,0 +1,131 @@
+"""POST /v1/chat/completions: OpenAI chat completions, prompts rendered by the tokenizer's chat template."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from sglang.srt.entrypoints.openai.protocol import APIError, ChatCompletionRequest
+from sglang.srt.entrypoints.openai.serving_base import (
+    SSE_DONE,
+    finish_reason,
+    guard_stream,
+    matched_stop,
+    openai_param,
+    per_choice_params,
+    sse_event,
+    start_generation,
+    stop_list,
+    stream_deltas,
+    token_text,
+    usage,
+    with_rids,
+)
+from sglang.srt.managers.io_struct import GenerateReqInput
+
+if TYPE_CHECKING:
+    from sglang.srt.managers.tokenizer_manager import TokenizerManager
+
+
+async def serve_chat(request: Request, tm: TokenizerManager, req: ChatCompletionRequest) -> Any:
+    """Answer a chat completions request, streamed or not."""
+    prompt_ids = chat_prompt_ids(tm, req)
+    top_n = req.top_logprobs or 0
+    obj = GenerateReqInput(
+        input_ids=[prompt_ids] * req.n,
+        sampling_params=per_choice_params(req, 1),
+        return_logprob=req.logprobs,
+        top_logprobs_num=top_n if req.logprobs else 0,
+        stream=req.stream,
+    )
+    with_rids(obj)
+    first, rest = await start_generation(request, tm, obj, "messages", openai_param)
+    model = req.model or tm.server_args.served_model_name
+    head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model}
+    if req.stream:
+        events = _stream(tm, req, head, first, rest)
+        return StreamingResponse(guard_stream(events, tm, obj), media_type="text/event-stream")
+    choices = [
+        {
+            "index": i,
+            "message": {"role": "assistant", "content": out["text"]},
+            "logprobs": _logprobs(tm, out["meta_info"], 0, top_n) if req.logprobs else None,
+            "finish_reason": finish_reason(out["meta_info"]),
+            "matched_stop": matched_stop(out["meta_info"]),
+        }
+        for i, out in enumerate(first)
+    ]
+    body = {**head, "object": "chat.completion", "choices": choices, "usage": usage(first, req.n)}
+    return JSONResponse(body)
+
+
+def chat_prompt_ids(tm: TokenizerManager, req: ChatCompletionRequest) -> list[int]:
+    """Render the messages with the model's chat template and tokenize the result."""
+    tokenizer = tm.tokenizer
+    if not getattr(tokenizer, "chat_template", None):
+        raise APIError(
+            f"The tokenizer of {tm.server_args.tokenizer_path} has no chat template; "
+            "use /v1/completions, or a model whose tokenizer_config.json has a chat_template.",
+            param="messages",
+        )
+    messages = [m.template_dict() for m in req.messages]
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception as e:  # jinja raises whatever the template author chose (e.g. role order rules)
+        raise APIError(f"The chat template rejected the messages: {e}", param="messages") from None
+    # The template already spells out any special tokens it wants, so none are added here.
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+async def _stream(
+    tm: TokenizerManager,
+    req: ChatCompletionRequest,
+    head: dict[str, Any],
+    first: dict[str, Any],
+    rest: AsyncIterator[dict[str, Any]],
+) -> AsyncIterator[str]:
+    head = {**head, "object": "chat.completion.chunk"}
+    top_n = req.top_logprobs or 0
+    for index in range(req.n):
+        delta = {"role": "assistant", "content": ""}
+        yield sse_event(
+            {**head, "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": None}]}
+        )
+    finals: list[dict[str, Any]] = [{} for _ in range(req.n)]
+    async for index, text, start, out in stream_deltas(first, rest, req.n, stop_list(req)):
+        meta = out["meta_info"]
+        reason = finish_reason(meta)
+        logprobs = _logprobs(tm, meta, start, top_n) if req.logprobs else None
+        if reason is not None:
+            finals[index] = out
+        elif not text and not (logprobs and logprobs["content"]):
+            continue
+        choice = {"index": index, "delta": {"content": text}, "logprobs": logprobs, "finish_reason": reason}
+        if reason is not None:
+            choice["matched_stop"] = matched_stop(meta)
+        yield sse_event({**head, "choices": [choice]})
+    if req.include_usage:
+        yield sse_event({**head, "choices": [], "usage": usage(finals, req.n)})
+    yield SSE_DONE
+
+
+def _logprobs(tm: TokenizerManager, meta: dict[str, Any], start: int, top_n: int) -> dict[str, Any]:
+    """Chat logprobs of the tokens from index start on."""
+    entries = meta.get("output_token_logprobs", [])[start:]
+    tops = meta.get("output_top_logprobs", [])[start:] if top_n else [[] for _ in entries]
+    content = []
+    for (logprob, token_id), alts in zip(entries, tops):
+        item = _token_logprob(tm, token_id, logprob)
+        item["top_logprobs"] = [_token_logprob(tm, t, lp) for lp, t in alts]
+        content.append(item)
+    return {"content": content}
+
+
+def _token_logprob(tm: TokenizerManager, token_id: int, logprob: float) -> dict[str, Any]:
+    token = token_text(tm, token_id)
+    return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}

@@ -1,0 +1,125 @@
+"""POST /v1/completions: OpenAI text completions on top of the TokenizerManager."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from sglang.srt.entrypoints.openai.protocol import APIError, CompletionRequest
+from sglang.srt.entrypoints.openai.serving_base import (
+    SSE_DONE,
+    finish_reason,
+    guard_stream,
+    matched_stop,
+    openai_param,
+    per_choice_params,
+    sse_event,
+    start_generation,
+    stop_list,
+    stream_deltas,
+    token_text,
+    usage,
+    with_rids,
+)
+from sglang.srt.managers.io_struct import GenerateReqInput
+
+if TYPE_CHECKING:
+    from sglang.srt.managers.tokenizer_manager import TokenizerManager
+
+
+async def serve_completions(request: Request, tm: TokenizerManager, req: CompletionRequest) -> Any:
+    """Answer a completions request, streamed or not."""
+    prompts = _prompts(req.prompt)
+    expanded = [p for p in prompts for _ in range(req.n)]
+    as_text = isinstance(prompts[0], str)
+    obj = GenerateReqInput(
+        text=expanded if as_text else None,
+        input_ids=None if as_text else expanded,
+        sampling_params=per_choice_params(req, len(prompts)),
+        return_logprob=req.logprobs is not None,
+        top_logprobs_num=req.logprobs or 0,
+        stream=req.stream,
+    )
+    with_rids(obj)
+    first, rest = await start_generation(request, tm, obj, "prompt", openai_param)
+    model = req.model or tm.server_args.served_model_name
+    head = {
+        "id": f"cmpl-{uuid.uuid4().hex}",
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+    }
+    if req.stream:
+        events = _stream(tm, req, head, first, rest, len(expanded))
+        return StreamingResponse(guard_stream(events, tm, obj), media_type="text/event-stream")
+    choices = [
+        {
+            "index": i,
+            "text": out["text"],
+            "logprobs": _logprobs(tm, out["meta_info"], 0, req.logprobs)
+            if req.logprobs is not None
+            else None,
+            "finish_reason": finish_reason(out["meta_info"]),
+            "matched_stop": matched_stop(out["meta_info"]),
+        }
+        for i, out in enumerate(first)
+    ]
+    return JSONResponse({**head, "choices": choices, "usage": usage(first, req.n)})
+
+
+def _prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str] | list[list[int]]:
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        raise APIError("'prompt' is empty; send a string, a list of strings or token ids.", param="prompt")
+    if isinstance(prompt[0], int):
+        return [prompt]  # type: ignore[list-item]
+    if any(not p for p in prompt):
+        raise APIError("'prompt' contains an empty prompt.", param="prompt")
+    return prompt  # type: ignore[return-value]
+
+
+async def _stream(
+    tm: TokenizerManager,
+    req: CompletionRequest,
+    head: dict[str, Any],
+    first: dict[str, Any],
+    rest: AsyncIterator[dict[str, Any]],
+    count: int,
+) -> AsyncIterator[str]:
+    finals: list[dict[str, Any]] = [{} for _ in range(count)]
+    async for index, text, start, out in stream_deltas(first, rest, count, stop_list(req)):
+        meta = out["meta_info"]
+        reason = finish_reason(meta)
+        logprobs = _logprobs(tm, meta, start, req.logprobs) if req.logprobs is not None else None
+        if reason is not None:
+            finals[index] = out
+        elif not text and not (logprobs and logprobs["tokens"]):
+            continue
+        choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
+        if reason is not None:
+            choice["matched_stop"] = matched_stop(meta)
+        yield sse_event({**head, "choices": [choice]})
+    if req.include_usage:
+        yield sse_event({**head, "choices": [], "usage": usage(finals, req.n)})
+    yield SSE_DONE
+
+
+def _logprobs(tm: TokenizerManager, meta: dict[str, Any], start: int, top_n: int) -> dict[str, Any]:
+    """Legacy completions logprobs of the tokens from index start on."""
+    entries = meta.get("output_token_logprobs", [])[start:]
+    top = None
+    if top_n:
+        top = [
+            {token_text(tm, t): lp for lp, t in alts} for alts in meta.get("output_top_logprobs", [])[start:]
+        ]
+    return {
+        "tokens": [token_text(tm, token_id) for _, token_id in entries],
+        "token_logprobs": [lp for lp, _ in entries],
+        "top_logprobs": top,
+    }
