@@ -150,7 +150,7 @@ class ServerArgs:
         if self.device is None:
             self.device = "cuda" if _cuda_available() else "cpu"
         if self.attention_backend is None:
-            self.attention_backend = "torch_native"
+            self.attention_backend = _default_attention_backend(self.device)
         if self.random_seed is None:
             self.random_seed = 42
         if self.chunked_prefill_size is None:
@@ -186,6 +186,8 @@ class ServerArgs:
             raise ServerArgsError(f"--max-running-requests must be >= 1, got {self.max_running_requests}.")
         if self.device == "cuda" and not _cuda_available():
             raise ServerArgsError("--device cuda was requested but CUDA is not available; use --device cpu.")
+        if self.attention_backend == "flashinfer" and self.device != "cuda":
+            raise ServerArgsError("--attention-backend flashinfer needs --device cuda; use torch_native on CPU.")
         ports = self.remote_instance_weight_loader_send_weights_group_ports
         if ports is not None and not (
             isinstance(ports, list) and all(isinstance(p, int) and 0 < p < 65536 for p in ports)
@@ -264,6 +266,18 @@ def _mooncake_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def _default_attention_backend(device: str) -> str:
+    """flashinfer on CUDA when it imports; torch_native otherwise (with a notice on CUDA, where it is slow)."""
+    if device != "cuda":
+        return "torch_native"
+    try:
+        import flashinfer  # noqa: F401
+    except ImportError as e:
+        logger.warning("flashinfer is not importable (%s); using the torch_native attention backend.", e)
+        return "torch_native"
+    return "flashinfer"
 
 
 def _has_weight_files(model_path: str) -> bool:

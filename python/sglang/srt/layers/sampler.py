@@ -36,10 +36,12 @@ class Sampler:
             for i, req in enumerate(reqs):
                 _apply_penalties(logits[i], req, self.stop_ids_for(req))
         ids: list[int] = []
+        # One argmax and one device-to-host copy for the whole batch, not one per greedy row.
+        greedy = logits.argmax(dim=-1).tolist() if any(r.sampling_params.is_greedy for r in reqs) else []
         for i, req in enumerate(reqs):
             params = req.sampling_params
             if params.is_greedy:
-                ids.append(int(torch.argmax(logits[i])))
+                ids.append(greedy[i])
                 continue
             probs = _filtered_probs(logits[i] / params.temperature, params.top_k, params.top_p, params.min_p)
             gen = req.generator or self.generator

@@ -76,28 +76,30 @@ def build_forward_batch(
     req_to_token = runner.req_to_token_pool.req_to_token
     ids: list[int] = []
     positions: list[int] = []
+    rows: list[int] = []
     seq_lens: list[int] = []
     prefix_lens: list[int] = []
     extend_lens: list[int] = []
-    start = 0
     for req in reqs:
         n = req.extend_len if mode.is_extend() else 1
-        tokens = req.fill_ids[req.kv_len : req.kv_len + n]
-        ids.extend(tokens)
+        ids.extend(req.fill_ids[req.kv_len : req.kv_len + n])
         positions.extend(range(req.kv_len, req.kv_len + n))
-        req_to_token[req.req_pool_idx, req.kv_len : req.kv_len + n] = out_cache_loc[start : start + n].to(device)
+        rows.extend([req.req_pool_idx] * n)
         prefix_lens.append(req.kv_len)
         extend_lens.append(n)
         seq_lens.append(req.kv_len + n)
-        start += n
+    positions_t = torch.tensor(positions, dtype=torch.int64, device=device)
+    out_cache_loc = out_cache_loc.to(device)
+    # One scatter for the whole batch: on a GPU, a copy per request would cost a launch and a sync each.
+    req_to_token[torch.tensor(rows, dtype=torch.int64, device=device), positions_t] = out_cache_loc
     return ForwardBatch(
         forward_mode=mode,
         batch_size=len(reqs),
         input_ids=torch.tensor(ids, dtype=torch.int64, device=device),
-        positions=torch.tensor(positions, dtype=torch.int64, device=device),
+        positions=positions_t,
         req_pool_indices=torch.tensor([r.req_pool_idx for r in reqs], dtype=torch.int64, device=device),
         seq_lens=torch.tensor(seq_lens, dtype=torch.int64, device=device),
-        out_cache_loc=out_cache_loc.to(device),
+        out_cache_loc=out_cache_loc,
         seq_lens_cpu=seq_lens,
         extend_prefix_lens_cpu=prefix_lens,
         extend_seq_lens_cpu=extend_lens,

@@ -13,6 +13,7 @@ from sglang.srt.configs.model_config import ModelConfig
 from sglang.srt.distributed.parallel_state import init_distributed
 from sglang.srt.layers.attention import create_attention_backend
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool, TokenToKVPoolAllocator
+from sglang.srt.model_executor.cuda_graph_runner import maybe_create_cuda_graph_runner
 from sglang.srt.model_executor.forward_batch_info import ForwardBatch
 from sglang.srt.server_args import ServerArgs
 
@@ -63,6 +64,8 @@ class ModelRunner:
         self.load_model()
         self.init_memory_pool()
         self.attn_backend = create_attention_backend(server_args.attention_backend, self)
+        # Captured after the KV pool and backend exist: the graphs point at their buffers.
+        self.cuda_graph_runner = maybe_create_cuda_graph_runner(self)
         if server_args.remote_instance_weight_loader_start_seed_via_transfer_engine:
             from sglang.srt.remote_instance.transfer_engine_seed import start_transfer_engine_seed
 
@@ -120,5 +123,7 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, forward_batch: ForwardBatch):
         """Run the model on a batch; returns the model's LogitsProcessorOutput."""
+        if self.cuda_graph_runner is not None and self.cuda_graph_runner.can_run(forward_batch):
+            return self.cuda_graph_runner.replay(forward_batch)
         self.attn_backend.init_forward_metadata(forward_batch)
         return self.model(forward_batch.input_ids, forward_batch.positions, forward_batch)

@@ -1,0 +1,92 @@
+"""CPU smoke tests of `sglang.bench_one_batch` and `sglang.bench_serving` on a tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sglang import bench_one_batch, bench_serving
+from sglang.test.test_utils import kill_process_tree, popen_launch_server
+
+
+@pytest.fixture(scope="module")
+def model_path(tiny_model_dir) -> str:
+    return tiny_model_dir("llama")
+
+
+def test_bench_one_batch_reports_latency_hf_baseline_and_roofline(model_path, tmp_path) -> None:
+    out = tmp_path / "one_batch.json"
+    argv = ["--model-path", model_path, "--device", "cpu", "--batch-size", "1", "2"]
+    argv += ["--input-len", "8", "--output-len", "4", "--result-filename", str(out)]
+    report = bench_one_batch.main(argv)
+    assert json.loads(out.read_text()) == report
+    assert report["command"].startswith("python -m sglang.bench_one_batch --model-path")
+    assert report["machine"] and report["date"]
+    assert report["weight_bytes"] > 0 and report["copy_bandwidth_gb_per_s"] > 0
+    assert report["roofline_decode_ms"] == pytest.approx(
+        report["weight_bytes"] / (report["copy_bandwidth_gb_per_s"] * 1e9) * 1e3
+    )
+    assert [row["batch_size"] for row in report["results"]] == [1, 2]
+    for row in report["results"]:
+        assert row["prefill_ms"] > 0 and row["decode_median_ms"] > 0 and row["hf_decode_step_ms"] > 0
+        assert row["decode_tok_per_s"] == pytest.approx(row["batch_size"] / row["decode_median_ms"] * 1e3)
+        assert row["decode_vs_roofline"] == pytest.approx(row["decode_median_ms"] / report["roofline_decode_ms"])
+        assert row["decode_speedup_vs_hf"] == pytest.approx(row["decode_tok_per_s"] / row["hf_decode_tok_per_s"])
+
+
+def test_greedy_decode_matches_across_batch_compositions(model_path) -> None:
+    """The driver decodes a prompt to the same tokens alone and inside a batch (rows do not leak)."""
+    from sglang.srt.server_args import ServerArgs
+
+    runner = bench_one_batch.make_runner(ServerArgs(model_path=model_path, device="cpu", max_total_tokens=512))
+    driver = bench_one_batch.BatchDriver(runner)
+    prompts = [[5, 6, 7, 8, 9], [20, 21, 22], [40, 41, 42, 43, 44, 45, 46]]
+
+    def decode(batch: list[list[int]]) -> list[list[int]]:
+        driver.start(batch)
+        tokens = bench_one_batch.greedy(driver.extend())
+        outs = [[t] for t in tokens]
+        for _ in range(5):
+            tokens = bench_one_batch.greedy(driver.decode(tokens))
+            for out, t in zip(outs, tokens):
+                out.append(t)
+        driver.finish()
+        return outs
+
+    together = decode(prompts)
+    assert [decode([p])[0] for p in prompts] == together
+    assert runner.token_to_kv_pool_allocator.available_size() == 512  # finish() returned every slot
+
+
+def test_summarize_computes_throughput_and_percentiles() -> None:
+    results = [
+        bench_serving.RequestResult(prompt_len=10, output_len=5, ttft=0.1, itl=[0.01] * 4, latency=0.14),
+        bench_serving.RequestResult(prompt_len=20, output_len=3, ttft=0.3, itl=[0.02] * 2, latency=0.34),
+        bench_serving.RequestResult(prompt_len=7, error="HTTP 500"),
+    ]
+    s = bench_serving.summarize(results, duration=2.0)
+    assert (s["completed"], s["failed"], s["errors"]) == (2, 1, ["HTTP 500"])
+    assert (s["total_input_tokens"], s["total_output_tokens"]) == (30, 8)
+    assert s["request_throughput"] == 1.0 and s["output_throughput"] == 4.0
+    assert s["mean_ttft_ms"] == pytest.approx(200.0)
+    assert s["median_itl_ms"] == pytest.approx(10.0)
+    assert s["p99_itl_ms"] == pytest.approx(20.0)
+    assert s["mean_tpot_ms"] == pytest.approx(((0.04 / 4) + (0.04 / 2)) / 2 * 1e3)
+
+
+def test_bench_serving_against_a_live_server(model_path, tmp_path) -> None:
+    server = popen_launch_server(model_path, other_args=["--device", "cpu"])
+    try:
+        out = tmp_path / "serving.json"
+        argv = ["--base-url", server.base_url, "--num-prompts", "6", "--random-input-len", "12"]
+        argv += ["--random-output-len", "5", "--max-concurrency", "3", "--output-file", str(out)]
+        report = bench_serving.main(argv)
+    finally:
+        kill_process_tree(server.pid)
+    assert json.loads(out.read_text()) == report
+    assert (report["completed"], report["failed"]) == (6, 0)
+    assert report["total_input_tokens"] == 6 * 12 and report["total_output_tokens"] == 6 * 5
+    assert report["server"]["model_path"] == model_path
+    assert 0 < report["median_ttft_ms"] <= report["p99_e2e_latency_ms"]
+    assert report["median_itl_ms"] > 0 and report["output_throughput"] > 0
