@@ -90,6 +90,7 @@ def test_api_key_required_everywhere_but_health(server, http):
         ("POST", "/v1/chat/completions"),
         ("GET", "/get_weights_by_name"),
         ("POST", "/abort_request"),
+        ("GET", "/remote_instance_weight_manifest"),  # added by the R-Fork feature, covered all the same
         ("GET", "/no_such_route"),
     ]
     for method, path in routes:
@@ -191,6 +192,8 @@ def test_get_weights_by_name_matches_checkpoint(http, model_path):
     assert by_post == expected.flatten()[:5].tolist()
     by_query = get(http, "/get_weights_by_name", params={"name": DOWN_PROJ, "truncate_size": 3}).json()
     assert by_query == expected.flatten()[:3].tolist()
+    bad_size = get(http, "/get_weights_by_name", params={"name": DOWN_PROJ, "truncate_size": 0})
+    assert bad_size.status_code == 400 and bad_size.json()["error"]["param"] == "truncate_size"
     missing = post(http, "/get_weights_by_name", {"name": "model.no_such.weight"})
     assert missing.status_code == 400 and missing.json()["error"]["param"] == "name"
 

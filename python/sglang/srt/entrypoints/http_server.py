@@ -7,7 +7,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -154,7 +154,7 @@ def _add_native_routes(app: FastAPI) -> None:
         request: Request,
         body: WeightsRequest | None = None,
         name: str | None = None,
-        truncate_size: int | None = None,
+        truncate_size: int | None = Query(default=None, ge=1),
     ) -> Response:
         if body is None:
             if name is None:

@@ -54,7 +54,7 @@ async def start_generation(
     if gone:
         raise ClientDisconnected()
     try:
-        return step.result(), gen
+        first = step.result()
     except SamplingParamsError as e:
         param = rename(e.field)
         raise APIError(str(e).replace(f"sampling_params.{e.field}", param), param=param) from None
@@ -62,6 +62,9 @@ async def start_generation(
         raise APIError(str(e), param=getattr(e, "field", None) or prompt_param) from None
     except StopAsyncIteration:
         raise APIError("The request produced no output.", status_code=500) from None
+    if not obj.stream:
+        await gen.aclose()  # the answer is complete; let the TokenizerManager drop its state now
+    return first, gen
 
 
 async def _wait_for_disconnect(request: Request) -> None:
