@@ -97,8 +97,7 @@ async def _serve(server_args: ServerArgs, handle: Any, sock: socket.socket) -> i
     def abort_in_flight() -> None:
         # Streams then end with finish_reason "abort" and [DONE] well inside the graceful-shutdown window,
         # instead of being cut off when it expires.
-        for rid in list(tm.rid_to_state):
-            tm.abort_request(rid)
+        tm.abort_all()
 
     debug = server_args.log_level == "debug"
     config = uvicorn.Config(

@@ -296,7 +296,10 @@ def _cuda_available() -> bool:
 
 def prepare_server_args(argv: list[str]) -> ServerArgs:
     """Parse a launcher command line into ServerArgs."""
-    parser = argparse.ArgumentParser(prog="python -m sglang.launch_server")
+    parser = argparse.ArgumentParser(
+        prog="python -m sglang.launch_server",
+        usage="python -m sglang.launch_server --model-path PATH [options]  (see --help)",
+    )
     ServerArgs.add_cli_args(parser)
     return ServerArgs.from_cli_args(parser.parse_args(argv))
 

@@ -12,6 +12,8 @@ import psutil
 
 def configure_logging(level: str = "info", prefix: str = "") -> None:
     """One log format for every process; prefix tells the processes apart."""
+    # transformers warns about config fields on every load in every process; keep its errors only.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     tag = f" {prefix}" if prefix else ""
     logging.basicConfig(
         level=getattr(logging, level.upper()),

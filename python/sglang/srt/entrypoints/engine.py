@@ -33,11 +33,14 @@ class EngineHandle:
     def shutdown(self) -> None:
         """Stop every scheduler process of this launch (idempotent)."""
         self._stopping = True
+        # Signal every rank before waiting for any: a rank that sees its peer vanish first would log a crash.
         for proc in self.procs:
             if proc.is_alive():
-                kill_process_tree(proc.pid)
+                proc.terminate()
         for proc in self.procs:
             proc.join(timeout=5)
+            if proc.is_alive():
+                kill_process_tree(proc.pid)
 
     def watch(self, on_death: Callable[[str], None]) -> None:
         """Call on_death(reason) from a thread if a scheduler process exits while we are serving."""

@@ -58,6 +58,14 @@ class GenerateReqInput:
         ]
 
 
+class InvalidRequestError(ValueError):
+    """A top-level request field is invalid; `field` names it (text, input_ids, rid, ...)."""
+
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field_name
+
+
 def new_rid() -> str:
     """A fresh request id."""
     return uuid.uuid4().hex

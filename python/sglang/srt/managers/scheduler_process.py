@@ -29,7 +29,7 @@ def run_scheduler_process(
 
         scheduler = Scheduler(server_args, port_args, tp_rank, gpu_id)
     except Exception as e:  # reported to the launcher, which prints one clear line
-        logging.getLogger(__name__).exception("TP%d failed to start", tp_rank)
+        logging.getLogger(__name__).debug("TP%d failed to start", tp_rank, exc_info=True)
         pipe.send(("error", f"TP{tp_rank}: {type(e).__name__}: {e}"))
         return
     pipe.send(

@@ -18,6 +18,7 @@ from sglang.srt.managers.io_struct import (
     AbortReq,
     BatchTokenIDOut,
     GenerateReqInput,
+    InvalidRequestError,
     RpcReqInput,
     RpcReqOutput,
     TokenizedGenerateReqInput,
@@ -111,21 +112,26 @@ class TokenizerManager:
             vocab = self.model_config.vocab_size
             bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
             if bad:
-                raise ValueError(f"input_ids: token id {bad[0]!r} is not in the vocabulary [0, {vocab}).")
+                raise InvalidRequestError(
+                    "input_ids", f"token id {bad[0]!r} is not in the vocabulary [0, {vocab})."
+                )
+            field_name = "input_ids"
         else:
             if not isinstance(obj.text, str):
-                raise ValueError(f"text: expected a string, got {type(obj.text).__name__}.")
+                raise InvalidRequestError("text", f"expected a string, got {type(obj.text).__name__}.")
             ids = self.tokenizer.encode(obj.text)
+            field_name = "text"
         if not ids:
-            raise ValueError("text: the prompt is empty; send at least one token.")
+            raise InvalidRequestError(field_name, "the prompt is empty; send at least one token.")
         if len(ids) > self.max_req_input_len:
-            raise ValueError(
-                f"text: the prompt has {len(ids)} tokens, more than this server accepts ({self.max_req_input_len}; "
-                f"context length {self.model_config.context_len}). Shorten the prompt."
+            raise InvalidRequestError(
+                field_name,
+                f"the prompt has {len(ids)} tokens, more than this server accepts ({self.max_req_input_len}; "
+                f"context length {self.model_config.context_len}). Shorten the prompt.",
             )
         rid = obj.rid if isinstance(obj.rid, str) else new_rid()
         if rid in self.rid_to_state:
-            raise ValueError(f"rid: request id {rid!r} is already in use.")
+            raise InvalidRequestError("rid", f"request id {rid!r} is already in use.")
         req = TokenizedGenerateReqInput(rid, ids, params, obj.return_logprob, obj.top_logprobs_num)
         return req, obj.stream
 
@@ -145,6 +151,9 @@ class TokenizerManager:
                     for out in outs:
                         yield out
                 if state.finished:
+                    # Forget the request before handing out the last answer: a caller that stops iterating
+                    # here must not leave its state behind.
+                    self.rid_to_state.pop(req.rid, None)
                     if not stream:
                         yield outs[-1]
                     return
@@ -163,6 +172,11 @@ class TokenizerManager:
     def abort_request(self, rid: str) -> None:
         """Ask the scheduler to stop rid and free its memory."""
         self.send_sock.send_pyobj(AbortReq(rid))
+
+    def abort_all(self) -> None:
+        """Abort every request in flight (used at shutdown)."""
+        for rid in list(self.rid_to_state):
+            self.abort_request(rid)
 
     # ---- control ------------------------------------------------------------------------------
 

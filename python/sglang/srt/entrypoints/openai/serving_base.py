@@ -59,7 +59,10 @@ async def start_generation(
         param = rename(e.field)
         raise APIError(str(e).replace(f"sampling_params.{e.field}", param), param=param) from None
     except ValueError as e:
-        raise APIError(str(e), param=getattr(e, "field", None) or prompt_param) from None
+        field = getattr(e, "field", None)
+        # The TokenizerManager names the prompt "text" or "input_ids"; each API calls it its own way.
+        param = prompt_param if field in (None, "text", "input_ids") else field
+        raise APIError(str(e), param=param) from None
     except StopAsyncIteration:
         raise APIError("The request produced no output.", status_code=500) from None
     if not obj.stream:
