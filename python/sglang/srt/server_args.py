@@ -294,9 +294,16 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises instead of printing usage, so the launcher reports one line."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise ServerArgsError(f"{message} (see python -m sglang.launch_server --help)")
+
+
 def prepare_server_args(argv: list[str]) -> ServerArgs:
     """Parse a launcher command line into ServerArgs."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m sglang.launch_server",
         usage="python -m sglang.launch_server --model-path PATH [options]  (see --help)",
     )
