@@ -1,7 +1,7 @@
 """A peer that dies in the middle of an R-Fork (NCCL backend wire protocol), for fault tests.
 
-    python rfork_misbehaving_peer.py client SEED_URL GROUP_PORT   # joins, receives a little, exits 3
-    python rfork_misbehaving_peer.py seed MODEL_DIR HTTP_PORT     # serves a fork, dies halfway through sending
+python rfork_misbehaving_peer.py client SEED_URL GROUP_PORT   # joins, receives a little, exits 3
+python rfork_misbehaving_peer.py seed MODEL_DIR HTTP_PORT     # serves a fork, dies halfway through sending
 """
 
 from __future__ import annotations
@@ -26,9 +26,16 @@ def run_client(seed_url: str, port: int) -> None:
     manifest = requests.get(f"{seed_url}/remote_instance_weight_manifest", params={"rank": 0}).json()
     specs = [TensorSpec.from_json(d) for d in manifest["tensors"]]
     lease = requests.post(f"{seed_url}/remote_instance_fork_lease", json={"ports": str(port)}).json()["lease_id"]
-    body = {"master_address": "127.0.0.1", "ports": str(port), "group_name": "send_weights_127.0.0.1", "lease_id": lease}
+    body = {
+        "master_address": "127.0.0.1",
+        "ports": str(port),
+        "group_name": "send_weights_127.0.0.1",
+        "lease_id": lease,
+    }
     threading.Thread(
-        target=requests.post, args=(f"{seed_url}/init_weights_send_group_for_remote_instance",), kwargs={"json": body},
+        target=requests.post,
+        args=(f"{seed_url}/init_weights_send_group_for_remote_instance",),
+        kwargs={"json": body},
         daemon=True,
     ).start()
     group = open_pair_group("127.0.0.1", port, 1, f"send_weights_127.0.0.1_{port}_0", CPU, 60)

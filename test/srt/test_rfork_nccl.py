@@ -30,17 +30,24 @@ def _no_weights_copy(model_dir: str, dest: Path) -> str:
 def _fork_args(seed_url: str, ports: list[int], *extra: str) -> list[str]:
     port = seed_url.rsplit(":", 1)[1]
     return [
-        "--load-format", "remote_instance",
-        "--remote-instance-weight-loader-seed-instance-ip", "127.0.0.1",
-        "--remote-instance-weight-loader-seed-instance-service-port", port,
-        "--remote-instance-weight-loader-send-weights-group-ports", str(ports),
-        "--remote-instance-weight-loader-timeout", "60",
+        "--load-format",
+        "remote_instance",
+        "--remote-instance-weight-loader-seed-instance-ip",
+        "127.0.0.1",
+        "--remote-instance-weight-loader-seed-instance-service-port",
+        port,
+        "--remote-instance-weight-loader-send-weights-group-ports",
+        str(ports),
+        "--remote-instance-weight-loader-timeout",
+        "60",
         *extra,
     ]
 
 
 def _all_weights(url: str, tp_size: int = 1) -> dict[str, list]:
-    names = [t["name"] for t in requests.get(f"{url}/remote_instance_weight_manifest", params={"rank": 0}).json()["tensors"]]
+    names = [
+        t["name"] for t in requests.get(f"{url}/remote_instance_weight_manifest", params={"rank": 0}).json()["tensors"]
+    ]
     return {n: requests.post(f"{url}/get_weights_by_name", json={"name": n}).json() for n in names}
 
 
@@ -68,7 +75,9 @@ def seed(model_dir):
 
 def _launch_client(model_dir: str, tmp_path: Path, seed_url: str, *extra: str, tp: int = 1):
     client_dir = _no_weights_copy(model_dir, tmp_path / "client_model")
-    return popen_launch_server(client_dir, other_args=[*_fork_args(seed_url, _free_ports(tp)), "--tp-size", str(tp), *extra])
+    return popen_launch_server(
+        client_dir, other_args=[*_fork_args(seed_url, _free_ports(tp)), "--tp-size", str(tp), *extra]
+    )
 
 
 def test_fork_tp1_bitwise_then_chain(seed, model_dir, tmp_path):
@@ -127,7 +136,9 @@ def _launch_expect_failure(args: list[str], timeout: float = 90) -> tuple[int, s
     start = time.monotonic()
     proc = subprocess.run(
         [sys.executable, "-m", "sglang.launch_server", "--port", str(find_free_port()), *args],
-        capture_output=True, text=True, timeout=timeout,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     return proc.returncode, proc.stdout + proc.stderr, time.monotonic() - start
 
@@ -146,7 +157,9 @@ def test_unreachable_seed_fails_fast(model_dir, tmp_path):
 )
 def test_mismatched_client_is_refused_before_any_group(seed, tiny_model_dir, tmp_path, options, extra, expected):
     client_dir = _no_weights_copy(tiny_model_dir("llama", **options), tmp_path / "m")
-    code, out, _ = _launch_expect_failure(["--model-path", client_dir, *_fork_args(seed.base_url, [find_free_port()]), *extra])
+    code, out, _ = _launch_expect_failure(
+        ["--model-path", client_dir, *_fork_args(seed.base_url, [find_free_port()]), *extra]
+    )
     assert code != 0
     assert "holds a different model" in out and expected in out
     assert _greedy(seed.base_url)  # the seed still serves
@@ -170,14 +183,25 @@ def test_busy_seed_answers_409_then_client_succeeds(seed, model_dir, tmp_path):
     client_dir = _no_weights_copy(model_dir, tmp_path / "m")
     port = find_free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "sglang.launch_server", "--model-path", client_dir, "--port", str(port),
-         *_fork_args(seed.base_url, [find_free_port()])],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "sglang.launch_server",
+            "--model-path",
+            client_dir,
+            "--port",
+            str(port),
+            *_fork_args(seed.base_url, [find_free_port()]),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         time.sleep(8)
         assert proc.poll() is None  # still waiting for the slot, not failed
-        requests.post(f"{seed.base_url}/remote_instance_fork_lease/release", json={"lease_id": lease.json()["lease_id"]})
+        requests.post(
+            f"{seed.base_url}/remote_instance_fork_lease/release", json={"lease_id": lease.json()["lease_id"]}
+        )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
@@ -205,8 +229,10 @@ def test_busy_group_port_is_reported(seed):
 def test_client_dying_mid_transfer_leaves_seed_serving(seed, model_dir, tmp_path):
     script = Path(__file__).with_name("rfork_misbehaving_peer.py")
     proc = subprocess.run(
-        [sys.executable, str(script), "client", seed.base_url, str(find_free_port())], timeout=120,
-        capture_output=True, text=True,
+        [sys.executable, str(script), "client", seed.base_url, str(find_free_port())],
+        timeout=120,
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 3, proc.stdout + proc.stderr  # it died on purpose after the send started
     assert _greedy(seed.base_url)
@@ -239,3 +265,29 @@ def test_seed_dying_mid_transfer_fails_client_within_timeout(model_dir, tmp_path
         assert elapsed < 60
     finally:
         kill_process_tree(fake.pid)
+
+
+def test_keyed_seed_requires_the_key(model_dir, tmp_path):
+    seed = popen_launch_server(model_dir, other_args=["--api-key", "seed-secret"])
+    try:
+        client_dir = _no_weights_copy(model_dir, tmp_path / "m")
+        fork = _fork_args(seed.base_url, [find_free_port()])
+        code, out, _ = _launch_expect_failure(
+            ["--model-path", client_dir, *fork, "--remote-instance-weight-loader-seed-api-key", "wrong"]
+        )
+        assert code != 0 and "rejected the API key" in out
+        # The client's own --api-key is what it sends by default.
+        client = popen_launch_server(client_dir, other_args=[*fork, "--api-key", "seed-secret"])
+        try:
+            headers = {"Authorization": "Bearer seed-secret"}
+            r = requests.post(
+                f"{client.base_url}/generate", headers=headers, json={"text": PROMPT, "sampling_params": GREEDY}
+            )
+            s = requests.post(
+                f"{seed.base_url}/generate", headers=headers, json={"text": PROMPT, "sampling_params": GREEDY}
+            )
+            assert r.json()["output_ids"] == s.json()["output_ids"]
+        finally:
+            kill_process_tree(client.pid)
+    finally:
+        kill_process_tree(seed.pid)
