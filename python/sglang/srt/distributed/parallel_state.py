@@ -119,14 +119,6 @@ def all_gather_pyobj(obj: Any) -> list[Any]:
     return out
 
 
-def broadcast_tensor(x: torch.Tensor, src: int = 0) -> torch.Tensor:
-    """Broadcast a tensor in place over the device group."""
-    group = get_tp_group()
-    if group.size > 1:
-        dist.broadcast(x, src=src, group=group.device_group)
-    return x
-
-
 def destroy_distributed() -> None:
     """Tear down the TP group (best effort)."""
     global _TP

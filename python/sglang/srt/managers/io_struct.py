@@ -118,12 +118,3 @@ class RpcReqOutput:
 
     rid: str
     results: list[Any]
-
-
-@dataclass
-class SchedulerReady:
-    """Sent once by rank 0 when every rank has loaded its model."""
-
-    max_total_num_tokens: int
-    max_req_input_len: int
-    info: dict[str, Any] = field(default_factory=dict)
