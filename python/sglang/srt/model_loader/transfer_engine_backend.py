@@ -1,0 +1,216 @@
+"""R-Fork client over a Mooncake TransferEngine: one-sided reads of the weights a seed rank published."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from sglang.srt.model_loader.remote_instance_loader import (
+    ForkContext,
+    RemoteManifest,
+    RemoteWeightBackend,
+    register_remote_backend,
+)
+from sglang.srt.model_loader.remote_instance_weight_loader_utils import RemoteInstanceError, local_ip_towards
+from sglang.srt.remote_instance.manifest import TensorSpec, weight_tensors
+from sglang.srt.remote_instance.mooncake_guard import (
+    GuardedEngine,
+    MooncakeError,
+    ReadEntry,
+    auto_nic_protocol,
+    forced_protocol,
+    mooncake_module,
+    nic_device_for_gpu,
+    rdma_devices,
+    supports_intra_nvlink,
+)
+from sglang.srt.remote_instance.transfer_engine_seed import host_identity, merged_regions
+
+logger = logging.getLogger(__name__)
+
+INFO_PATH = "/remote_instance_transfer_engine_info"
+SEED_FLAG = "--remote-instance-weight-loader-start-seed-via-transfer-engine"
+# Requests in flight per peer: far below Mooncake's ~1000 queue limit, beyond which a TCP peer pair wedges.
+WINDOW = {"tcp": 16, "rdma": 64, "nvlink_intra": 64}
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One way to reach a seed rank: Mooncake protocol (None = not published) and session id."""
+
+    protocol: str | None
+    session_id: str
+    host_id: str | None = None
+    gpu_uuid: str | None = None
+
+
+@dataclass(frozen=True)
+class SeedRankInfo:
+    """What a seed rank published: its endpoints and {name: [ptr, numel, element_size, dtype, shape, checksum]}."""
+
+    endpoints: list[Endpoint]
+    weights: dict[str, list[Any]]
+
+
+@register_remote_backend("transfer_engine")
+class TransferEngineBackend(RemoteWeightBackend):
+    """Reads each parameter straight from the seed's registered memory; the seed's scheduler never takes part."""
+
+    def __init__(self) -> None:
+        self.info: SeedRankInfo | None = None
+
+    def preflight(self, ctx: ForkContext) -> None:
+        """Mooncake must import here before the seed is asked for anything."""
+        try:
+            mooncake_module()
+            forced_protocol()
+        except MooncakeError as e:
+            raise RemoteInstanceError(ctx.seed.name, "preflight", str(e)) from None
+
+    def fetch_manifest(self, ctx: ForkContext) -> RemoteManifest:
+        """GET this rank's info from the seed and turn it into specs and checksums."""
+        try:
+            payload = ctx.seed.request(
+                "manifest", "GET", INFO_PATH, params={"rank": ctx.tp_rank}, timeout=min(ctx.remaining(), 30.0)
+            )
+        except RemoteInstanceError as e:
+            detail = str(e).removeprefix(f"R-Fork from seed {e.seed} failed at step '{e.step}': ")
+            raise RemoteInstanceError(ctx.seed.name, "manifest", f"{detail}. {_diagnose(ctx)}".strip()) from None
+        self.info = parse_info(ctx.seed.name, payload)
+        specs: list[TensorSpec] = []
+        checksums: dict[str, str] = {}
+        for name, entry in self.info.weights.items():
+            if len(entry) < 6:
+                raise RemoteInstanceError(
+                    ctx.seed.name, "manifest", f"the seed publishes no dtype, shape and checksum for {name} (an "
+                    "upstream SGLang seed?); fork from a seed running this runtime, or use the nccl backend"
+                )
+            _, numel, esize, dtype, shape, checksum = entry[:6]
+            specs.append(TensorSpec(name, str(dtype), tuple(int(x) for x in shape), int(numel) * int(esize)))
+            checksums[name] = str(checksum)
+        return RemoteManifest(specs, checksums)
+
+    def transfer(self, model: nn.Module, ctx: ForkContext) -> int:
+        """Read every non-empty parameter of this rank from the seed rank; returns bytes moved."""
+        if self.info is None:
+            raise RemoteInstanceError(ctx.seed.name, "transfer", "fetch_manifest must run before transfer")
+        try:
+            endpoint = choose_endpoint(self.info.endpoints, ctx.device)
+        except MooncakeError as e:
+            raise RemoteInstanceError(ctx.seed.name, "transfer", str(e)) from None
+        tensors = weight_tensors(model)
+        entries = []
+        for name, t in tensors:
+            if t.numel() == 0:
+                continue  # zero-length slices abort Mooncake batches
+            if not t.is_contiguous():
+                raise RemoteInstanceError(ctx.seed.name, "transfer", f"local parameter {name} is not contiguous")
+            entries.append(ReadEntry(name, t.data_ptr(), int(self.info.weights[name][0]), t.numel() * t.element_size()))
+        if ctx.device.type == "cpu":
+            # Untouched pages would fault inside Mooncake's single IO thread and cut throughput by ~4x.
+            with torch.no_grad():
+                for _, t in tensors:
+                    t.zero_()
+        protocol = endpoint.protocol or auto_nic_protocol()
+        gpu = ctx.device.index if ctx.device.type == "cuda" else None
+        try:
+            engine = GuardedEngine(
+                local_ip_towards(ctx.seed.ip), protocol, "" if protocol == "nvlink_intra" else nic_device_for_gpu(gpu)
+            )
+        except MooncakeError as e:
+            raise RemoteInstanceError(ctx.seed.name, "transfer", str(e)) from None
+        logger.info(
+            "TP%d: reading %d tensors from seed rank %s over Mooncake %s", ctx.tp_rank, len(entries),
+            endpoint.session_id, protocol,
+        )
+        try:
+            if protocol == "rdma":  # RDMA writes into the destination, which must be registered with the NIC
+                location = f"cuda:{gpu}" if gpu is not None else "*"
+                engine.register(merged_regions(tensors, ctx.device), location)
+            return engine.read(endpoint.session_id, entries, ctx.deadline, WINDOW[protocol], owner=model)
+        except MooncakeError as e:
+            raise RemoteInstanceError(ctx.seed.name, "transfer", f"Mooncake {protocol}: {e}") from None
+        finally:
+            engine.close()
+
+
+def parse_info(seed: str, payload: Any) -> SeedRankInfo:
+    """Validate the seed's answer; RemoteInstanceError says what is malformed."""
+    info = payload.get("remote_instance_transfer_engine_info") if isinstance(payload, dict) else None
+    if not (isinstance(info, list) and len(info) >= 2 and isinstance(info[0], str) and isinstance(info[1], dict)):
+        raise RemoteInstanceError(
+            seed, "manifest", "malformed transfer engine info: expected 'remote_instance_transfer_engine_info' = "
+            "[session_id, {name: [ptr, numel, element_size, ...]}]"
+        )
+    for name, entry in info[1].items():
+        if not (isinstance(entry, list) and len(entry) >= 3 and all(isinstance(x, int) for x in entry[:3])):
+            raise RemoteInstanceError(seed, "manifest", f"malformed weight info for {name}: {str(entry)[:100]}")
+    endpoints = [
+        Endpoint(e.get("protocol"), e["session_id"], e.get("host_id"), e.get("gpu_uuid"))
+        for e in payload.get("transfer_engine_endpoints") or []
+        if isinstance(e, dict) and isinstance(e.get("session_id"), str)
+    ]
+    return SeedRankInfo(endpoints or [Endpoint(None, info[0])], info[1])
+
+
+def choose_endpoint(endpoints: list[Endpoint], device: torch.device) -> Endpoint:
+    """MOONCAKE_PROTOCOL's choice if set; else NVLink when it can reach the seed's GPU, else the NIC endpoint."""
+    offered = ", ".join(str(e.protocol or "unspecified") for e in endpoints)
+    forced = forced_protocol()
+    if forced:
+        match = next((e for e in endpoints if e.protocol in (forced, None)), None)
+        if match is None:
+            raise MooncakeError(
+                f"MOONCAKE_PROTOCOL={forced} but the seed serves {offered}; unset it or restart the seed with it"
+            )
+        chosen = Endpoint(forced, match.session_id, match.host_id, match.gpu_uuid)
+    else:
+        nvlink = next((e for e in endpoints if e.protocol == "nvlink_intra" and nvlink_reaches(e, device)), None)
+        nic = next((e for e in endpoints if e.protocol != "nvlink_intra"), None)
+        chosen = nvlink or nic
+        if chosen is None:
+            raise MooncakeError(
+                "the seed serves only nvlink_intra and this client is not on its host and GPU fabric; start the "
+                "seed without MOONCAKE_PROTOCOL=nvlink_intra"
+            )
+    if (chosen.protocol or auto_nic_protocol()) == "rdma" and not rdma_devices():
+        raise MooncakeError("the seed serves RDMA but this host has no RDMA device; start the seed with "
+                            "MOONCAKE_PROTOCOL=tcp (or give this host a NIC)")
+    return chosen
+
+
+def nvlink_reaches(endpoint: Endpoint, device: torch.device) -> bool:
+    """Whether CUDA IPC from this process can read the seed GPU behind endpoint."""
+    if device.type != "cuda" or not supports_intra_nvlink():
+        return False
+    mine = host_identity(device)
+    if endpoint.host_id != mine["host_id"]:
+        return False
+    if endpoint.gpu_uuid is None:
+        return True
+    for index in range(torch.cuda.device_count()):
+        if str(getattr(torch.cuda.get_device_properties(index), "uuid", "")) == endpoint.gpu_uuid:
+            return index == device.index or torch.cuda.can_device_access_peer(device.index, index)
+    logger.info("seed GPU %s is not visible to this process; not using nvlink_intra", endpoint.gpu_uuid)
+    return False
+
+
+def _diagnose(ctx: ForkContext) -> str:
+    """Why the seed has no info for us, from its /get_server_info (empty when that cannot be learned)."""
+    try:
+        info = ctx.seed.request("diagnose", "GET", "/get_server_info", timeout=min(ctx.remaining(), 5.0))
+    except RemoteInstanceError:
+        return ""
+    if not isinstance(info, dict):
+        return ""
+    if info.get("remote_instance_weight_loader_start_seed_via_transfer_engine") is False:
+        return (f"The seed was not started with {SEED_FLAG}: restart it with that flag, "
+                "or fork with --remote-instance-weight-loader-backend nccl.")
+    if isinstance(info.get("tp_size"), int) and info["tp_size"] != ctx.tp_size:
+        return f"The seed runs --tp-size {info['tp_size']}, this client {ctx.tp_size}: they must match."
+    return (f"The seed's TP{ctx.tp_rank} has not published its weights; look for 'NOT a TransferEngine seed' "
+            "in the seed's log.")
