@@ -51,7 +51,7 @@ def run_client(seed_url: str, port: int) -> None:
     os._exit(3)
 
 
-def run_seed(model_dir: str, http_port: int) -> None:
+def run_seed(model_dir: str, http_port: int, refuse: bool = False) -> None:
     from sglang.srt.configs.load_config import LoadConfig
     from sglang.srt.configs.model_config import ModelConfig
     from sglang.srt.model_loader import get_model_loader
@@ -82,6 +82,13 @@ def run_seed(model_dir: str, http_port: int) -> None:
 
         def do_POST(self) -> None:
             body = json.loads(self.rfile.read(int(self.headers["content-length"])) or b"{}")
+            if self.path == "/init_weights_send_group_for_remote_instance" and refuse:
+                raw = json.dumps({"success": False, "message": "Failed to init group: simulated refusal."}).encode()
+                self.send_response(400)
+                self.send_header("content-length", str(len(raw)))
+                self.end_headers()
+                self.wfile.write(raw)
+                return
             if self.path == "/init_weights_send_group_for_remote_instance":
                 port = int(body["ports"])
                 groups["g"] = open_pair_group("127.0.0.1", port, 0, f"{body['group_name']}_{port}_0", CPU, 60)
@@ -96,4 +103,7 @@ def run_seed(model_dir: str, http_port: int) -> None:
 
 if __name__ == "__main__":
     role, target, port_arg = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    run_client(target, port_arg) if role == "client" else run_seed(target, port_arg)
+    if role == "client":
+        run_client(target, port_arg)
+    else:
+        run_seed(target, port_arg, refuse=role == "refuse")

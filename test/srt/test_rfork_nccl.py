@@ -243,10 +243,14 @@ def test_client_dying_mid_transfer_leaves_seed_serving(seed, model_dir, tmp_path
         kill_process_tree(client.pid)
 
 
-def test_seed_dying_mid_transfer_fails_client_within_timeout(model_dir, tmp_path):
+@pytest.mark.parametrize(
+    "role,expected,max_seconds",
+    [("seed", "failed at step 'transfer'", 60), ("refuse", "simulated refusal", 25)],
+)
+def test_misbehaving_seed_fails_client_quickly(model_dir, tmp_path, role, expected, max_seconds):
     fake_port = find_free_port()
     fake = subprocess.Popen(
-        [sys.executable, str(Path(__file__).with_name("rfork_misbehaving_peer.py")), "seed", model_dir, str(fake_port)],
+        [sys.executable, str(Path(__file__).with_name("rfork_misbehaving_peer.py")), role, model_dir, str(fake_port)],
     )
     try:
         deadline = time.monotonic() + 60
@@ -261,8 +265,8 @@ def test_seed_dying_mid_transfer_fails_client_within_timeout(model_dir, tmp_path
         args[args.index("--remote-instance-weight-loader-timeout") + 1] = "30"
         code, out, elapsed = _launch_expect_failure(["--model-path", client_dir, *args])
         assert code != 0
-        assert "failed at step 'transfer'" in out
-        assert elapsed < 60
+        assert expected in out
+        assert elapsed < max_seconds  # the fork timeout is 30 s: a refusal must not wait for it
     finally:
         kill_process_tree(fake.pid)
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from sglang.srt.distributed.parallel_state import broadcast_pyobj
+from sglang.srt.distributed.parallel_state import all_gather_pyobj, broadcast_pyobj
 from sglang.srt.model_loader.remote_instance_loader import (
     ForkContext,
     RemoteManifest,
@@ -42,6 +42,31 @@ class _Call(threading.Thread):
             raise TimeoutError("the seed did not answer in time")
         if self.error is not None:
             raise self.error
+
+
+def _agree_while(ctx: ForkContext, step: str, fn: Any, watched: _Call | None) -> None:
+    """Run fn while every client rank keeps polling the others, so a failure anywhere (a seed that refused
+    the request rank 0 sent, a rank that could not join) ends all ranks at once instead of at the timeout."""
+    worker = _Call(fn)
+    worker.start()
+    while True:
+        mine = worker.error
+        if mine is None and watched is not None and not watched.is_alive():
+            mine = watched.error
+        done = not worker.is_alive() and worker.error is None
+        states = all_gather_pyobj((done, None if mine is None else str(mine)))
+        if mine is not None:
+            raise mine
+        failed = [(rank, err) for rank, (_, err) in enumerate(states) if err]
+        if failed:
+            raise RemoteInstanceError(ctx.seed.name, step, f"TP{failed[0][0]} failed: {failed[0][1]}")
+        if all(d for d, _ in states):
+            return
+        if time.monotonic() > ctx.deadline:
+            raise RemoteInstanceError(
+                ctx.seed.name, step, "did not finish before --remote-instance-weight-loader-timeout"
+            )
+        time.sleep(0.05)
 
 
 @register_remote_backend("nccl")
@@ -110,7 +135,7 @@ class NcclBackend(RemoteWeightBackend):
                 init.result(ctx.remaining())
 
         try:
-            _agree(ctx, "init group", _run(join))
+            _agree_while(ctx, "init group", join, init if ctx.tp_rank == 0 else None)
         except Exception:
             if group is not None:
                 group.close()
@@ -137,7 +162,7 @@ class NcclBackend(RemoteWeightBackend):
             if ctx.tp_rank == 0:
                 send.result(ctx.remaining())
 
-        _agree(ctx, "transfer", _run(receive))
+        _agree_while(ctx, "transfer", receive, send if ctx.tp_rank == 0 else None)
         ctx.timings["transfer"] = time.perf_counter() - t
         return sum(x.numel() * x.element_size() for x in tensors)
 
