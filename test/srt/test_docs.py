@@ -9,6 +9,7 @@ temporary directory. The README's commands are run the same way.
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import os
 import re
@@ -53,6 +54,7 @@ ACTIONS = {
     "output",
     "log",
     "skip",
+    "request",
     "same-as-readme",
     "same-as-ci",
     "docs-build",
@@ -373,6 +375,19 @@ def test_troubleshooting_messages_are_in_the_source() -> None:
     assert all(fragments), "every row must start with a `message fragment`"
     missing = [m.group(1) for m in fragments if m.group(1) not in source]
     assert len(fragments) >= 10 and not missing, f"not in python/sglang any more: {missing}"
+
+
+def test_request_examples_match_the_request_models() -> None:
+    requests_shown = [b for b in all_blocks() if b.action == "request"]
+    assert requests_shown
+    for b in requests_shown:
+        module, name = b.args.rsplit(".", 1)
+        model = getattr(importlib.import_module(module), name)
+        body = json.loads(b.code)
+        unknown = set(body) - set(model.model_fields)
+        missing = {k for k, f in model.model_fields.items() if f.is_required()} - set(body)
+        assert not unknown and not missing, f"{b.where}: unknown fields {unknown}, missing {missing}"
+        model(**body)
 
 
 def test_diagrams_name_real_endpoints() -> None:
