@@ -5,8 +5,8 @@
 #   3. bench_serving against a server of that model at concurrency 1 and 32;
 #   4. bench_one_batch without CUDA graphs, to show what they buy.
 # Usage, from the repo root after `source .device/env.sh`:  OUT=<dir> benchmark/serving/run_h200_session.sh
-# Results: $OUT/*.json. FlashInfer kernels compiled by an earlier run, packed as .fi_aot/fi_aot.tar.xz* (the .so
-# files under FlashInfer's JIT cache), are reused instead of compiled again (about 80 s).
+# Results: $OUT/*.json (benchmark/results/ keeps the published ones). About 8 minutes on a fresh machine, of which
+# FlashInfer's JIT compilation (first pytest test) and four 8B model starts take most.
 set -u
 OUT=${OUT:?set OUT to the directory that receives the results}
 MODEL=/tmp/llama3-8b-shape
@@ -14,10 +14,6 @@ PORT=30000
 COMMON=(--model-path "$MODEL" --load-format dummy --dtype bfloat16)
 log() { echo "=== $(date +%T) $*"; }
 
-FI_AOT=$(python -c "import flashinfer.jit.env as e; print(e.FLASHINFER_AOT_DIR)")
-if ls .fi_aot/fi_aot.tar.xz* >/dev/null 2>&1; then
-    mkdir -p "$FI_AOT" && cat .fi_aot/fi_aot.tar.xz* | tar -C "$FI_AOT" -xJf - && log "reused compiled kernels"
-fi
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=csv
 python benchmark/serving/make_llama3_8b_dummy.py "$MODEL"
 

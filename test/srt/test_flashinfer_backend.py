@@ -103,9 +103,12 @@ def test_greedy_tokens_and_logits_match_torch_native(model_path, prompts, refere
         "max_abs_logit": scale,
     }
     print(f"flashinfer {'cuda_graph' if cuda_graph else 'eager'}: agreement {agree:.2f}, max |dlogit| {max_diff:.4f}")
-    assert agree >= 0.75, f"only {agree:.0%} of prompts decode the same {DECODE_STEPS} tokens as torch_native"
     # bf16 kernels differ in summation order only; a wrong mask or page index moves logits by their own size.
     assert max_diff < 0.05 * scale, f"max logit difference {max_diff} vs logits up to {scale}"
+    # This random model's greedy path is full of near-ties, so exact agreement measures bf16 noise: on one H200
+    # flashinfer agreed on 6 of 12 prompts (max |dlogit| 0.375), and on CPU torch_native with fp32-internal SDPA
+    # agrees with plain bf16 SDPA on 5 of 12 (max |dlogit| 0.375 too). A broken kernel agrees on almost none.
+    assert agree >= 1 / 3, f"only {agree:.0%} of prompts decode the same {DECODE_STEPS} tokens as torch_native"
 
 
 def test_chunked_prefill_over_cached_prefix_matches(model_path, prompts) -> None:
