@@ -95,7 +95,7 @@ def create_seed(
     model: torch.nn.Module, device: torch.device, tp_rank: int, host: str, checksums: dict[str, str]
 ) -> TransferEngineSeed:
     """Start one engine per servable transport, register the weights with each and build the info dict."""
-    tensors = [(name, t) for name, t in weight_tensors(model)]
+    tensors = weight_tensors(model)
     for name, t in tensors:
         if not t.is_contiguous():
             raise RuntimeError(f"parameter {name} is not contiguous; its bytes cannot be read as one range")
