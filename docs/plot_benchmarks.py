@@ -195,7 +195,8 @@ def _bar_chart(title: str, unit: str, numbers: dict[str, float], path: Path) -> 
     labels = list(numbers)
     fig, ax = plt.subplots(figsize=(7, 0.45 * len(labels) + 1.2), dpi=110)
     bars = ax.barh(range(len(labels)), [numbers[k] for k in labels], color="#1f4e79")
-    ax.bar_label(bars, fmt="%.3g", padding=3, fontsize=9)
+    values = [numbers[k] for k in labels]
+    ax.bar_label(bars, labels=[f"{v:.0f}" if abs(v) >= 100 else f"{v:.3g}" for v in values], padding=3, fontsize=9)
     ax.set_yticks(range(len(labels)), labels)
     ax.invert_yaxis()
     ax.set_xlabel(unit)
