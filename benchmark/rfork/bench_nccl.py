@@ -1,6 +1,6 @@
 """R-Fork NCCL backend on two GPUs: fork GB/s vs a raw NCCL broadcast of the same tensors, fork load time vs disk.
 
-    python benchmark/rfork/bench_nccl.py [--model-dir /tmp/llama8b] [--seed-gpu 0 --client-gpu 1]
+python benchmark/rfork/bench_nccl.py [--model-dir /tmp/llama8b] [--seed-gpu 0 --client-gpu 1]
 """
 
 from __future__ import annotations
@@ -60,11 +60,54 @@ def _raw_broadcast(rank: int, gpus: list[int], port: int, shapes: list, results:
     dist.destroy_process_group()
 
 
+def _transfer_engine_forks(client_dir: Path, seed_port: int, common: list[str], gpu: int, logs: Path) -> dict:
+    """Fork the same seed over Mooncake, transport chosen automatically and forced to TCP."""
+    out = {}
+    for label, protocol in (("auto", None), ("tcp", "tcp")):
+        env = dict(os.environ)
+        env.pop("MOONCAKE_PROTOCOL", None)
+        if protocol:
+            env["MOONCAKE_PROTOCOL"] = protocol
+        port = free_port()
+        args = [
+            *common,
+            "--base-gpu-id",
+            str(gpu),
+            "--load-format",
+            "remote_instance",
+            "--remote-instance-weight-loader-backend",
+            "transfer_engine",
+            "--remote-instance-weight-loader-seed-instance-ip",
+            "127.0.0.1",
+            "--remote-instance-weight-loader-seed-instance-service-port",
+            str(seed_port),
+        ]
+        try:
+            proc = launch(client_dir, port, args, logs / f"client_te_{label}.log", env=env)
+        except (RuntimeError, TimeoutError) as e:
+            out[label] = {"error": str(e)[-600:]}
+            continue
+        try:
+            info = server_info(port)
+            rep = info["fork_report"]
+            out[label] = {
+                "gbps": round(rep["gbps"], 1),
+                "steps_s": {k: round(v, 3) for k, v in rep["timings"].items()},
+                "weight_load_s": round(info["weight_load_seconds"], 2),
+                "transport": rep.get("transport"),
+            }
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model-dir", default="/tmp/llama8b")
     parser.add_argument("--seed-gpu", type=int, default=0)
     parser.add_argument("--client-gpu", type=int, default=1)
+    parser.add_argument("--with-transfer-engine", action="store_true", help="also fork over Mooncake (auto, tcp)")
     args = parser.parse_args()
     model_dir = ensure_checkpoint(Path(args.model_dir))
     shapes = _param_shapes(model_dir)
@@ -76,19 +119,39 @@ def main() -> None:
     common = ["--attention-backend", "torch_native", "--disable-cuda-graph", "--max-total-tokens", "65536"]
     logs = Path(os.environ.get("OUT", "/tmp"))
     seed_port, client_port = free_port(), free_port()
-    seed = launch(model_dir, seed_port, [*common, "--base-gpu-id", str(args.seed_gpu)], logs / "seed.log")
+    seed_args = [*common, "--base-gpu-id", str(args.seed_gpu)]
+    if args.with_transfer_engine:
+        seed_args += [
+            "--remote-instance-weight-loader-start-seed-via-transfer-engine",
+            "--engine-info-bootstrap-port",
+            str(free_port()),
+        ]
+    seed = launch(model_dir, seed_port, seed_args, logs / "seed.log")
     client = None
+    te_results = {}
     try:
         disk = server_info(seed_port)
         client_dir = weightless_copy(model_dir, Path("/tmp/llama8b-client"))
         fork_args = [
-            *common, "--base-gpu-id", str(args.client_gpu), "--load-format", "remote_instance",
-            "--remote-instance-weight-loader-seed-instance-ip", "127.0.0.1",
-            "--remote-instance-weight-loader-seed-instance-service-port", str(seed_port),
-            "--remote-instance-weight-loader-send-weights-group-ports", f"[{free_port()}]",
+            *common,
+            "--base-gpu-id",
+            str(args.client_gpu),
+            "--load-format",
+            "remote_instance",
+            "--remote-instance-weight-loader-seed-instance-ip",
+            "127.0.0.1",
+            "--remote-instance-weight-loader-seed-instance-service-port",
+            str(seed_port),
+            "--remote-instance-weight-loader-send-weights-group-ports",
+            f"[{free_port()}]",
         ]
         client = launch(client_dir, client_port, fork_args, logs / "client.log")
         forked = server_info(client_port)
+        client.terminate()
+        client.wait(30)
+        client = None
+        if args.with_transfer_engine:
+            te_results = _transfer_engine_forks(client_dir, seed_port, common, args.client_gpu, logs)
     finally:
         for proc in (client, seed):
             if proc is not None:
@@ -110,6 +173,7 @@ def main() -> None:
             "disk_weight_load_s": round(disk["weight_load_seconds"], 2),
             "disk_page_cache_dropped": cold,
             "fork_speedup_vs_disk": round(disk["weight_load_seconds"] / forked["weight_load_seconds"], 2),
+            "transfer_engine": te_results,
         },
         "rfork_nccl_h200x2.json",
     )

@@ -64,14 +64,19 @@ def ensure_checkpoint(out: Path, shape: dict | None = None, device: str = "cuda"
     shard["model.embed_tokens.weight"] = rand(v, h)
     for i in range(shape["num_hidden_layers"]):
         p = f"model.layers.{i}."
-        shard.update({
-            p + "self_attn.q_proj.weight": rand(h, h), p + "self_attn.k_proj.weight": rand(kv, h),
-            p + "self_attn.v_proj.weight": rand(kv, h), p + "self_attn.o_proj.weight": rand(h, h),
-            p + "mlp.gate_proj.weight": rand(inter, h), p + "mlp.up_proj.weight": rand(inter, h),
-            p + "mlp.down_proj.weight": rand(h, inter),
-            p + "input_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
-            p + "post_attention_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
-        })
+        shard.update(
+            {
+                p + "self_attn.q_proj.weight": rand(h, h),
+                p + "self_attn.k_proj.weight": rand(kv, h),
+                p + "self_attn.v_proj.weight": rand(kv, h),
+                p + "self_attn.o_proj.weight": rand(h, h),
+                p + "mlp.gate_proj.weight": rand(inter, h),
+                p + "mlp.up_proj.weight": rand(inter, h),
+                p + "mlp.down_proj.weight": rand(h, inter),
+                p + "input_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
+                p + "post_attention_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
+            }
+        )
         if i % 4 == 3:
             flush()
     shard["model.norm.weight"] = torch.ones(h, dtype=torch.bfloat16)
@@ -104,10 +109,12 @@ def drop_page_cache() -> bool:
         return False
 
 
-def launch(model_dir: Path, port: int, args: list[str], log: Path, timeout: float = 900) -> subprocess.Popen:
+def launch(
+    model_dir: Path, port: int, args: list[str], log: Path, timeout: float = 900, env: dict | None = None
+) -> subprocess.Popen:
     """Start a server and wait for /health; raises with the log tail if it dies."""
     cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_dir), "--port", str(port), *args]
-    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:

@@ -68,7 +68,7 @@ def launch_engine(server_args: ServerArgs) -> EngineHandle:
     if server_args.remote_instance_weight_loader_start_seed_via_transfer_engine and server_args.node_rank == 0:
         from sglang.srt.remote_instance.bootstrap_server import start_bootstrap_server
 
-        start_bootstrap_server(server_args.host, server_args.engine_info_bootstrap_port)
+        start_bootstrap_server(server_args.host, server_args.engine_info_bootstrap_port, server_args.api_key)
     port_args = PortArgs.init_new(server_args)
     ctx = mp.get_context("spawn")
     procs, pipes = [], []

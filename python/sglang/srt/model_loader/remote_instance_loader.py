@@ -124,7 +124,9 @@ class RemoteInstanceModelLoader(BaseModelLoader):
         _step(ctx, "manifest", t)
 
         t = time.perf_counter()
-        nbytes = backend.transfer(model, ctx)
+        moved: list[int] = []
+        _agree(ctx, "transfer", _run(lambda: moved.append(backend.transfer(model, ctx))))
+        nbytes = moved[0]
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         # Backends with a setup phase record the pure data movement as "transfer" themselves.
