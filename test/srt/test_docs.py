@@ -448,7 +448,30 @@ def sandbox(tmp_path: Path):
     box.close()
 
 
-def test_docs_examples_run(sandbox: Sandbox) -> None:
+@pytest.fixture(scope="module")
+def readme_demo(tmp_path_factory: pytest.TempPathFactory):
+    """The README's main command (after its installation part), started in the background.
+
+    The docs' examples ask for it too, so that it runs alongside them: both mostly wait on processes
+    starting up, and two cores serve both in little more than the time of one.
+    """
+    demo = readme_code_blocks()[0].strip().rsplit(" && ", 1)[1]
+    assert demo.startswith("python -m sglang.tools.rfork_demo"), demo
+    tmp = tmp_path_factory.mktemp("demo")
+    with open(tmp / "demo.log", "w") as log:
+        proc = subprocess.Popen(
+            ["bash", "-c", demo],
+            cwd=ROOT,
+            env=Sandbox(tmp).env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    yield proc, tmp / "demo.log"
+    kill_process_tree(proc.pid)
+
+
+def test_docs_examples_run(sandbox: Sandbox, readme_demo) -> None:
     skipped = run_examples(all_blocks(), sandbox)
     expected_skips = [s for s in skipped if "Mooncake" not in s]
     assert len(expected_skips) <= 5, f"more examples are skipped than before: {expected_skips}"
@@ -457,20 +480,19 @@ def test_docs_examples_run(sandbox: Sandbox) -> None:
             warnings.warn(f"docs example not run: {reason}", stacklevel=1)
 
 
-def test_readme_examples_run(sandbox: Sandbox, tiny_model_dir) -> None:
-    install_and_demo, _tests, fork = readme_code_blocks()[:3]
-    # The first command installs, then runs the demo: run the part after the installation.
-    demo = install_and_demo.strip().rsplit(" && ", 1)[1]
-    assert demo.startswith("python -m sglang.tools.rfork_demo"), demo
-    result = sandbox.run(demo, timeout=600)
-    assert result.returncode == 0 and "Every weight matched" in result.stdout, result.stdout + result.stderr
-    # The five-line fork: the seed in the background, then the client; with a tiny model at the README's paths.
-    model = Path(tiny_model_dir("llama"))
-    client = sandbox.tmp / "llama-config-only"
-    client.mkdir()
+def test_readme_examples_run(sandbox: Sandbox, tiny_model_dir, readme_demo) -> None:
+    proc, log = readme_demo
+    proc.wait(timeout=600)
+    assert proc.returncode == 0 and "Every weight matched" in log.read_text(), log.read_text()[-6000:]
+    fork = readme_code_blocks()[2]
+    # The five-line fork: the seed in the background, then the client; a tiny model stands in for the
+    # README's /models/llama (under /tmp/, which the sandbox maps to its own directory).
+    model = sandbox.tmp / "llama"
+    shutil.copytree(tiny_model_dir("llama"), model)
+    (sandbox.tmp / "llama-config-only").mkdir()
     for f in model.glob("*.json"):
-        shutil.copy(f, client / f.name)
-    fork = fork.replace("/models/llama-config-only", str(client)).replace("/models/llama", str(model))
+        shutil.copy(f, sandbox.tmp / "llama-config-only" / f.name)
+    fork = fork.replace("/models/", "/tmp/")
     commands = [re.sub(r"\s+#.*$", "", c).strip() for c in fork.replace("\\\n", " ").splitlines() if c.strip()]
     assert len(commands) == 2 and commands[0].endswith("&"), commands
     sandbox.start_server(commands[0].rstrip("&").replace("10.0.0.1", "127.0.0.1"), "README seed")
