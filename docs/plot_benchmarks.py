@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 REQUIRED = ("command", "machine", "date")
-META = (*REQUIRED, "benchmark", "description", "notes")
+META = (*REQUIRED, "benchmark", "description", "notes", "note")
 # Key suffix -> axis label (longest suffixes first). Numbers that share a unit are drawn in one chart.
 UNITS = {
     "_gb_per_s": "GB/s",
@@ -60,7 +60,9 @@ def render(results: list[tuple[str, dict[str, Any]]], out: Path, link_prefix: st
 
 
 def unit_of(key: str) -> str | None:
-    """The unit a key's suffix names, or None."""
+    """The unit a key's suffix names, or None (also for ratios such as `fork_s_vs_disk_s`)."""
+    if "_vs_" in key:
+        return None
     for suffix, unit in UNITS.items():
         if key.endswith(suffix):
             return unit
@@ -104,7 +106,7 @@ def _is_number(value: Any) -> bool:
 
 def _render_one(stem: str, data: dict[str, Any], out: Path, link_prefix: str) -> str:
     lines = [f"## {data.get('benchmark', stem)}", ""]
-    for key in ("description", "notes"):
+    for key in ("description", "notes", "note"):
         if data.get(key):
             lines += [_escape(str(data[key])), ""]
     lines += [
