@@ -64,6 +64,8 @@ ACTIONS = {
 # Ports the examples use: HTTP ports 300xx, group ports 600xx, bootstrap ports 678x/679x.
 EXAMPLE_PORT = re.compile(r"(?<![\d.])(300\d\d|600\d\d|67[89]\d)(?!\d)")
 MARKER = re.compile(r"^% doc-test: (\S+)\s*(.*)$")
+# Examples that cannot run in CI (CUDA, the GPU machine, network installs); a new one must be justified here.
+MAX_SKIPPED = 5
 SERVER_TIMEOUT = 300
 RUN_TIMEOUT = 180
 
@@ -270,8 +272,8 @@ def run_examples(blocks: list[Block], box: Sandbox) -> list[str]:
             if b.option("contains") is not None:
                 assert b.option("contains") in result.stdout, f"{b.where}: output lacks {b.option('contains')!r}"
             if b.has_flag("same-lines"):
-                lines = result.stdout.split()
-                assert len(set(result.stdout.splitlines())) == 1 and lines, f"{b.where}: lines differ:\n{result.stdout}"
+                lines = result.stdout.splitlines()
+                assert len(lines) >= 2 and len(set(lines)) == 1, f"{b.where}: lines differ:\n{result.stdout}"
             box.refresh_log()
         elif b.action == "fails":
             result = box.run(b.code)
@@ -475,8 +477,8 @@ def readme_demo(tmp_path_factory: pytest.TempPathFactory):
 
 def test_docs_examples_run(sandbox: Sandbox, readme_demo) -> None:
     skipped = run_examples(all_blocks(), sandbox)
-    expected_skips = [s for s in skipped if "Mooncake" not in s]
-    assert len(expected_skips) <= 5, f"more examples are skipped than before: {expected_skips}"
+    marked_skip = [s for s in skipped if "Mooncake" not in s]
+    assert len(marked_skip) <= MAX_SKIPPED, f"more examples are skipped than before: {marked_skip}"
     for reason in skipped:
         if "Mooncake" in reason:
             warnings.warn(f"docs example not run: {reason}", stacklevel=1)
