@@ -22,11 +22,11 @@ from common import (  # noqa: E402
     launch,
     server_info,
     stamp,
-    weightless_copy,
     write_result,
 )
 
 from sglang.srt.server_args import free_port  # noqa: E402
+from sglang.test.test_utils import config_only_copy  # noqa: E402
 
 
 def _param_shapes(model_dir: Path) -> list[tuple[tuple[int, ...], torch.dtype]]:
@@ -131,7 +131,7 @@ def main() -> None:
     te_results = {}
     try:
         disk = server_info(seed_port)
-        client_dir = weightless_copy(model_dir, Path("/tmp/llama8b-client"))
+        client_dir = Path(config_only_copy(model_dir, "/tmp/llama8b-client"))
         fork_args = [
             *common,
             "--base-gpu-id",

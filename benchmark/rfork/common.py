@@ -90,15 +90,6 @@ def ensure_checkpoint(out: Path, shape: dict | None = None, device: str = "cuda"
     return out
 
 
-def weightless_copy(model_dir: Path, dest: Path) -> Path:
-    """Config and tokenizer only."""
-    dest.mkdir(parents=True, exist_ok=True)
-    for f in model_dir.iterdir():
-        if f.suffix != ".safetensors" and not f.name.endswith(".index.json"):
-            shutil.copy(f, dest / f.name)
-    return dest
-
-
 def drop_page_cache() -> bool:
     """Try to empty the OS page cache so a disk load is cold; False where we may not."""
     try:

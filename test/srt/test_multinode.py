@@ -43,10 +43,13 @@ def test_two_node_launch_matches_hf_and_stops_together(tiny_model_dir):
         )
         assert r.json()["output_ids"] == hf_greedy(model, [prompt], 16)[0]
         # Node 0 going away takes node 1 down too: no orphaned rank keeps its GPU.
+        ranks = psutil.Process(node1.pid).children(recursive=True)
+        assert ranks, "node 1 should run its TP rank in a child process"
         kill_process_tree(node0.pid)
         node0 = None
         node1.wait(timeout=60)
-        assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in psutil.Process().children(True))
+        _, alive = psutil.wait_procs(ranks, timeout=10)
+        assert not alive, f"node 1 left processes behind: {alive}"
     finally:
         for proc in (node0, node1):
             if proc is not None:

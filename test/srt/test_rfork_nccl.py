@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 import time
@@ -12,19 +11,10 @@ import pytest
 import requests
 
 import sglang
-from sglang.test.test_utils import find_free_port, kill_process_tree, popen_launch_server
+from sglang.test.test_utils import config_only_copy, find_free_port, kill_process_tree, popen_launch_server
 
 GREEDY = {"temperature": 0, "max_new_tokens": 16, "ignore_eos": True}
 PROMPT = "The seed and the client should agree on"
-
-
-def _no_weights_copy(model_dir: str, dest: Path) -> str:
-    """A model dir with config and tokenizer only: what a new node without the checkpoint has."""
-    dest.mkdir(parents=True, exist_ok=True)
-    for f in Path(model_dir).iterdir():
-        if f.suffix != ".safetensors" and not f.name.endswith(".index.json"):
-            shutil.copy(f, dest / f.name)
-    return str(dest)
 
 
 def _fork_args(seed_url: str, ports: list[int], *extra: str) -> list[str]:
@@ -74,7 +64,7 @@ def seed(model_dir):
 
 
 def _launch_client(model_dir: str, tmp_path: Path, seed_url: str, *extra: str, tp: int = 1):
-    client_dir = _no_weights_copy(model_dir, tmp_path / "client_model")
+    client_dir = config_only_copy(model_dir, tmp_path / "client_model")
     return popen_launch_server(
         client_dir, other_args=[*_fork_args(seed_url, _free_ports(tp)), "--tp-size", str(tp), *extra]
     )
@@ -118,7 +108,7 @@ def test_fork_tp2_server_mode(tiny_model_dir, tmp_path):
 
 
 def test_fork_engine_mode(seed, model_dir, tmp_path):
-    client_dir = _no_weights_copy(model_dir, tmp_path / "engine_client")
+    client_dir = config_only_copy(model_dir, tmp_path / "engine_client")
     with sglang.Engine(
         model_path=client_dir,
         load_format="remote_instance",
@@ -144,7 +134,7 @@ def _launch_expect_failure(args: list[str], timeout: float = 90) -> tuple[int, s
 
 
 def test_unreachable_seed_fails_fast(model_dir, tmp_path):
-    client_dir = _no_weights_copy(model_dir, tmp_path / "m")
+    client_dir = config_only_copy(model_dir, tmp_path / "m")
     dead = f"http://127.0.0.1:{find_free_port()}"
     code, out, _ = _launch_expect_failure(["--model-path", client_dir, *_fork_args(dead, [find_free_port()])])
     assert code != 0
@@ -156,7 +146,7 @@ def test_unreachable_seed_fails_fast(model_dir, tmp_path):
     [({"num_layers": 3}, [], "missing on the seed"), ({}, ["--dtype", "bfloat16"], "dtype float32 on the seed")],
 )
 def test_mismatched_client_is_refused_before_any_group(seed, tiny_model_dir, tmp_path, options, extra, expected):
-    client_dir = _no_weights_copy(tiny_model_dir("llama", **options), tmp_path / "m")
+    client_dir = config_only_copy(tiny_model_dir("llama", **options), tmp_path / "m")
     code, out, _ = _launch_expect_failure(
         ["--model-path", client_dir, *_fork_args(seed.base_url, [find_free_port()]), *extra]
     )
@@ -166,7 +156,7 @@ def test_mismatched_client_is_refused_before_any_group(seed, tiny_model_dir, tmp
 
 
 def test_ports_of_wrong_length_are_rejected(model_dir, tmp_path):
-    client_dir = _no_weights_copy(model_dir, tmp_path / "m")
+    client_dir = config_only_copy(model_dir, tmp_path / "m")
     code, out, elapsed = _launch_expect_failure(
         ["--model-path", client_dir, *_fork_args("http://127.0.0.1:1", [find_free_port(), find_free_port()])]
     )
@@ -180,7 +170,7 @@ def test_busy_seed_answers_409_then_client_succeeds(seed, model_dir, tmp_path):
     assert lease.status_code == 200
     again = requests.post(f"{seed.base_url}/remote_instance_fork_lease", json={"ports": str(find_free_port())})
     assert again.status_code == 409 and "in progress" in again.json()["message"]
-    client_dir = _no_weights_copy(model_dir, tmp_path / "m")
+    client_dir = config_only_copy(model_dir, tmp_path / "m")
     port = find_free_port()
     proc = subprocess.Popen(
         [
@@ -260,7 +250,7 @@ def test_misbehaving_seed_fails_client_quickly(model_dir, tmp_path, role, expect
                 break
             except requests.ConnectionError:
                 time.sleep(0.3)
-        client_dir = _no_weights_copy(model_dir, tmp_path / "m")
+        client_dir = config_only_copy(model_dir, tmp_path / "m")
         args = _fork_args(f"http://127.0.0.1:{fake_port}", [find_free_port()])
         args[args.index("--remote-instance-weight-loader-timeout") + 1] = "30"
         code, out, elapsed = _launch_expect_failure(["--model-path", client_dir, *args])
@@ -274,7 +264,7 @@ def test_misbehaving_seed_fails_client_quickly(model_dir, tmp_path, role, expect
 def test_keyed_seed_requires_the_key(model_dir, tmp_path):
     seed = popen_launch_server(model_dir, other_args=["--api-key", "seed-secret"])
     try:
-        client_dir = _no_weights_copy(model_dir, tmp_path / "m")
+        client_dir = config_only_copy(model_dir, tmp_path / "m")
         fork = _fork_args(seed.base_url, [find_free_port()])
         code, out, _ = _launch_expect_failure(
             ["--model-path", client_dir, *fork, "--remote-instance-weight-loader-seed-api-key", "wrong"]

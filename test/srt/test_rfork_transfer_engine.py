@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -18,7 +17,7 @@ import requests
 
 import sglang
 from sglang.srt.remote_instance.mooncake_guard import mooncake_available
-from sglang.test.test_utils import find_free_port, kill_process_tree, popen_launch_server
+from sglang.test.test_utils import config_only_copy, find_free_port, kill_process_tree, popen_launch_server
 
 pytestmark = pytest.mark.skipif(not mooncake_available(), reason="mooncake-transfer-engine is not installed")
 
@@ -26,15 +25,6 @@ GREEDY = {"temperature": 0, "max_new_tokens": 16, "ignore_eos": True}
 PROMPT = "The seed and the client should agree on"
 ENV = {"MC_LOG_LEVEL": "WARNING"}
 SMALL_KV = ["--max-total-tokens", "4096"]
-
-
-def weightless_copy(model_dir: str, dest: Path) -> str:
-    """Config and tokenizer only: what a new node without the checkpoint has."""
-    dest.mkdir(parents=True, exist_ok=True)
-    for f in Path(model_dir).iterdir():
-        if f.suffix not in (".safetensors", ".bin") and not f.name.endswith(".index.json"):
-            shutil.copy(f, dest / f.name)
-    return str(dest)
 
 
 def seed_args(*extra: str) -> list[str]:
@@ -101,7 +91,7 @@ def test_seed_logs_ports_and_registration(seed):
 
 def test_tp1_server_bitwise_greedy_then_chain_in_engine_mode(seed, model_dir, tmp_path):
     client1 = popen_launch_server(
-        weightless_copy(model_dir, tmp_path / "c1"), other_args=client_args(seed.base_url, *seed_args()), env=ENV
+        config_only_copy(model_dir, tmp_path / "c1"), other_args=client_args(seed.base_url, *seed_args()), env=ENV
     )
     try:
         expected = checksums(seed.base_url, 1)
@@ -113,7 +103,7 @@ def test_tp1_server_bitwise_greedy_then_chain_in_engine_mode(seed, model_dir, tm
         # client1 forked, and now serves as a seed: seed -> client1 -> client2 (offline Engine).
         assert "published to http://127.0.0.1:" in log
         with sglang.Engine(
-            model_path=weightless_copy(model_dir, tmp_path / "c2"),
+            model_path=config_only_copy(model_dir, tmp_path / "c2"),
             load_format="remote_instance",
             remote_instance_weight_loader_backend="transfer_engine",
             remote_instance_weight_loader_seed_instance_ip="127.0.0.1",
@@ -137,7 +127,7 @@ def test_tp2_server(tiny_model_dir, tmp_path):
     seed2 = popen_launch_server(model_dir, other_args=seed_args("--tp-size", "2"), env=ENV)
     try:
         client = popen_launch_server(
-            weightless_copy(model_dir, tmp_path / "c"), other_args=client_args(seed2.base_url, "--tp-size", "2"),
+            config_only_copy(model_dir, tmp_path / "c"), other_args=client_args(seed2.base_url, "--tp-size", "2"),
             env=ENV,
         )
         try:
@@ -182,7 +172,7 @@ def test_two_clients_at_once_while_seed_streams(seed, model_dir, tmp_path):
     while not streamer.outputs and not streamer.errors:
         time.sleep(0.05)
     started = time.monotonic()
-    dirs = [weightless_copy(model_dir, tmp_path / f"c{i}") for i in range(2)]
+    dirs = [config_only_copy(model_dir, tmp_path / f"c{i}") for i in range(2)]
     with ThreadPoolExecutor(2) as pool:
         futures = [pool.submit(popen_launch_server, d, None, 300, client_args(seed.base_url), ENV) for d in dirs]
         clients = [f.result() for f in futures]
@@ -213,13 +203,13 @@ def fork_failure(model_dir: str, seed_url: str, *extra: str) -> tuple[str, float
 
 def test_unreachable_seed(model_dir, tmp_path):
     dead = f"http://127.0.0.1:{find_free_port()}"
-    report, seconds = fork_failure(weightless_copy(model_dir, tmp_path / "c"), dead)
+    report, seconds = fork_failure(config_only_copy(model_dir, tmp_path / "c"), dead)
     assert f"R-Fork from seed {dead[7:]} failed at step 'manifest'" in report
     assert "cannot reach the seed's HTTP server" in report and seconds < 60
 
 
 def test_mismatched_model(seed, tiny_model_dir, tmp_path):
-    other = weightless_copy(tiny_model_dir("llama", hidden_size=32), tmp_path / "c")
+    other = config_only_copy(tiny_model_dir("llama", hidden_size=32), tmp_path / "c")
     report, seconds = fork_failure(other, seed.base_url)
     assert "failed at step 'manifest'" in report and "holds a different model" in report
     assert "shape" in report and seconds < 60
@@ -233,12 +223,12 @@ def test_seed_hung_then_killed_during_transfer(model_dir, tmp_path):
         for proc in ranks:
             proc.suspend()
         # Hung seed: the client's Mooncake handshake stalls (Mooncake's own limit is ~60 s); ours is 5 s.
-        report, seconds = fork_failure(weightless_copy(model_dir, tmp_path / "c1"), victim.base_url,
+        report, seconds = fork_failure(config_only_copy(model_dir, tmp_path / "c1"), victim.base_url,
                                        "--remote-instance-weight-loader-timeout", "5")
         assert "failed at step 'transfer'" in report and "hung or unreachable" in report and seconds < 45
         # Killed seed: kill it once the next client is inside its transfer step.
         log = tmp_path / "client.log"
-        client = spawn_server(weightless_copy(model_dir, tmp_path / "c2"), client_args(victim.base_url), log)
+        client = spawn_server(config_only_copy(model_dir, tmp_path / "c2"), client_args(victim.base_url), log)
         deadline = time.monotonic() + 120
         while "reading 15 tensors" not in log.read_text(errors="replace") and client.poll() is None:
             assert time.monotonic() < deadline, log.read_text()

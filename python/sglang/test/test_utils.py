@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -17,6 +18,7 @@ from sglang.srt.utils import kill_process_tree
 
 __all__ = [
     "DEFAULT_TIMEOUT",
+    "config_only_copy",
     "find_free_port",
     "kill_process_tree",
     "popen_launch_server",
@@ -41,6 +43,16 @@ def tiny_model(arch: str = "llama", **options: object) -> str:
     root = Path(os.environ.get("SGLANG_TINY_MODEL_DIR", Path(tempfile.gettempdir()) / "sglang_tiny_models"))
     suffix = "".join(f"-{key}={value}" for key, value in sorted(options.items()))
     return str(ensure_tiny_model(arch, root / f"{arch}{suffix}", **options))
+
+
+def config_only_copy(model_dir: str | Path, dest: str | Path) -> str:
+    """Copy a model dir without its weight files: what a new node that forks its weights has."""
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in Path(model_dir).iterdir():
+        if f.is_file() and f.suffix not in (".safetensors", ".bin", ".pt") and not f.name.endswith(".index.json"):
+            shutil.copy(f, dest / f.name)
+    return str(dest)
 
 
 def popen_launch_server(

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import shutil
 import sys
 import tempfile
 import time
@@ -16,19 +15,10 @@ from pathlib import Path
 
 import requests
 
-from sglang.test.test_utils import find_free_port, kill_process_tree, popen_launch_server
+from sglang.test.test_utils import config_only_copy, find_free_port, kill_process_tree, popen_launch_server
 from sglang.tools.make_tiny_model import ensure_tiny_model
 
 QUESTION = "What is the capital of France?"
-
-
-def _weightless_copy(model_dir: Path, dest: Path) -> Path:
-    """Config and tokenizer only: the client node has no checkpoint."""
-    dest.mkdir(parents=True, exist_ok=True)
-    for f in model_dir.iterdir():
-        if f.is_file() and f.suffix not in (".safetensors", ".bin", ".pt") and not f.name.endswith(".index.json"):
-            shutil.copy(f, dest / f.name)
-    return dest
 
 
 def _ask(url: str) -> str:
@@ -71,7 +61,7 @@ def run_backend(backend: str, model_dir: Path, work: Path, tp_size: int) -> dict
     client = None
     try:
         seed_ready = time.perf_counter() - started
-        client_dir = _weightless_copy(model_dir, work / f"client-{backend}")
+        client_dir = config_only_copy(model_dir, work / f"client-{backend}")
         port = seed.base_url.rsplit(":", 1)[1]
         client_args = [
             "--tp-size", str(tp_size),
