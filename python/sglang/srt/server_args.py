@@ -87,7 +87,8 @@ class ServerArgs:
     )
     engine_info_bootstrap_port: int = _opt("R-Fork: port of the TransferEngine info bootstrap server.", default=6789)
     remote_instance_weight_loader_timeout: float = _opt(
-        "R-Fork (ours): seconds any single fork step may take before it fails.", default=120.0
+        "R-Fork (ours): seconds a whole fork may take; every wait inside it is bounded by this deadline.",
+        default=120.0,
     )
     remote_instance_weight_loader_seed_api_key: str | None = _opt(
         "R-Fork (ours): API key sent to the seed; defaults to --api-key."
