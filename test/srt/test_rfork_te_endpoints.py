@@ -8,13 +8,12 @@ import re
 
 import pytest
 import requests
-from test_rfork_transfer_engine import weightless_copy
 
 import sglang
 from sglang.srt.remote_instance.bootstrap_server import start_bootstrap_server
 from sglang.srt.remote_instance.mooncake_guard import mooncake_available
 from sglang.srt.server_args import ServerArgs, ServerArgsError
-from sglang.test.test_utils import find_free_port, kill_process_tree, popen_launch_server
+from sglang.test.test_utils import config_only_copy, find_free_port, kill_process_tree, popen_launch_server
 
 KEY = "rfork-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -86,7 +85,7 @@ def test_incomplete_flags_fall_back_loudly_or_refuse(tiny_model_dir, tmp_path, c
     assert args.load_format == "auto"
     assert "--remote-instance-weight-loader-seed-instance-service-port" in caplog.text
     with pytest.raises(ServerArgsError, match="no weight files"):
-        ServerArgs(model_path=weightless_copy(model_dir, tmp_path / "nw"), **flags)
+        ServerArgs(model_path=config_only_copy(model_dir, tmp_path / "nw"), **flags)
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +144,7 @@ def test_client_sends_the_seed_key(keyed_seed, tiny_model_dir, tmp_path):
     model_dir = tiny_model_dir("llama")
     expected = requests.get(f"{keyed_seed.base_url}/remote_instance_weight_manifest", params={"rank": 0},
                             headers=AUTH, timeout=10).json()["checksums"]
-    with _engine_client(weightless_copy(model_dir, tmp_path / "c"), keyed_seed.base_url,
+    with _engine_client(config_only_copy(model_dir, tmp_path / "c"), keyed_seed.base_url,
                         remote_instance_weight_loader_seed_api_key=KEY) as engine:
         assert engine.rpc("remote_instance_weight_manifest")[0]["checksums"] == expected
 
@@ -158,6 +157,6 @@ def test_seed_without_the_seed_flag(tiny_model_dir, tmp_path):
         resp = requests.get(f"{plain.base_url}{INFO}", params={"rank": 0}, timeout=10)
         assert (resp.status_code, resp.json()) == (400, failed(0))
         with pytest.raises(RuntimeError, match="not started with --remote-instance-weight-loader-start-seed-via-tr"):
-            _engine_client(weightless_copy(model_dir, tmp_path / "c"), plain.base_url)
+            _engine_client(config_only_copy(model_dir, tmp_path / "c"), plain.base_url)
     finally:
         kill_process_tree(plain.pid)
