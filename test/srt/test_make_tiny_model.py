@@ -10,6 +10,8 @@ import pytest
 import torch
 import transformers
 from safetensors import safe_open
+from tokenizers import Tokenizer
+
 from sglang.tools.make_tiny_model import (
     EOS_TOKEN_ID,
     SPECIAL_TOKENS,
@@ -18,7 +20,6 @@ from sglang.tools.make_tiny_model import (
     make_tiny_model,
     parse_size,
 )
-from tokenizers import Tokenizer
 
 ARCHES = ("llama", "qwen2", "qwen3")
 UNICODE_TEXT = "Hello, wörld! naïve café — 你好, мир 🙂\n\tdef f(x):  return x ** 2"

@@ -11,13 +11,14 @@ from typing import Any
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
+
 from sglang.srt.configs.load_config import LoadConfig, LoadFormat
 from sglang.srt.configs.model_config import ModelConfig, ModelConfigError
 from sglang.srt.model_loader import get_model_loader
 from sglang.srt.model_loader.weight_utils import WeightFilesNotFoundError, WeightLoadingError
 from sglang.test.hf_reference import hf_greedy
 from sglang.test.model_harness import ModelHarness, run_tp_ranks
-from transformers import AutoModelForCausalLM
 
 PROMPTS = [[7], [3, 141, 59, 26, 5], [271, 82, 81, 8, 28, 18, 28, 4, 59, 0, 45, 23], list(range(100, 123))]
 NEW_TOKENS = 32
