@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 import sglang
@@ -133,6 +135,18 @@ def test_streaming_is_cumulative(engine):
     assert chunks[-1]["output_ids"] == final["output_ids"]
     lengths = [len(c["output_ids"]) for c in chunks]
     assert lengths == sorted(lengths) and len(chunks) > 1
+
+
+def test_slow_stream_consumer_gets_every_token(engine):
+    # Outputs that arrive while the consumer holds a chunk must still be delivered, the last one included.
+    params = {"temperature": 0, "max_new_tokens": 24, "ignore_eos": True}
+    final = engine.generate("Slow reader", params)
+    chunks = []
+    for chunk in engine.generate("Slow reader", params, stream=True):
+        chunks.append(chunk)
+        time.sleep(0.05)
+    assert chunks[-1]["output_ids"] == final["output_ids"]
+    assert chunks[-1]["meta_info"]["finish_reason"] is not None
 
 
 def test_bad_requests_name_the_problem(engine):

@@ -147,15 +147,19 @@ class TokenizerManager:
                 await state.event.wait()
                 state.event.clear()
                 outs, state.pending = state.pending, []
-                if stream:
-                    for out in outs:
-                        yield out
-                if state.finished:
+                # Decide from what was taken, not from state.finished: while we were suspended in a yield
+                # more outputs (the final one among them) may have arrived and wait in state.pending.
+                done = bool(outs) and outs[-1]["meta_info"]["finish_reason"] is not None
+                if done:
                     # Forget the request before handing out the last answer: a caller that stops iterating
                     # here must not leave its state behind.
                     self.rid_to_state.pop(req.rid, None)
-                    if not stream:
-                        yield outs[-1]
+                if stream:
+                    for out in outs:
+                        yield out
+                elif done:
+                    yield outs[-1]
+                if done:
                     return
         finally:
             if not state.finished:
