@@ -160,3 +160,17 @@ def test_bad_requests_name_the_problem(engine):
         engine.generate(input_ids=[1] * 5000, sampling_params={"max_new_tokens": 1})
     with pytest.raises(ValueError, match="vocabulary"):
         engine.generate(input_ids=[10**9], sampling_params={"max_new_tokens": 1})
+
+
+
+def test_huge_weight_reads_need_truncate_size(tiny_model_dir):
+    from sglang.srt.managers.scheduler_rpc import MAX_WEIGHT_ELEMENTS
+
+    # A 270k-row embedding (17M elements) is past the limit; a whole-tensor read of it is refused, not served.
+    path = tiny_model_dir("llama", vocab_size=270_000, tie_word_embeddings=True, num_layers=1)
+    with sglang.Engine(model_path=path, max_total_tokens=1024) as eng:
+        assert MAX_WEIGHT_ELEMENTS < 270_000 * 64
+        with pytest.raises(RuntimeError, match="pass truncate_size"):
+            eng.get_weights_by_name("model.embed_tokens.weight")
+        assert len(eng.get_weights_by_name("model.embed_tokens.weight", truncate_size=7)) == 7
+        assert eng.generate("still serving", {"max_new_tokens": 2})["meta_info"]["completion_tokens"] == 2

@@ -12,6 +12,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 RpcHandler = Callable[..., Any]
+# Largest parameter /get_weights_by_name returns without truncate_size (as JSON, about 20 bytes per element).
+MAX_WEIGHT_ELEMENTS = 1 << 24
 RPC_HANDLERS: dict[str, RpcHandler] = {}
 
 
@@ -62,7 +64,14 @@ def _get_weights_by_name(scheduler: Scheduler, name: str, truncate_size: int | N
     params = dict(scheduler.runner.model.named_parameters())
     if name not in params:
         raise KeyError(f"no parameter named {name!r}; see /get_model_info for the model's parameters")
-    tensor = params[name].detach().float().cpu()
+    param = params[name]
+    if truncate_size is None and param.numel() > MAX_WEIGHT_ELEMENTS:
+        # A full 128k-vocab embedding as JSON would take the server's memory with it.
+        raise ValueError(
+            f"{name} has {param.numel()} elements, more than {MAX_WEIGHT_ELEMENTS} can be returned at once; "
+            "pass truncate_size"
+        )
+    tensor = param.detach()
     if truncate_size is not None:
         tensor = tensor.flatten()[:truncate_size]
-    return tensor.tolist()
+    return tensor.float().cpu().tolist()
