@@ -8,9 +8,9 @@ from typing import Any
 import torch
 from torch import nn
 
-# Words per checksum chunk: bounds the int64 temporaries to a few hundred MB on large tensors.
-_CHUNK_WORDS = 1 << 25
 _MOD = 65521  # position weights cycle through 1.._MOD so swapped words change the sum
+# Words per checksum chunk (a multiple of _MOD): bounds the int64 temporaries to a few hundred MB.
+_CHUNK_WORDS = _MOD * 512
 _MASK = (1 << 64) - 1
 
 
@@ -84,10 +84,14 @@ def tensor_checksum(t: torch.Tensor) -> str:
     words = raw[:body].view(torch.int64)
     weighted = torch.zeros((), dtype=torch.int64, device=t.device)
     plain = torch.zeros((), dtype=torch.int64, device=t.device)
+    # Word i is weighted by (i % _MOD) + 1: viewing each chunk as rows of _MOD words makes that one
+    # broadcast multiply (chunks start at multiples of _MOD).
+    pattern = torch.arange(1, _MOD + 1, device=t.device, dtype=torch.int64)
     for start in range(0, words.numel(), _CHUNK_WORDS):
         chunk = words[start : start + _CHUNK_WORDS]
-        pos = torch.arange(start, start + chunk.numel(), device=t.device, dtype=torch.int64) % _MOD + 1
-        weighted += (chunk * pos).sum()
+        rows = chunk.numel() // _MOD * _MOD
+        weighted += (chunk[:rows].view(-1, _MOD) * pattern).sum()
+        weighted += (chunk[rows:] * pattern[: chunk.numel() - rows]).sum()
         plain += chunk.sum()
     tail = int.from_bytes(bytes(raw[body:].cpu().tolist()), "little")  # the last < 8 bytes, if any
     value = (int(weighted) * 1_000_003 + int(plain) + tail * 7 + raw.numel()) & _MASK
