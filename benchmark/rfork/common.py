@@ -15,18 +15,7 @@ from pathlib import Path
 import requests
 import torch
 
-LLAMA3_8B = {
-    "hidden_size": 4096,
-    "intermediate_size": 14336,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-    "num_hidden_layers": 32,
-    "vocab_size": 128256,
-    "rope_theta": 500000.0,
-    "max_position_embeddings": 8192,
-    "torch_dtype": "bfloat16",
-    "head_dim": 128,
-}
+from sglang.test.test_utils import LLAMA3_8B_SHAPE
 
 
 def ensure_checkpoint(out: Path, shape: dict | None = None, device: str = "cuda") -> Path:
@@ -37,7 +26,7 @@ def ensure_checkpoint(out: Path, shape: dict | None = None, device: str = "cuda"
 
     if (out / "config.json").exists():
         return out
-    shape = shape or LLAMA3_8B
+    shape = shape or LLAMA3_8B_SHAPE
     tiny = make_tiny_model("llama", out.with_name(out.name + "-tiny"))
     out.mkdir(parents=True, exist_ok=True)
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):

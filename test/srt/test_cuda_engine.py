@@ -11,21 +11,9 @@ import torch
 
 import sglang
 from sglang.test.hf_reference import hf_greedy
+from sglang.test.test_utils import LLAMA3_8B_SHAPE
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-
-LLAMA3_8B_SHAPE = {
-    "hidden_size": 4096,
-    "intermediate_size": 14336,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-    "num_hidden_layers": 32,
-    "vocab_size": 128256,
-    "rope_theta": 500000.0,
-    "head_dim": 128,
-    "max_position_embeddings": 8192,
-    "torch_dtype": "bfloat16",
-}
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])

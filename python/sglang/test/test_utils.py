@@ -18,6 +18,7 @@ from sglang.srt.utils import kill_process_tree
 
 __all__ = [
     "DEFAULT_TIMEOUT",
+    "LLAMA3_8B_SHAPE",
     "config_only_copy",
     "find_free_port",
     "kill_process_tree",
@@ -25,6 +26,20 @@ __all__ = [
     "server_log_tail",
     "tiny_model",
 ]
+
+# config.json fields that give a Llama model the shape of Llama-3-8B (for GPU tests and benchmarks).
+LLAMA3_8B_SHAPE = {
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "num_hidden_layers": 32,
+    "vocab_size": 128256,
+    "rope_theta": 500000.0,
+    "max_position_embeddings": 8192,
+    "torch_dtype": "bfloat16",
+    "head_dim": 128,
+}
 
 # Seconds a test server may take from launch to answering /health.
 DEFAULT_TIMEOUT = 300.0
