@@ -130,7 +130,7 @@ SAMPLING_PARAMS: dict[str, str] = {
     "ignore_eos": "Keep generating past the end-of-sequence token.",
     "skip_special_tokens": "Leave special tokens out of the returned text.",
     "seed": "Per-request random seed, for reproducible sampling.",
-    "n": "Number of samples per prompt.",
+    "n": "Number of samples per prompt (1-64); with n > 1 the answer is a list; sample j uses seed + j.",
 }
 
 

@@ -174,3 +174,17 @@ def test_huge_weight_reads_need_truncate_size(tiny_model_dir):
             eng.get_weights_by_name("model.embed_tokens.weight")
         assert len(eng.get_weights_by_name("model.embed_tokens.weight", truncate_size=7)) == 7
         assert eng.generate("still serving", {"max_new_tokens": 2})["meta_info"]["completion_tokens"] == 2
+
+
+def test_n_choices_per_prompt(engine):
+    params = {"temperature": 1.0, "max_new_tokens": 8, "ignore_eos": True, "seed": 3, "n": 3}
+    outs = engine.generate("Many choices", params)
+    assert isinstance(outs, list) and len(outs) == 3
+    assert len({tuple(o["output_ids"]) for o in outs}) > 1  # seed + j per choice
+    assert [o["output_ids"] for o in engine.generate("Many choices", params)] == [o["output_ids"] for o in outs]
+    single = engine.generate("Many choices", {**params, "n": 1, "seed": 4})
+    assert single["output_ids"] == outs[1]["output_ids"]
+    batch = engine.generate(["a", "b"], {**params, "n": 2})
+    assert len(batch) == 4
+    with pytest.raises(ValueError, match="sampling_params.n"):
+        engine.generate("x", {"n": 65})

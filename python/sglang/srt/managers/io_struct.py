@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from sglang.srt.sampling.sampling_params import SamplingParams
+from sglang.srt.sampling.sampling_params import SamplingParams, SamplingParamsError
 
 
 @dataclass
@@ -27,7 +28,29 @@ class GenerateReqInput:
         return bool(self.input_ids) and isinstance(self.input_ids[0], list)
 
     def split(self) -> list[GenerateReqInput]:
-        """One GenerateReqInput per prompt (a batch is served as independent requests)."""
+        """One GenerateReqInput per prompt and choice: a batch, and `n` > 1, are served as independent requests.
+
+        Choices of a prompt come one after another; choice j of a seeded prompt uses seed + j.
+        """
+        return [choice for prompt in self._split_prompts() for choice in prompt._split_choices()]
+
+    def _split_choices(self) -> list[GenerateReqInput]:
+        params = self.sampling_params
+        n = params.get("n", 1) if isinstance(params, dict) else 1
+        if not isinstance(n, int) or isinstance(n, bool) or n <= 1:
+            return [self]  # n == 1, or a bad n that SamplingParams validation will name
+        if n > 64:
+            raise SamplingParamsError("n", f"must be in [1, 64], got {n}")
+        choices = []
+        for j in range(n):
+            choice = {**params, "n": 1}
+            if isinstance(params.get("seed"), int):
+                choice["seed"] = params["seed"] + j
+            rid = f"{self.rid}-{j}" if isinstance(self.rid, str) else None
+            choices.append(dataclasses.replace(self, sampling_params=choice, rid=rid))
+        return choices
+
+    def _split_prompts(self) -> list[GenerateReqInput]:
         if self.text is None and self.input_ids is None:
             raise ValueError("Either 'text' or 'input_ids' is required.")
         if self.text is not None and self.input_ids is not None:

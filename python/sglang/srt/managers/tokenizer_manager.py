@@ -76,7 +76,7 @@ class TokenizerManager:
         self._ensure_loop()
         parts = obj.split()
         prepared = [self._tokenize(p) for p in parts]  # validate the whole batch before sending any of it
-        if not obj.is_batch():
+        if not obj.is_batch() and len(prepared) == 1:
             async for out in self._run_one(*prepared[0]):
                 yield out
             return
