@@ -116,15 +116,14 @@ class AbortReq:
 class BatchTokenIDOut:
     """New tokens of one scheduler step, per request (rank 0 → TokenizerManager)."""
 
-    rids: list[str]
-    new_token_ids: list[list[int]]
-    finished_reasons: list[dict[str, Any] | None]
-    prompt_tokens: list[int]
-    completion_tokens: list[int]
-    cached_tokens: list[int]
+    rids: list[str] = field(default_factory=list)
+    new_token_ids: list[list[int]] = field(default_factory=list)
+    finished_reasons: list[dict[str, Any] | None] = field(default_factory=list)
+    prompt_tokens: list[int] = field(default_factory=list)
+    completion_tokens: list[int] = field(default_factory=list)
+    cached_tokens: list[int] = field(default_factory=list)
     new_token_logprobs: list[list[float]] = field(default_factory=list)
     new_top_logprobs: list[list[list[tuple[float, int]]]] = field(default_factory=list)
-
 
 @dataclass
 class RpcReqInput:

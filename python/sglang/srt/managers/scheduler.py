@@ -263,7 +263,7 @@ class Scheduler:
     def send_outputs(self, reqs: list[Req]) -> None:
         if self.tp_rank != 0 or not reqs:
             return
-        out = BatchTokenIDOut([], [], [], [], [], [], [], [])
+        out = BatchTokenIDOut()
         for req in reqs:
             out.rids.append(req.rid)
             out.new_token_ids.append(req.output_ids[req.sent_len :])
