@@ -285,3 +285,20 @@ def test_keyed_seed_requires_the_key(model_dir, tmp_path):
             kill_process_tree(client.pid)
     finally:
         kill_process_tree(seed.pid)
+
+
+def test_stray_send_does_not_end_someone_elses_fork(seed):
+    lease = requests.post(f"{seed.base_url}/remote_instance_fork_lease", json={"ports": str(find_free_port())})
+    assert lease.status_code == 200
+    try:
+        stray = requests.post(
+            f"{seed.base_url}/send_weights_to_remote_instance",
+            json={"master_address": "127.0.0.1", "ports": "1", "group_name": "send_weights_10.9.9.9"},
+        )
+        assert stray.status_code == 400 and "no fork in progress" in stray.json()["message"]
+        again = requests.post(f"{seed.base_url}/remote_instance_fork_lease", json={"ports": str(find_free_port())})
+        assert again.status_code == 409  # the first client's slot survived
+    finally:
+        requests.post(
+            f"{seed.base_url}/remote_instance_fork_lease/release", json={"lease_id": lease.json()["lease_id"]}
+        )

@@ -182,7 +182,12 @@ def add_rfork_routes(app: FastAPI) -> None:
     @app.post("/send_weights_to_remote_instance")
     async def send_weights(req: SendWeightsReq, request: Request) -> Any:
         s = slot(request)
-        if s.lease is None or (req.lease_id is not None and not s.holds(req.lease_id)):
+        # Only the client that opened the groups may trigger (and thereby end) its fork: an upstream client
+        # has no lease_id and is recognised by its group name.
+        lease = s.lease if s.holds(req.lease_id) else None
+        if lease is None and req.lease_id is None and s.lease is not None and s.lease.group_name == req.group_name:
+            lease = s.lease
+        if lease is None:
             return _fail("no fork in progress for this client; call /init_weights_send_group_for_remote_instance first")
         tm = request.app.state.tokenizer_manager
         try:
@@ -190,5 +195,5 @@ def add_rfork_routes(app: FastAPI) -> None:
         except RuntimeError as e:
             return _fail(f"Failed to send weights: {e}.")
         finally:
-            s.release(s.lease.lease_id if s.lease else "")
+            s.release(lease.lease_id)
         return {"success": True, "message": "Succeeded to send weights through nccl."}
