@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sglang.srt.managers.io_struct import GenerateReqInput
+from sglang.srt.managers.tokenizer_manager import last_output
 from sglang.srt.server_args import PortArgs, ServerArgs
 from sglang.srt.utils import kill_process_tree
 
@@ -109,12 +110,6 @@ def _wait_ready(proc: mp.process.BaseProcess, pipe: Any) -> dict[str, Any]:
     return payload
 
 
-async def _last(agen: Any) -> Any:
-    last = None
-    async for out in agen:
-        last = out
-    return last
-
 
 class Engine:
     """Offline engine: `Engine(model_path=..., **server_args).generate(prompt, sampling_params)`."""
@@ -149,7 +144,7 @@ class Engine:
         agen = self.tokenizer_manager.generate_request(obj)
         if stream:
             return self._iterate(agen)
-        return self.loop.run_until_complete(_last(agen))
+        return self.loop.run_until_complete(last_output(agen))
 
     def _iterate(self, agen: Any) -> Iterator[dict[str, Any]]:
         try:

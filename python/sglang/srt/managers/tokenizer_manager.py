@@ -81,7 +81,7 @@ class TokenizerManager:
                 yield out
             return
         if not obj.stream:
-            yield list(await asyncio.gather(*(self._last(self._run_one(*p)) for p in prepared)))
+            yield list(await asyncio.gather(*(last_output(self._run_one(*p)) for p in prepared)))
             return
         queue: asyncio.Queue = asyncio.Queue()
 
@@ -165,13 +165,6 @@ class TokenizerManager:
             if not state.finished:
                 self.abort_request(req.rid)
             self.rid_to_state.pop(req.rid, None)
-
-    @staticmethod
-    async def _last(gen: AsyncIterator[dict[str, Any]]) -> dict[str, Any]:
-        last = None
-        async for out in gen:
-            last = out
-        return last
 
     def abort_request(self, rid: str) -> None:
         """Ask the scheduler to stop rid and free its memory."""
@@ -287,3 +280,11 @@ class TokenizerManager:
     def server_info(self) -> dict[str, Any]:
         """Static part of /get_server_info: the arguments and what the schedulers reported at start."""
         return {**dataclasses.asdict(self.server_args), **self.scheduler_info}
+
+
+async def last_output(gen: AsyncIterator[Any]) -> Any:
+    """Run an output generator to its end and return the last thing it yielded."""
+    last = None
+    async for out in gen:
+        last = out
+    return last

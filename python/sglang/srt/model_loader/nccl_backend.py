@@ -13,8 +13,8 @@ from sglang.srt.model_loader.remote_instance_loader import (
     ForkContext,
     RemoteManifest,
     RemoteWeightBackend,
-    _agree,
-    _run,
+    agree_across_ranks,
+    capture_error,
     register_remote_backend,
 )
 from sglang.srt.model_loader.remote_instance_weight_loader_utils import RemoteInstanceError, local_ip_towards
@@ -106,10 +106,10 @@ class NcclBackend(RemoteWeightBackend):
     def _transfer(self, model: nn.Module, ctx: ForkContext, body: dict[str, Any], port: int, key: str) -> int:
         t = time.perf_counter()
         if ctx.tp_rank == 0:
-            err = _run(lambda: self._lease(ctx, body["ports"]))
+            err = capture_error(lambda: self._lease(ctx, body["ports"]))
         else:
             err = None
-        _agree(ctx, "lease", err)
+        agree_across_ranks(ctx, "lease", err)
         body = broadcast_pyobj({**body, "lease_id": self.lease_id}, src=0)
 
         init = _Call(

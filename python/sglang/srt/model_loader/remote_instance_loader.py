@@ -104,7 +104,7 @@ class RemoteInstanceModelLoader(BaseModelLoader):
         _step(ctx, "skeleton", start)
 
         t = time.perf_counter()
-        _agree(ctx, "preflight", _run(lambda: backend.preflight(ctx)))
+        agree_across_ranks(ctx, "preflight", capture_error(lambda: backend.preflight(ctx)))
         remote = None
 
         def check_manifest() -> None:
@@ -120,12 +120,12 @@ class RemoteInstanceModelLoader(BaseModelLoader):
                     + ". Start the client with the seed's model, --dtype and --tp-size.",
                 )
 
-        _agree(ctx, "manifest", _run(check_manifest))
+        agree_across_ranks(ctx, "manifest", capture_error(check_manifest))
         _step(ctx, "manifest", t)
 
         t = time.perf_counter()
         moved: list[int] = []
-        _agree(ctx, "transfer", _run(lambda: moved.append(backend.transfer(model, ctx))))
+        agree_across_ranks(ctx, "transfer", capture_error(lambda: moved.append(backend.transfer(model, ctx))))
         nbytes = moved[0]
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -143,7 +143,7 @@ class RemoteInstanceModelLoader(BaseModelLoader):
                     f"{len(bad)} tensor(s) arrived corrupted on TP{ctx.tp_rank}, "
                     f"e.g. {bad[:3]}; refusing to serve them",
                 )
-            _agree(ctx, "verify", err)
+            agree_across_ranks(ctx, "verify", err)
             _step(ctx, "verify", t)
         elif cfg.verify:
             logger.warning("TP%d: the seed publishes no checksums; bytes were not verified", ctx.tp_rank)
@@ -165,15 +165,15 @@ class RemoteInstanceModelLoader(BaseModelLoader):
         return model
 
 
-def _run(fn: Callable[[], None]) -> Exception | None:
+def capture_error(fn: Callable[[], None]) -> Exception | None:
     try:
         fn()
-    except Exception as e:  # reported after every rank has had its say, see _agree
+    except Exception as e:  # reported after every rank has had its say, see agree_across_ranks
         return e
     return None
 
 
-def _agree(ctx: ForkContext, step: str, error: Exception | None) -> None:
+def agree_across_ranks(ctx: ForkContext, step: str, error: Exception | None) -> None:
     """Every client rank learns whether any rank failed, so no rank goes on to wait for a partner that quit."""
     errors = all_gather_pyobj(None if error is None else str(error))
     if error is not None:
