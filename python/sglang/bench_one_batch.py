@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from sglang.srt.configs.model_config import ModelConfig
+from sglang.srt.layers import fused_kernels
 from sglang.srt.layers.logits_processor import LogitsProcessorOutput
 from sglang.srt.managers.schedule_batch import Req, build_forward_batch
 from sglang.srt.model_executor.forward_batch_info import ForwardMode
@@ -292,6 +293,7 @@ def measure_runtime(server_args: ServerArgs, bench: BenchArgs) -> tuple[list[dic
         "dtype": str(runner.model_config.dtype).removeprefix("torch."),
         "vocab_size": runner.model_config.vocab_size,
         "attention_backend": server_args.attention_backend,
+        "fused_kernels": fused_kernels.enabled(runner.device),
         "cuda_graph_batch_sizes": graphs.batch_sizes if graphs else [],
         "cuda_graph_capture_s": graphs.capture_seconds if graphs else None,
         "weight_bytes": runner.weight_bytes,

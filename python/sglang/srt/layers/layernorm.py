@@ -5,9 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sglang.srt.layers.fused_kernels import flashinfer_ops
+
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight, computed in float32 like the HF reference."""
+    """x / rms(x) * weight, computed in float32 like the HF reference; one FlashInfer kernel on CUDA."""
 
     def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
         super().__init__()
@@ -22,7 +24,19 @@ class RMSNorm(nn.Module):
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """norm(x), or with a residual: (norm(x + residual), x + residual) for the next block's skip path."""
+        """norm(x), or with a residual: (norm(x + residual), x + residual) for the next block's skip path.
+
+        x may be [T, hidden] or [T, heads, head_dim] (per-head norms); with a residual the fused path overwrites
+        both inputs (residual += x, x = norm(residual)), which callers allow by never reusing them.
+        """
+        fi = flashinfer_ops(x)
+        # The kernels read the weight as x's dtype without converting, and need unit stride on the last axis.
+        if fi is not None and x.dtype == self.weight.dtype and x.stride(-1) == 1:
+            if residual is None and x.dim() in (2, 3):
+                return fi.norm.rmsnorm(x, self.weight, self.variance_epsilon)
+            if residual is not None and x.dim() == 2 and residual.dtype == x.dtype and residual.stride(-1) == 1:
+                fi.norm.fused_add_rmsnorm(x, residual, self.weight, self.variance_epsilon)
+                return x, residual
         if residual is None:
             return self._norm(x)
         x = x + residual

@@ -39,6 +39,9 @@ class LogitsProcessor(nn.Module):
         self, hidden_states: torch.Tensor, lm_head: VocabParallelEmbedding, forward_batch: ForwardBatch
     ) -> LogitsProcessorOutput:
         """hidden_states [num_tokens, hidden] in the batch's flattened layout -> logits."""
+        if forward_batch.forward_mode.is_decode() and not forward_batch.return_full_logits:
+            # One token per sequence already: no index kernels in every decode step.
+            return LogitsProcessorOutput(next_token_logits=self._logits(hidden_states, lm_head))
         last = forward_batch.last_token_indices()
         if forward_batch.return_full_logits:
             full = self._logits(hidden_states, lm_head)

@@ -11,6 +11,7 @@ import torch
 from sglang.srt.configs.load_config import LoadConfig, LoadFormat
 from sglang.srt.configs.model_config import ModelConfig
 from sglang.srt.distributed.parallel_state import init_distributed
+from sglang.srt.layers import fused_kernels
 from sglang.srt.layers.attention import create_attention_backend
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool, TokenToKVPoolAllocator
 from sglang.srt.model_executor.cuda_graph_runner import maybe_create_cuda_graph_runner
@@ -89,6 +90,7 @@ class ModelRunner:
             self.weight_bytes / 1e6,
             self.weight_load_seconds,
         )
+        logger.info("TP%d elementwise kernels: %s", self.tp_rank, fused_kernels.describe(self.device))
 
     def init_memory_pool(self) -> None:
         cfg = self.model_config

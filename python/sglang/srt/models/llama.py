@@ -73,7 +73,8 @@ class LlamaAttention(nn.Module):
     ) -> torch.Tensor:
         q, k, v = self.qkv_proj(hidden_states).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q, k = self.rotary_emb(positions, *self.normalize_qk(q, k))
-        return self.o_proj(self.attn(q, k, v.contiguous(), forward_batch))
+        # v stays a strided view of the qkv output: the KV-cache write reads it in place, no copy kernel.
+        return self.o_proj(self.attn(q, k, v, forward_batch))
 
 
 class LlamaDecoderLayer(nn.Module):

@@ -20,8 +20,9 @@ class Qwen3Attention(LlamaAttention):
 
     def normalize_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """RMS-normalise every head of q and k separately."""
-        q = self.q_norm(q.reshape(-1, self.head_dim)).view(q.shape)
-        k = self.k_norm(k.reshape(-1, self.head_dim)).view(k.shape)
+        # [T, heads, head_dim] views of the fused qkv output: no copy, and FlashInfer's per-head kernel takes them.
+        q = self.q_norm(q.view(q.shape[0], -1, self.head_dim)).view(q.shape)
+        k = self.k_norm(k.view(k.shape[0], -1, self.head_dim)).view(k.shape)
         return q, k
 
 

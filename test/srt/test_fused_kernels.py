@@ -1,0 +1,175 @@
+"""The fused elementwise path (FlashInfer RMSNorm / fused add+RMSNorm / SiLU*mul / RoPE) against the torch path.
+
+On CPU the layers are pointed at a stand-in that follows FlashInfer's documented contract (in-place fused add,
+out-of-place RoPE, preconditions asserted), so the wiring (aliasing of residuals, strided q/k/v views, 3D per-head
+norms) is checked against HF on every CI run. On CUDA the real kernels are compared with the torch path.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
+
+from sglang.srt.layers import activation, fused_kernels, layernorm, rotary_embedding
+from sglang.srt.layers.activation import SiluAndMul
+from sglang.srt.layers.layernorm import RMSNorm
+from sglang.srt.layers.rotary_embedding import RotaryEmbedding
+from sglang.test.hf_reference import hf_greedy
+from sglang.test.model_harness import ModelHarness
+
+PROMPTS = [[7], [3, 141, 59, 26, 5], list(range(100, 123))]
+
+
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
+
+
+def _contract(x: torch.Tensor, weight: torch.Tensor | None = None) -> None:
+    assert x.stride(-1) == 1, "FlashInfer needs unit stride on the last axis"
+    assert weight is None or weight.dtype == x.dtype, "FlashInfer reads the weight in the input's dtype"
+
+
+def _rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    _contract(x, weight)
+    assert x.dim() in (2, 3)
+    return _rms(x, weight, eps)
+
+
+def _fused_add_rmsnorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
+    _contract(x, weight)
+    _contract(residual)
+    assert x.dim() == 2 and residual.shape == x.shape
+    residual.add_(x)
+    x.copy_(_rms(residual, weight, eps))
+
+
+def _silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    assert x.is_contiguous() and x.shape[-1] * x.element_size() % 16 == 0
+    gate, up = x.float().chunk(2, dim=-1)
+    return (F.silu(gate) * up).to(x.dtype)
+
+
+def _rope(
+    positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, head_size: int, cache: torch.Tensor, is_neox: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    assert cache.dtype == torch.float32 and is_neox
+    _contract(q)
+    _contract(k)
+    cos, sin = cache[positions].unsqueeze(1).chunk(2, dim=-1)
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        x = x.view(x.shape[0], -1, head_size).float()
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).flatten(1)
+
+    return rotate(q).to(q.dtype), rotate(k).to(k.dtype)
+
+
+STAND_IN = SimpleNamespace(
+    norm=SimpleNamespace(rmsnorm=_rmsnorm, fused_add_rmsnorm=_fused_add_rmsnorm),
+    activation=SimpleNamespace(silu_and_mul=_silu_and_mul),
+    rope=SimpleNamespace(apply_rope_with_cos_sin_cache=_rope),
+)
+
+
+@pytest.fixture
+def stand_in(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Route the layers' fused branch to STAND_IN on any device."""
+    for module in (layernorm, activation, rotary_embedding):
+        monkeypatch.setattr(module, "flashinfer_ops", lambda x: STAND_IN)
+
+
+@pytest.mark.parametrize("arch,options", [("llama", {}), ("qwen3", {"num_kv_heads": 1, "head_dim": 32})])
+def test_fused_wiring_matches_hf_on_cpu(stand_in: None, tiny_model_dir: Any, arch: str, options: dict) -> None:
+    """Logits and greedy tokens through the fused branch equal HF's: in-place residual updates alias nothing."""
+    path = tiny_model_dir(arch, **options)
+    harness = ModelHarness(path)
+    logits = harness.prefill_logits(PROMPTS)
+    tokens = harness.greedy_generate(PROMPTS, 16)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        for prompt, ours in zip(PROMPTS, logits):
+            ref = model(torch.tensor([prompt])).logits[0]
+            torch.testing.assert_close(torch.as_tensor(ours), ref, atol=1e-3, rtol=0)
+    assert tokens == hf_greedy(path, PROMPTS, 16)
+
+
+def test_fused_kernels_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(fused_kernels.DISABLE_ENV, "1")
+    fused_kernels._flashinfer.cache_clear()
+    try:
+        assert fused_kernels._flashinfer()[0] is None
+        assert fused_kernels.DISABLE_ENV in fused_kernels.describe(torch.device("cuda"))
+        assert fused_kernels.describe(torch.device("cpu")) == "torch (CPU)"
+        assert not fused_kernels.enabled(torch.device("cpu"))
+        assert fused_kernels.flashinfer_ops(torch.zeros(1)) is None
+    finally:
+        fused_kernels._flashinfer.cache_clear()
+
+
+# ---- the real kernels (CUDA) ------------------------------------------------------------------------------------
+
+cuda = pytest.mark.skipif(
+    not torch.cuda.is_available() or not fused_kernels.enabled(torch.device("cuda")),
+    reason="needs CUDA and an importable flashinfer with fused kernels enabled",
+)
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, tol: float = 2e-2) -> None:
+    assert a.shape == b.shape and a.dtype == b.dtype
+    torch.testing.assert_close(a.float(), b.float(), atol=tol, rtol=tol)
+
+
+@cuda
+@pytest.mark.parametrize("shape", [(5, 4096), (3, 8, 128)])
+def test_rmsnorm_kernel(shape: tuple[int, ...]) -> None:
+    torch.manual_seed(0)
+    norm = RMSNorm(shape[-1], eps=1e-5).to("cuda", torch.bfloat16)
+    norm.weight.data.uniform_(0.5, 1.5)
+    x = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+    _close(norm(x), norm._norm(x))
+
+
+@cuda
+def test_fused_add_rmsnorm_kernel_updates_both_in_place() -> None:
+    torch.manual_seed(0)
+    norm = RMSNorm(4096, eps=1e-5).to("cuda", torch.bfloat16)
+    x = torch.randn(5, 4096, device="cuda", dtype=torch.bfloat16)
+    residual = torch.randn_like(x)
+    want_sum = x + residual
+    want = norm._norm(want_sum)
+    out, new_residual = norm(x.clone(), residual)
+    assert new_residual is residual
+    _close(new_residual, want_sum)
+    _close(out, want)
+
+
+@cuda
+def test_silu_and_mul_kernel() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(5, 2 * 1024, device="cuda", dtype=torch.bfloat16)
+    gate, up = x.chunk(2, dim=-1)
+    _close(SiluAndMul()(x), F.silu(gate) * up)
+
+
+@cuda
+def test_rope_kernel_on_strided_qkv_views() -> None:
+    """q and k are column slices of the fused qkv output, as the attention layer passes them."""
+    torch.manual_seed(0)
+    head, heads, kv_heads = 128, 4, 2
+    with torch.device("cuda"):
+        rope = RotaryEmbedding(head, head, 4096, 500000.0, None)
+    qkv = torch.randn(6, (heads + 2 * kv_heads) * head, device="cuda", dtype=torch.bfloat16)
+    q, k, _ = qkv.split([heads * head, kv_heads * head, kv_heads * head], dim=-1)
+    positions = torch.tensor([0, 1, 17, 300, 1000, 4095], device="cuda")
+    cos, sin = rope.cos_sin_cache[positions].unsqueeze(1).chunk(2, dim=-1)
+    fused_q, fused_k = rope(positions, q, k)
+    # The torch path in float32 cos/sin, which is what the kernel computes in.
+    _close(fused_q, rope._rotate(q.float(), cos, sin).to(q.dtype))
+    _close(fused_k, rope._rotate(k.float(), cos, sin).to(k.dtype))
