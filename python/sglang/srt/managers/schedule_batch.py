@@ -80,25 +80,39 @@ def build_forward_batch(
     seq_lens: list[int] = []
     prefix_lens: list[int] = []
     extend_lens: list[int] = []
+    decode = mode.is_decode()
     for req in reqs:
-        n = req.extend_len if mode.is_extend() else 1
-        ids.extend(req.fill_ids[req.kv_len : req.kv_len + n])
-        positions.extend(range(req.kv_len, req.kv_len + n))
-        rows.extend([req.req_pool_idx] * n)
+        if decode:
+            # Only the newest token: no copy of the whole prompt + output list per request and step.
+            ids.append(req.output_ids[-1] if req.output_ids else req.origin_input_ids[req.kv_len])
+            positions.append(req.kv_len)
+            rows.append(req.req_pool_idx)
+            n = 1
+        else:
+            n = req.extend_len
+            ids.extend(req.fill_ids[req.kv_len : req.kv_len + n])
+            positions.extend(range(req.kv_len, req.kv_len + n))
+            rows.extend([req.req_pool_idx] * n)
         prefix_lens.append(req.kv_len)
         extend_lens.append(n)
         seq_lens.append(req.kv_len + n)
-    positions_t = torch.tensor(positions, dtype=torch.int64, device=device)
-    out_cache_loc = out_cache_loc.to(device)
+    num_tokens = len(ids)
+    # Every integer input in one host tensor and one copy to the device: each separate small host-to-device copy
+    # costs a launch and a staging copy, several per decode step otherwise.
+    host = torch.tensor(ids + positions + rows + [r.req_pool_idx for r in reqs] + seq_lens, dtype=torch.int64)
+    packed = torch.cat([host, out_cache_loc.to(torch.int64)]).to(device, non_blocking=True)
+    ids_t, positions_t, rows_t, req_pool_indices_t, seq_lens_t, out_cache_loc = packed.split(
+        [num_tokens, num_tokens, num_tokens, len(reqs), len(reqs), num_tokens]
+    )
     # One scatter for the whole batch: on a GPU, a copy per request would cost a launch and a sync each.
-    req_to_token[torch.tensor(rows, dtype=torch.int64, device=device), positions_t] = out_cache_loc
+    req_to_token[rows_t, positions_t] = out_cache_loc
     return ForwardBatch(
         forward_mode=mode,
         batch_size=len(reqs),
-        input_ids=torch.tensor(ids, dtype=torch.int64, device=device),
+        input_ids=ids_t,
         positions=positions_t,
-        req_pool_indices=torch.tensor([r.req_pool_idx for r in reqs], dtype=torch.int64, device=device),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int64, device=device),
+        req_pool_indices=req_pool_indices_t,
+        seq_lens=seq_lens_t,
         out_cache_loc=out_cache_loc,
         seq_lens_cpu=seq_lens,
         extend_prefix_lens_cpu=prefix_lens,

@@ -1,0 +1,143 @@
+"""Host (CPU) cost of one decode step through the real Scheduler, with and without the model's forward.
+
+A scheduler is built in this process (tp 1) and fed greedy requests that never stop; once all of them decode, each
+step is `get_next_batch()` + `run_batch()` exactly as the event loop runs them, outputs drained from the socket.
+`null_model` replaces ModelRunner.forward by a stub that returns ready logits, so what is left is the scheduler's
+own bookkeeping: building the ForwardBatch, sampling, stop checks, sending outputs. On a GPU the real rows include
+the CUDA-graph input copies and the attention plan as well.
+
+    python benchmark/serving/profile_decode_host.py --batch-size 1 8 32 [--device cuda --model-path DIR]
+    python benchmark/serving/profile_decode_host.py --batch-size 8 --cprofile 25   # where the time goes
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import pstats
+import statistics
+import time
+from typing import Any
+
+import torch
+import zmq
+
+from sglang.srt.layers.logits_processor import LogitsProcessorOutput
+from sglang.srt.managers.io_struct import TokenizedGenerateReqInput
+from sglang.srt.managers.scheduler import Scheduler
+from sglang.srt.sampling.sampling_params import SamplingParams
+from sglang.srt.server_args import PortArgs, ServerArgs
+
+
+def build_scheduler(args: argparse.Namespace) -> tuple[Scheduler, zmq.Socket]:
+    """A rank-0 scheduler in this process and the socket its outputs arrive on."""
+    server_args = ServerArgs(
+        model_path=args.model_path,
+        device=args.device,
+        dtype=args.dtype,
+        load_format=args.load_format,
+        max_running_requests=max(args.batch_size),
+        max_total_tokens=max(args.batch_size) * (args.input_len + 3 * args.steps + 64) + 64,
+    )
+    port_args = PortArgs.init_new(server_args)
+    sink = zmq.Context.instance().socket(zmq.PULL)
+    sink.bind(port_args.tokenizer_ipc_name)
+    return Scheduler(server_args, port_args, 0, 0), sink
+
+
+def drain(sink: zmq.Socket) -> None:
+    while True:
+        try:
+            sink.recv(zmq.NOBLOCK)
+        except zmq.Again:
+            return
+
+
+def start_batch(scheduler: Scheduler, sink: zmq.Socket, bs: int, input_len: int, tag: str) -> None:
+    """Queue bs never-ending greedy requests and step until every one of them decodes."""
+    for i in range(bs):
+        params = SamplingParams(max_new_tokens=1 << 20, temperature=0.0, ignore_eos=True)
+        ids = [(7 * i + j) % 200 + 3 for j in range(input_len)]
+        scheduler.process_input(TokenizedGenerateReqInput(rid=f"{tag}-{i}", input_ids=ids, sampling_params=params))
+    while scheduler.waiting or scheduler.chunked_req:
+        scheduler.run_batch(*scheduler.get_next_batch())
+    drain(sink)
+
+
+def stop_batch(scheduler: Scheduler, sink: zmq.Socket) -> None:
+    for req in list(scheduler.running):
+        scheduler.abort(req.rid)
+    scheduler.drop_aborted_running()
+    drain(sink)
+
+
+def decode_steps(scheduler: Scheduler, sink: zmq.Socket, steps: int) -> list[float]:
+    """Seconds per decode step as the event loop runs it (the tokens reach the host inside run_batch)."""
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        scheduler.run_batch(*scheduler.get_next_batch())
+        times.append(time.perf_counter() - start)
+        drain(sink)
+    return times
+
+
+def null_forward(vocab: int, device: torch.device):
+    """A ModelRunner.forward that does no model work: fixed logits (token 5 wins) for each row."""
+    logits = torch.zeros(1024, vocab, device=device)
+    logits[:, 5] = 1.0
+
+    def forward(batch: Any) -> LogitsProcessorOutput:
+        return LogitsProcessorOutput(next_token_logits=logits[: batch.batch_size])
+
+    return forward
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model-path", default=None, help="default: a generated tiny llama")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--load-format", default="auto")
+    parser.add_argument("--batch-size", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--input-len", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--cprofile", type=int, default=0, help="print the N costliest functions of null-model steps")
+    parser.add_argument("--output", default=None, help="also write the JSON here")
+    args = parser.parse_args()
+    if args.model_path is None:
+        from sglang.test.test_utils import tiny_model
+
+        args.model_path = tiny_model("llama")
+    scheduler, sink = build_scheduler(args)
+    real_forward = scheduler.runner.forward
+    stub = null_forward(scheduler.model_config.vocab_size, scheduler.runner.device)
+    rows = []
+    for bs in args.batch_size:
+        row: dict[str, Any] = {"batch_size": bs}
+        for name, forward in (("model", real_forward), ("null_model", stub)):
+            scheduler.runner.forward = forward
+            start_batch(scheduler, sink, bs, args.input_len, f"{name}{bs}")
+            decode_steps(scheduler, sink, 5)
+            times = decode_steps(scheduler, sink, args.steps)
+            row[f"{name}_step_ms_median"] = statistics.median(times) * 1e3
+            if name == "null_model" and args.cprofile:
+                profiler = cProfile.Profile()
+                profiler.enable()
+                decode_steps(scheduler, sink, args.steps)
+                profiler.disable()
+                print(f"--- batch size {bs}, null model, {args.steps} steps")
+                pstats.Stats(profiler).sort_stats("tottime").print_stats(args.cprofile)
+            stop_batch(scheduler, sink)
+        rows.append(row)
+    report = {"device": args.device, "model_path": args.model_path, "steps": args.steps, "results": rows}
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
