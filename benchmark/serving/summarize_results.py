@@ -29,10 +29,13 @@ SERVING_KEYS = (
 def headline(report: dict[str, Any]) -> dict[str, Any]:
     """The few numbers of a report worth reading first."""
     if "results" in report:
-        fixed = {k: report.get(k) for k in ("roofline_decode_ms", "copy_bandwidth_gb_per_s", "cuda_graph_capture_s")}
+        keys = ("fused_kernels", "roofline_decode_ms", "copy_bandwidth_gb_per_s", "cuda_graph_capture_s")
+        fixed = {k: report.get(k) for k in keys}
         rows = [{k: row.get(k) for k in ONE_BATCH_KEYS} for row in report["results"]]
-        busy = [row["profile"]["device_busy_ms_per_step"] for row in report["results"] if "profile" in row]
-        return {**fixed, "rows": rows, "profile_device_busy_ms": busy}
+        profiles = [row["profile"] for row in report["results"] if "profile" in row]
+        busy = [p["device_busy_ms_per_step"] for p in profiles]
+        kernels = [p.get("kernels_per_step") for p in profiles]
+        return {**fixed, "rows": rows, "profile_device_busy_ms": busy, "profile_kernels_per_step": kernels}
     if "output_throughput" in report:
         return {"max_concurrency": report.get("max_concurrency"), **{k: report.get(k) for k in SERVING_KEYS}}
     return {k: v for k, v in report.items() if isinstance(v, dict) and k != "model"}

@@ -28,6 +28,7 @@ def test_bench_one_batch_reports_latency_hf_baseline_and_roofline(model_path, tm
         report["weight_bytes"] / (report["copy_bandwidth_gb_per_s"] * 1e9) * 1e3
     )
     assert [row["batch_size"] for row in report["results"]] == [1, 2]
+    assert report["fused_kernels"] is False  # CPU runs the torch elementwise path
     for row in report["results"]:
         assert row["prefill_ms"] > 0 and row["decode_median_ms"] > 0 and row["hf_decode_step_ms"] > 0
         assert row["decode_tok_per_s"] == pytest.approx(row["batch_size"] / row["decode_median_ms"] * 1e3)
@@ -90,3 +91,18 @@ def test_bench_serving_against_a_live_server(model_path, tmp_path) -> None:
     assert report["server"]["model_path"] == model_path
     assert 0 < report["median_ttft_ms"] <= report["p99_e2e_latency_ms"]
     assert report["median_itl_ms"] > 0 and report["output_throughput"] > 0
+
+
+def test_profile_decode_host_runs_the_scheduler_with_and_without_the_model(model_path, tmp_path) -> None:
+    """The host-cost script drives a real in-process Scheduler through decode steps and reports both rows."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "host.json"
+    cmd = [sys.executable, "benchmark/serving/profile_decode_host.py", "--model-path", model_path]
+    cmd += ["--batch-size", "1", "3", "--input-len", "6", "--steps", "5", "--output", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    report = json.loads(out.read_text())
+    assert [row["batch_size"] for row in report["results"]] == [1, 3]
+    for row in report["results"]:
+        assert row["model_step_ms_median"] > 0 and row["null_model_step_ms_median"] > 0

@@ -19,12 +19,11 @@ pytest.importorskip("flashinfer")
 from sglang.bench_one_batch import BatchDriver, greedy, make_runner  # noqa: E402
 from sglang.srt.model_executor.model_runner import ModelRunner  # noqa: E402
 from sglang.srt.server_args import ServerArgs  # noqa: E402
-from sglang.test.test_utils import tiny_model  # noqa: E402
+from sglang.test.test_utils import TINY_BF16_LLAMA, tiny_model  # noqa: E402
 
 NUM_PROMPTS = 12  # decoded as one batch: padded to the captured size 16, so graph padding is exercised
 DECODE_STEPS = 32
-# head_dim 128 in bf16, like Llama-3-8B, so these kernels are the ones the benchmark compiles too.
-TINY = dict(dtype="bfloat16", num_layers=4, hidden_size=512, num_heads=4, num_kv_heads=2, intermediate_size=1024)
+TINY = TINY_BF16_LLAMA
 REPORT: dict[str, dict[str, float]] = {}
 
 

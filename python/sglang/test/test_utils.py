@@ -44,6 +44,10 @@ LLAMA3_8B_SHAPE = {
 # Seconds a test server may take from launch to answering /health.
 DEFAULT_TIMEOUT = 300.0
 LOG_TAIL_CHARS = 6000
+# A tiny bf16 llama with head_dim 128 like Llama-3-8B, so GPU tests compile the FlashInfer kernels benchmarks use.
+TINY_BF16_LLAMA: dict[str, object] = dict(
+    dtype="bfloat16", num_layers=4, hidden_size=512, num_heads=4, num_kv_heads=2, intermediate_size=1024
+)
 
 
 def find_free_port(host: str = "127.0.0.1") -> int:
