@@ -1,6 +1,8 @@
 """R-Fork NCCL backend on two GPUs: fork GB/s vs a raw NCCL broadcast of the same tensors, fork load time vs disk.
 
 python benchmark/rfork/bench_nccl.py [--model-dir /tmp/llama8b] [--seed-gpu 0 --client-gpu 1]
+
+The Mooncake backend has its own script, bench_transfer_engine.py.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from sglang.srt.server_args import free_port  # noqa: E402
 from sglang.test.test_utils import config_only_copy  # noqa: E402
 
 
-def _param_shapes(model_dir: Path) -> list[tuple[tuple[int, ...], torch.dtype]]:
+def param_shapes(model_dir: Path) -> list[tuple[tuple[int, ...], torch.dtype]]:
     """Shapes of the tensors a fork moves, from our model skeleton on the meta device."""
     from sglang.srt.configs.model_config import ModelConfig
     from sglang.srt.model_loader.loader import build_model_skeleton
@@ -69,57 +71,14 @@ def _raw_broadcast(rank: int, gpus: list[int], port: int, shapes: list, results:
     dist.destroy_process_group()
 
 
-def _transfer_engine_forks(client_dir: Path, seed_port: int, common: list[str], gpu: int, logs: Path) -> dict:
-    """Fork the same seed over Mooncake, transport chosen automatically and forced to TCP."""
-    out = {}
-    for label, protocol in (("auto", None), ("tcp", "tcp")):
-        env = dict(os.environ)
-        env.pop("MOONCAKE_PROTOCOL", None)
-        if protocol:
-            env["MOONCAKE_PROTOCOL"] = protocol
-        port = free_port()
-        args = [
-            *common,
-            "--base-gpu-id",
-            str(gpu),
-            "--load-format",
-            "remote_instance",
-            "--remote-instance-weight-loader-backend",
-            "transfer_engine",
-            "--remote-instance-weight-loader-seed-instance-ip",
-            "127.0.0.1",
-            "--remote-instance-weight-loader-seed-instance-service-port",
-            str(seed_port),
-        ]
-        try:
-            proc = launch(client_dir, port, args, logs / f"client_te_{label}.log", env=env)
-        except (RuntimeError, TimeoutError) as e:
-            out[label] = {"error": str(e)[-600:]}
-            continue
-        try:
-            info = server_info(port)
-            rep = info["fork_report"]
-            out[label] = {
-                "gbps": round(rep["gbps"], 1),
-                "steps_s": {k: round(v, 3) for k, v in rep["timings"].items()},
-                "weight_load_s": round(info["weight_load_seconds"], 2),
-                "transport": rep.get("transport"),
-            }
-        finally:
-            proc.terminate()
-            proc.wait(30)
-    return out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model-dir", default="/tmp/llama8b")
     parser.add_argument("--seed-gpu", type=int, default=0)
     parser.add_argument("--client-gpu", type=int, default=1)
-    parser.add_argument("--with-transfer-engine", action="store_true", help="also fork over Mooncake (auto, tcp)")
     args = parser.parse_args()
     model_dir = ensure_checkpoint(Path(args.model_dir))
-    shapes = _param_shapes(model_dir)
+    shapes = param_shapes(model_dir)
     results = mp.Manager().dict()
     mp.spawn(_raw_broadcast, args=([args.seed_gpu, args.client_gpu], free_port(), shapes, results), nprocs=2)
     raw = dict(results["raw"])
@@ -129,15 +88,8 @@ def main() -> None:
     logs = Path(os.environ.get("OUT", "/tmp"))
     seed_port, client_port = free_port(), free_port()
     seed_args = [*common, "--base-gpu-id", str(args.seed_gpu)]
-    if args.with_transfer_engine:
-        seed_args += [
-            "--remote-instance-weight-loader-start-seed-via-transfer-engine",
-            "--engine-info-bootstrap-port",
-            str(free_port()),
-        ]
     seed = launch(model_dir, seed_port, seed_args, logs / "seed.log")
     client = None
-    te_results = {}
     try:
         disk = server_info(seed_port)
         client_dir = Path(config_only_copy(model_dir, "/tmp/llama8b-client"))
@@ -159,8 +111,6 @@ def main() -> None:
         client.terminate()
         client.wait(30)
         client = None
-        if args.with_transfer_engine:
-            te_results = _transfer_engine_forks(client_dir, seed_port, common, args.client_gpu, logs)
     finally:
         for proc in (client, seed):
             if proc is not None:
@@ -178,12 +128,14 @@ def main() -> None:
             "fork_vs_raw": round(report["gbps"] / raw["gbps"], 3),
             "fork_steps_s": {k: round(v, 3) for k, v in report["timings"].items()},
             "raw_nccl_cold_s": round(raw["cold_s"], 3),
-            "fork_setup_plus_transfer_s": round(report["timings"]["group setup"] + report["timings"]["transfer"], 3),
+            "fork_setup_transfer_teardown_s": round(
+                sum(report["timings"][k] for k in ("group setup", "transfer", "teardown")), 3
+            ),
             "fork_weight_load_s": round(forked["weight_load_seconds"], 2),
             "disk_weight_load_s": round(disk["weight_load_seconds"], 2),
             "disk_page_cache_dropped": cold,
             "fork_speedup_vs_disk": round(disk["weight_load_seconds"] / forked["weight_load_seconds"], 2),
-            "transfer_engine": te_results,
+            "seed_log": [line for line in (logs / "seed.log").read_text().splitlines() if "R-Fork" in line][-4:],
         },
         "rfork_nccl_h200x2.json",
     )

@@ -1,10 +1,20 @@
-"""Where does pair-group NCCL time go? Per-iteration broadcast times: world group vs our pair group.
+"""Where does a fresh pair group's first big broadcast lose its time? Each variant runs in fresh processes.
 
-    python benchmark/rfork/nccl_probe.py
+    python benchmark/rfork/nccl_probe.py [--extra-gb 80]
+
+Variants (all move the same 195 Llama-3-8B-shaped tensors, ~16 GB bf16, from GPU 0 to GPU 1):
+  pair            our pair group as the fork opens it (one-element probe), then four passes
+  pair_big_heap   the same after each side allocated --extra-gb more (a serving process holds a KV cache)
+  pair_warm_<MB>  pair_big_heap plus a warm-up broadcast of <MB> during setup
+  world           init_process_group + barrier, as the raw baseline does (world_big_heap: with --extra-gb)
+Each prints JSON lines: setup seconds, per-pass seconds, and the time to close the group.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -13,40 +23,87 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from sglang.srt.remote_instance.pair_group import open_pair_group
-from sglang.srt.server_args import free_port
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "python"))
 
-# Llama-3-8B-like tensor list: 195 tensors, about 16 GB in bf16.
-SHAPES = [(128256, 4096)] + [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336), (4096,), (4096,)] * 32 + [
-    (4096,), (128256, 4096)]
-
-
-def _timed(label: str, rank: int, fn) -> None:
-    for i in range(4):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        if rank == 1:
-            print(f"{label} iter {i}: {time.perf_counter() - start:.3f} s", flush=True)
+from sglang.srt.remote_instance.pair_group import open_pair_group  # noqa: E402
+from sglang.srt.server_args import free_port  # noqa: E402
+from sglang.test.test_utils import LLAMA3_8B_SHAPE  # noqa: E402
 
 
-def worker(rank: int, world_port: int, pair_port: int) -> None:
-    torch.cuda.set_device(rank)
-    tensors = [torch.empty(s, dtype=torch.bfloat16, device="cuda") for s in SHAPES]
-    if rank == 1:
-        print(f"{sum(t.numel() * 2 for t in tensors) / 1e9:.2f} GB in {len(tensors)} tensors", flush=True)
-    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{world_port}", rank=rank, world_size=2)
-    _timed("world group", rank, lambda: [dist.broadcast(t, src=0) for t in tensors])
+def _shapes() -> list[tuple[int, ...]]:
+    s = LLAMA3_8B_SHAPE
+    h, inter, v = s["hidden_size"], s["intermediate_size"], s["vocab_size"]
+    kv = s["num_key_value_heads"] * s["head_dim"]
+    layer = [(h + 2 * kv, h), (h, h), (2 * inter, h), (h, inter), (h,), (h,)]
+    return [(v, h)] + layer * s["num_hidden_layers"] + [(h,), (v, h)]
+
+
+def _sync_time(fn) -> float:
+    torch.cuda.synchronize()
     start = time.perf_counter()
-    group = open_pair_group("127.0.0.1", pair_port, rank, "probe", torch.device("cuda", rank), 60)
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def worker(rank: int, variant: str, port: int, extra_gb: float, queue) -> None:
+    torch.cuda.set_device(rank)
+    tensors = [torch.empty(s, dtype=torch.bfloat16, device="cuda") for s in _shapes()]
+    heap = None
+    if ("big_heap" in variant or variant.startswith("pair_warm_")) and extra_gb:
+        heap = torch.empty(int(extra_gb * 1e9), dtype=torch.uint8, device="cuda")
+    record: dict = {"variant": variant, "bytes": sum(t.numel() * 2 for t in tensors)}
+    start = time.perf_counter()
+    if variant.startswith("world"):
+        dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+        dist.barrier()
+        record["setup_s"] = time.perf_counter() - start
+
+        def run() -> None:
+            for t in tensors:
+                dist.broadcast(t, src=0)
+
+        close = dist.destroy_process_group
+    else:
+        group = open_pair_group("127.0.0.1", port, rank, "probe", torch.device("cuda", rank), 120)
+        record["setup_s"] = time.perf_counter() - start
+        if variant.startswith("pair_warm_"):
+            warm = torch.empty(int(variant.rsplit("_", 1)[1]) << 20, dtype=torch.uint8, device="cuda")
+            record["warmup_s"] = _sync_time(lambda: group.broadcast_all([warm], time.monotonic() + 120))
+
+        def run() -> None:
+            group.broadcast_all(tensors, time.monotonic() + 120)
+
+        close = group.close
+    record["passes_s"] = [round(_sync_time(run), 4) for _ in range(4)]
+    start = time.perf_counter()
+    close()
+    record["close_s"] = round(time.perf_counter() - start, 4)
+    del heap
     if rank == 1:
-        print(f"pair group setup {time.perf_counter() - start:.3f} s", flush=True)
-    _timed("pair group", rank, lambda: group.broadcast_all(tensors, time.monotonic() + 60))
-    group.close()
-    dist.destroy_process_group()
+        queue.put(record)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--extra-gb", type=float, default=80.0)
+    variants = "pair,pair_big_heap,pair_warm_1,pair_warm_64,pair_warm_1024,world,world_big_heap"
+    parser.add_argument("--variants", default=variants)
+    args = parser.parse_args()
+    ctx = mp.get_context("spawn")
+    for variant in args.variants.split(","):
+        queue = ctx.Queue()
+        port = free_port()
+        procs = [ctx.Process(target=worker, args=(r, variant, port, args.extra_gb, queue)) for r in range(2)]
+        for p in procs:
+            p.start()
+        record = queue.get(timeout=300)
+        for p in procs:
+            p.join(60)
+        record["gbps_per_pass"] = [round(record["bytes"] / s / 1e9, 1) for s in record["passes_s"]]
+        record["env"] = {k: v for k, v in os.environ.items() if k.startswith("NCCL_")}
+        print(json.dumps(record), flush=True)
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "python"))
-    mp.spawn(worker, args=(free_port(), free_port()), nprocs=2)
+    main()

@@ -32,6 +32,7 @@ class ForkContext:
     device: torch.device
     deadline: float  # time.monotonic() by which the whole fork must be done
     timings: dict[str, float] = field(default_factory=dict)
+    details: dict[str, str] = field(default_factory=dict)  # backend facts for the report, e.g. the transport used
 
     def remaining(self) -> float:
         """Seconds left before the deadline (at least 1, so a late step still fails with its own message)."""
@@ -124,8 +125,10 @@ class RemoteInstanceModelLoader(BaseModelLoader):
         _step(ctx, "manifest", t)
 
         t = time.perf_counter()
+        window = [time.time()]  # wall clock, so a benchmark can line the fork up with the seed's own timeline
         moved: list[int] = []
         agree_across_ranks(ctx, "transfer", capture_error(lambda: moved.append(backend.transfer(model, ctx))))
+        window.append(time.time())
         nbytes = moved[0]
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -161,7 +164,14 @@ class RemoteInstanceModelLoader(BaseModelLoader):
             gbps,
             steps,
         )
-        self.fork_report = {"bytes": nbytes, "transfer_s": transfer_s, "gbps": gbps, "timings": dict(ctx.timings)}
+        self.fork_report = {
+            "bytes": nbytes,
+            "transfer_s": transfer_s,
+            "gbps": gbps,
+            "timings": dict(ctx.timings),
+            "backend_window_unix_s": window,
+            **ctx.details,
+        }
         return model
 
 

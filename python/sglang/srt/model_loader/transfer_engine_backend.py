@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,8 +87,10 @@ class TransferEngineBackend(RemoteWeightBackend):
         for name, entry in self.info.weights.items():
             if len(entry) < 6:
                 raise RemoteInstanceError(
-                    ctx.seed.name, "manifest", f"the seed publishes no dtype, shape and checksum for {name} (an "
-                    "upstream SGLang seed?); fork from a seed running this runtime, or use the nccl backend"
+                    ctx.seed.name,
+                    "manifest",
+                    f"the seed publishes no dtype, shape and checksum for {name} (an "
+                    "upstream SGLang seed?); fork from a seed running this runtime, or use the nccl backend",
                 )
             _, numel, esize, dtype, shape, checksum = entry[:6]
             specs.append(TensorSpec(name, str(dtype), tuple(int(x) for x in shape), int(numel) * int(esize)))
@@ -116,7 +119,9 @@ class TransferEngineBackend(RemoteWeightBackend):
                 for _, t in tensors:
                     t.zero_()
         protocol = endpoint.protocol or auto_nic_protocol()
+        ctx.details["transport"] = protocol
         gpu = ctx.device.index if ctx.device.type == "cuda" else None
+        start = time.perf_counter()
         try:
             engine = GuardedEngine(
                 local_ip_towards(ctx.seed.ip), protocol, "" if protocol == "nvlink_intra" else nic_device_for_gpu(gpu)
@@ -124,14 +129,21 @@ class TransferEngineBackend(RemoteWeightBackend):
         except MooncakeError as e:
             raise RemoteInstanceError(ctx.seed.name, "transfer", str(e)) from None
         logger.info(
-            "TP%d: reading %d tensors from seed rank %s over Mooncake %s", ctx.tp_rank, len(entries),
-            endpoint.session_id, protocol,
+            "TP%d: reading %d tensors from seed rank %s over Mooncake %s",
+            ctx.tp_rank,
+            len(entries),
+            endpoint.session_id,
+            protocol,
         )
         try:
             if protocol == "rdma":  # RDMA writes into the destination, which must be registered with the NIC
                 location = f"cuda:{gpu}" if gpu is not None else "*"
                 engine.register(merged_regions(tensors, ctx.device), location)
-            return engine.read(endpoint.session_id, entries, ctx.deadline, WINDOW[protocol], owner=model)
+            ctx.timings["engine setup"] = time.perf_counter() - start
+            start = time.perf_counter()
+            moved = engine.read(endpoint.session_id, entries, ctx.deadline, WINDOW[protocol], owner=model)
+            ctx.timings["transfer"] = time.perf_counter() - start
+            return moved
         except MooncakeError as e:
             raise RemoteInstanceError(ctx.seed.name, "transfer", f"Mooncake {protocol}: {e}") from None
         finally:
@@ -143,8 +155,10 @@ def parse_info(seed: str, payload: Any) -> SeedRankInfo:
     info = payload.get("remote_instance_transfer_engine_info") if isinstance(payload, dict) else None
     if not (isinstance(info, list) and len(info) >= 2 and isinstance(info[0], str) and isinstance(info[1], dict)):
         raise RemoteInstanceError(
-            seed, "manifest", "malformed transfer engine info: expected 'remote_instance_transfer_engine_info' = "
-            "[session_id, {name: [ptr, numel, element_size, ...]}]"
+            seed,
+            "manifest",
+            "malformed transfer engine info: expected 'remote_instance_transfer_engine_info' = "
+            "[session_id, {name: [ptr, numel, element_size, ...]}]",
         )
     for name, entry in info[1].items():
         if not (isinstance(entry, list) and len(entry) >= 3 and all(isinstance(x, int) for x in entry[:3])):
@@ -178,8 +192,10 @@ def choose_endpoint(endpoints: list[Endpoint], device: torch.device) -> Endpoint
                 "seed without MOONCAKE_PROTOCOL=nvlink_intra"
             )
     if (chosen.protocol or auto_nic_protocol()) == "rdma" and not rdma_devices():
-        raise MooncakeError("the seed serves RDMA but this host has no RDMA device; start the seed with "
-                            "MOONCAKE_PROTOCOL=tcp (or give this host a NIC)")
+        raise MooncakeError(
+            "the seed serves RDMA but this host has no RDMA device; start the seed with "
+            "MOONCAKE_PROTOCOL=tcp (or give this host a NIC)"
+        )
     return chosen
 
 
@@ -208,9 +224,13 @@ def _diagnose(ctx: ForkContext) -> str:
     if not isinstance(info, dict):
         return ""
     if info.get("remote_instance_weight_loader_start_seed_via_transfer_engine") is False:
-        return (f"The seed was not started with {SEED_FLAG}: restart it with that flag, "
-                "or fork with --remote-instance-weight-loader-backend nccl.")
+        return (
+            f"The seed was not started with {SEED_FLAG}: restart it with that flag, "
+            "or fork with --remote-instance-weight-loader-backend nccl."
+        )
     if isinstance(info.get("tp_size"), int) and info["tp_size"] != ctx.tp_size:
         return f"The seed runs --tp-size {info['tp_size']}, this client {ctx.tp_size}: they must match."
-    return (f"The seed's TP{ctx.tp_rank} has not published its weights; look for 'NOT a TransferEngine seed' "
-            "in the seed's log.")
+    return (
+        f"The seed's TP{ctx.tp_rank} has not published its weights; look for 'NOT a TransferEngine seed' "
+        "in the seed's log."
+    )

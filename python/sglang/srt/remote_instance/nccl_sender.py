@@ -50,18 +50,19 @@ def init_group(
     key, port = _key(scheduler, group_name, ports)
     stale = _GROUPS.pop(key, None)
     if stale is not None:
-        stale.close()
+        stale.close_later()
     start = time.perf_counter()
-    _GROUPS[key] = open_pair_group(
-        master_address, port, 0, key, scheduler.runner.device, _timeout(scheduler, timeout)
-    )
+    _GROUPS[key] = open_pair_group(master_address, port, 0, key, scheduler.runner.device, _timeout(scheduler, timeout))
     logger.info("TP%d R-Fork group %s ready in %.3f s", scheduler.tp_rank, key, time.perf_counter() - start)
     return f"group {key} ready"
 
 
 @register_rpc("send_weights_to_remote_instance")
 def send_weights(
-    scheduler: Scheduler, master_address: str, ports: str, group_name: str = "weight_send_group",
+    scheduler: Scheduler,
+    master_address: str,
+    ports: str,
+    group_name: str = "weight_send_group",
     timeout: float | None = None,
 ) -> str:
     """Broadcast every parameter in manifest order over the group, then tear the group down."""
@@ -74,14 +75,19 @@ def send_weights(
     try:
         group.broadcast_all(tensors, time.monotonic() + _timeout(scheduler, timeout))
     finally:
-        group.close()
+        # Off the scheduler thread: an NCCL teardown would stall serving for ~0.5 s.
+        group.close_later()
     seconds = time.perf_counter() - start
     nbytes = sum(t.numel() * t.element_size() for t in tensors)
     logger.info(
         "TP%d R-Fork sent %.1f MB over %s in %.3f s (%.2f GB/s)",
-        scheduler.tp_rank, nbytes / 1e6, key, seconds, nbytes / max(seconds, 1e-9) / 1e9,
+        scheduler.tp_rank,
+        nbytes / 1e6,
+        key,
+        seconds,
+        nbytes / max(seconds, 1e-9) / 1e9,
     )
-    return f"sent {nbytes} bytes"
+    return f"sent {nbytes} bytes in {seconds:.3f} s"
 
 
 @register_rpc("destroy_weights_send_group")
@@ -90,5 +96,5 @@ def destroy_group(scheduler: Scheduler, ports: str, group_name: str = "weight_se
     key, _ = _key(scheduler, group_name, ports)
     group = _GROUPS.pop(key, None)
     if group is not None:
-        group.close()
+        group.close_later()
     return group is not None

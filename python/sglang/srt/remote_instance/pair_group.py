@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import datetime
-import os
+import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +21,7 @@ class PairGroup:
     """One seed rank and one client rank; the seed hosts the rendezvous store on its port."""
 
     name: str
+    port: int
     rank: int
     device: torch.device
     store: Any
@@ -51,22 +50,44 @@ class PairGroup:
         self.pg = None
         self.store = None
 
+    def close_later(self) -> None:
+        """Close in a background thread. Tearing down an NCCL communicator takes ~0.5 s on H200s, ten times
+        the transfer itself; nobody needs to wait for it once the bytes have landed. A later group on the same
+        port waits for this one to let go of it (see open_pair_group)."""
+        thread = threading.Thread(target=self.close, name=f"close-{self.name}", daemon=True)
+        with _CLOSING_LOCK:
+            _CLOSING[self.port] = thread
+        thread.start()
+
+
+# Groups being torn down in the background, by rendezvous port.
+_CLOSING: dict[int, threading.Thread] = {}
+_CLOSING_LOCK = threading.Lock()
+# Seconds a new group waits for an old one on its port to finish closing.
+CLOSE_WAIT_S = 30.0
+
+
+def _wait_closed(port: int) -> None:
+    with _CLOSING_LOCK:
+        thread = _CLOSING.pop(port, None)
+    if thread is not None:
+        thread.join(CLOSE_WAIT_S)
+
 
 def wait_work(work: Any, deadline: float, what: str) -> None:
     """Poll a collective until it completes; never block past deadline (a dead peer must not hang us)."""
     while not work.is_completed():
         if time.monotonic() > deadline:
             raise PairGroupError(f"{what} did not finish before the timeout")
-        time.sleep(0.002)
+        time.sleep(0.0005)  # a fork's whole transfer can take 50 ms; coarse polling would show in it
     work.wait()  # raises the collective's own error, if it failed
 
 
-def open_pair_group(
-    host: str, port: int, rank: int, name: str, device: torch.device, timeout_s: float
-) -> PairGroup:
+def open_pair_group(host: str, port: int, rank: int, name: str, device: torch.device, timeout_s: float) -> PairGroup:
     """Rendezvous at tcp://host:port (rank 0 listens there) and check the link with a one-element broadcast."""
     timeout = datetime.timedelta(seconds=max(1.0, timeout_s))
     deadline = time.monotonic() + timeout_s
+    _wait_closed(port)
     try:
         store = dist.TCPStore(host, port, world_size=2, is_master=rank == 0, timeout=timeout, wait_for_workers=True)
     except RuntimeError as e:
@@ -82,28 +103,12 @@ def open_pair_group(
             pg = dist.ProcessGroupGloo(store, rank, 2, timeout)
     except RuntimeError as e:
         raise PairGroupError(f"could not form group {name}: {e}") from None
-    group = PairGroup(name, rank, device, store, pg)
+    group = PairGroup(name, port, rank, device, store, pg)
     probe = torch.zeros(1, device=device)
     try:
-        # NCCL creates the communicator on the first collective and, by default, connects its channels lazily
-        # on the first large one (about 0.6 s between two H200s, which would land inside the transfer).
-        # Connecting everything now keeps setup and data movement apart.
-        with _env("NCCL_RUNTIME_CONNECT", "0"):
-            group.broadcast_all([probe], deadline)
+        # Creates the communicator now (NCCL does so on the first collective), so its cost counts as setup.
+        group.broadcast_all([probe], deadline)
     except Exception:
         group.close()
         raise
     return group
-
-
-@contextlib.contextmanager
-def _env(name: str, value: str) -> Iterator[None]:
-    old = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old

@@ -72,21 +72,24 @@ def start_transfer_engine_seed(runner: ModelRunner) -> TransferEngineSeed | None
         checksums = cached_checksums(runner)
         seed = create_seed(runner.model, runner.device, runner.tp_rank, advertised_host(args), checksums)
     except Exception as e:  # publishing is optional: the instance must keep serving whatever went wrong
-        logger.error(
-            "TP%d: NOT a TransferEngine seed (clients cannot fork from this instance): %s", runner.tp_rank, e
-        )
+        logger.error("TP%d: NOT a TransferEngine seed (clients cannot fork from this instance): %s", runner.tp_rank, e)
         return None
     try:
         url = publish(seed, bootstrap_url(args), args.api_key)
     except RuntimeError as e:
-        logger.error("TP%d: TransferEngine info NOT published, clients cannot fork from this rank: %s",
-                     runner.tp_rank, e)
+        logger.error(
+            "TP%d: TransferEngine info NOT published, clients cannot fork from this rank: %s", runner.tp_rank, e
+        )
         return seed
     nbytes = sum(v[1] * v[2] for v in seed.weights_info_dict.values())
     logger.info(
         "TP%d: TransferEngine seed published to %s: %d tensors, %.1f MB in %s; registration took %.3f s",
-        seed.tp_rank, url, len(seed.weights_info_dict), nbytes / 1e6,
-        ", ".join(f"{n} {p} region(s)" for p, n in seed.regions.items()), seed.register_seconds,
+        seed.tp_rank,
+        url,
+        len(seed.weights_info_dict),
+        nbytes / 1e6,
+        ", ".join(f"{n} {p} region(s)" for p, n in seed.regions.items()),
+        seed.register_seconds,
     )
     return seed
 
@@ -119,15 +122,24 @@ def create_seed(
             logger.warning(
                 "TP%d: Mooncake TransferEngine (%s) opened ports %s (rpc %d) on all interfaces; anyone who can reach "
                 "them can read this instance's weights: firewall them or keep the seed on a private network",
-                tp_rank, protocol, ports or "?", engine.rpc_port,
+                tp_rank,
+                protocol,
+                ports or "?",
+                engine.rpc_port,
             )
     except MooncakeError:
         for engine in engines:
             engine.close()
         raise
     info = {
-        name: [t.data_ptr(), t.numel(), t.element_size(), str(t.dtype).removeprefix("torch."), list(t.shape),
-               checksums[name]]
+        name: [
+            t.data_ptr(),
+            t.numel(),
+            t.element_size(),
+            str(t.dtype).removeprefix("torch."),
+            list(t.shape),
+            checksums[name],
+        ]
         for name, t in tensors
     }
     return TransferEngineSeed(tp_rank, engines, info, endpoints, register_seconds, regions)
@@ -157,8 +169,10 @@ def merged_regions(tensors: list[tuple[str, torch.Tensor]], device: torch.device
     segments = _cuda_segments(device) if device.type == "cuda" else []
     regions: list[list[int]] = []
     for addr, length in spans:
-        if regions and addr <= regions[-1][0] + regions[-1][1] and (
-            not segments or _segment_of(segments, addr) == _segment_of(segments, regions[-1][0])
+        if (
+            regions
+            and addr <= regions[-1][0] + regions[-1][1]
+            and (not segments or _segment_of(segments, addr) == _segment_of(segments, regions[-1][0]))
         ):
             regions[-1][1] = max(regions[-1][1], addr + length - regions[-1][0])
         else:

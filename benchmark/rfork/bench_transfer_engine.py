@@ -1,0 +1,239 @@
+"""R-Fork over Mooncake on two GPUs: fork GB/s vs a raw Mooncake read of the same tensors, fork load time vs
+disk, and the seed's decode speed while a client forks from it vs before.
+
+    python benchmark/rfork/bench_transfer_engine.py [--model-dir /tmp/llama8b] [--protocols nvlink_intra,tcp]
+
+Raw baseline: two bare processes, the same 195 tensors' bytes on the same GPUs (each side one registered
+allocation), one `batch_transfer_sync_read` of all of them (Mooncake's own fastest call); first and best pass.
+Fork: a seed server started with --remote-instance-weight-loader-start-seed-via-transfer-engine on --seed-gpu, a
+client forked from it on --client-gpu with MOONCAKE_PROTOCOL set to each protocol. During each fork the seed streams
+one long generation; its tokens/s inside the client's transfer window is compared with the same stream's rate
+before the client started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import requests
+import torch
+import torch.multiprocessing as mp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_nccl import param_shapes  # noqa: E402
+from common import drop_page_cache, ensure_checkpoint, launch, server_info, stamp, write_result  # noqa: E402
+
+from sglang.srt.server_args import free_port  # noqa: E402
+from sglang.test.test_utils import config_only_copy  # noqa: E402
+
+PASSES = {"nvlink_intra": 4, "tcp": 1}  # TCP moves ~1.4 GB/s: one pass of 16 GB is enough
+
+
+def _engine(protocol: str):
+    from mooncake.engine import TransferEngine
+
+    if protocol == "nvlink_intra":
+        os.environ["MC_INTRANODE_NVLINK"] = "1"
+    engine = TransferEngine()
+    if engine.initialize("127.0.0.1", "P2PHANDSHAKE", protocol, "") != 0:
+        raise RuntimeError(f"Mooncake initialize failed for {protocol}")
+    return engine
+
+
+def _arena(shapes: list, fill: int) -> tuple[torch.Tensor, list[int], list[int]]:
+    """One allocation holding every tensor's bytes (256-byte aligned): (arena, offsets, lengths)."""
+    lengths = [int(torch.Size(s).numel()) * torch.empty((), dtype=d).element_size() for s, d in shapes]
+    offsets, total = [], 0
+    for n in lengths:
+        offsets.append(total)
+        total += (n + 255) // 256 * 256
+    return torch.full((total,), fill, dtype=torch.uint8, device="cuda"), offsets, lengths
+
+
+def _raw_seed(gpu: int, protocol: str, shapes: list, info: mp.Queue, done: mp.Event) -> None:
+    torch.cuda.set_device(gpu)
+    arena, offsets, _ = _arena(shapes, 7)
+    engine = _engine(protocol)
+    rc = engine.register_memory(arena.data_ptr(), arena.numel(), f"cuda:{gpu}")
+    if rc != 0:
+        raise RuntimeError(f"register_memory failed: {rc}")
+    info.put((f"127.0.0.1:{engine.get_rpc_port()}", [arena.data_ptr() + o for o in offsets]))
+    done.wait(900)
+
+
+def _raw_client(gpu: int, protocol: str, shapes: list, info: mp.Queue, results: dict) -> None:
+    torch.cuda.set_device(gpu)
+    arena, offsets, lengths = _arena(shapes, 0)
+    engine = _engine(protocol)
+    engine.register_memory(arena.data_ptr(), arena.numel(), f"cuda:{gpu}")
+    session, remote = info.get(timeout=300)
+    local = [arena.data_ptr() + o for o in offsets]
+    times = []
+    for _ in range(PASSES[protocol]):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        rc = engine.batch_transfer_sync_read(session, local, remote, lengths)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+        if rc != 0:
+            raise RuntimeError(f"raw {protocol} read failed: {rc}")
+    ok = all(bool((arena[o : o + n] == 7).all()) for o, n in zip(offsets, lengths))
+    results[protocol] = {"passes_s": [round(x, 3) for x in times], "data_ok": ok, "bytes": sum(lengths)}
+
+
+def raw_read(protocol: str, seed_gpu: int, client_gpu: int, shapes: list) -> dict:
+    """Mooncake's own best: one batch read of every tensor between two bare processes."""
+    ctx = mp.get_context("spawn")
+    info, done = ctx.Queue(), ctx.Event()
+    results = ctx.Manager().dict()
+    seed = ctx.Process(target=_raw_seed, args=(seed_gpu, protocol, shapes, info, done))
+    client = ctx.Process(target=_raw_client, args=(client_gpu, protocol, shapes, info, results))
+    seed.start()
+    client.start()
+    client.join(900)
+    done.set()
+    seed.join(60)
+    if protocol not in results:
+        return {"error": f"raw {protocol} read did not finish (client exit {client.exitcode})"}
+    out = dict(results[protocol])
+    best = min(out["passes_s"][1:] or out["passes_s"])
+    out["gbps"] = round(out["bytes"] / best / 1e9, 1)
+    return out
+
+
+class TokenClock(threading.Thread):
+    """Streams one long greedy generation from the seed and records (wall time, tokens so far) per event."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(daemon=True)
+        self.port = port
+        self.events: list[tuple[float, int]] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        body = {
+            "text": "Once upon a time",
+            "sampling_params": {"max_new_tokens": 7000, "temperature": 0, "ignore_eos": True},
+            "stream": True,
+        }
+        with requests.post(f"http://127.0.0.1:{self.port}/generate", json=body, stream=True, timeout=600) as r:
+            for line in r.iter_lines():
+                if self.stop.is_set():
+                    return
+                if line.startswith(b"data: {"):
+                    tokens = json.loads(line[6:])["meta_info"]["completion_tokens"]
+                    self.events.append((time.time(), tokens))
+
+    def rate(self, t0: float, t1: float) -> float | None:
+        """Tokens per second between two wall-clock times, from the events inside them."""
+        inside = [e for e in self.events if t0 <= e[0] <= t1]
+        if len(inside) < 2:
+            return None
+        return (inside[-1][1] - inside[0][1]) / (inside[-1][0] - inside[0][0])
+
+
+def fork_during_stream(protocol: str, client_dir: Path, seed_port: int, common: list, gpu: int, logs: Path) -> dict:
+    """Fork one client while the seed streams; the seed's tokens/s before and during the transfer."""
+    env = {**os.environ, "MOONCAKE_PROTOCOL": protocol}
+    clock = TokenClock(seed_port)
+    clock.start()
+    time.sleep(6)
+    launched = time.time()
+    args = [
+        *common,
+        "--base-gpu-id",
+        str(gpu),
+        "--load-format",
+        "remote_instance",
+        "--remote-instance-weight-loader-backend",
+        "transfer_engine",
+        "--remote-instance-weight-loader-seed-instance-ip",
+        "127.0.0.1",
+        "--remote-instance-weight-loader-seed-instance-service-port",
+        str(seed_port),
+    ]
+    port = free_port()
+    try:
+        proc = launch(client_dir, port, args, logs / f"client_te_{protocol}.log", env=env)
+    except (RuntimeError, TimeoutError) as e:
+        clock.stop.set()
+        return {"error": str(e)[-800:]}
+    try:
+        info = server_info(port)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        clock.stop.set()
+    rep = info["fork_report"]
+    t0, t1 = rep["backend_window_unix_s"]
+    before, during = clock.rate(launched - 5, launched), clock.rate(t0, t1)
+    return {
+        "transport": rep.get("transport"),
+        "gbps": round(rep["gbps"], 1),
+        "steps_s": {k: round(v, 3) for k, v in rep["timings"].items()},
+        "weight_load_s": round(info["weight_load_seconds"], 2),
+        "seed_decode_tok_s_before": None if before is None else round(before, 1),
+        "seed_decode_tok_s_during_transfer": None if during is None else round(during, 1),
+        "seed_decode_during_vs_before": None if not (before and during) else round(during / before, 3),
+        "seed_stream_events_during_transfer": sum(1 for e in clock.events if t0 <= e[0] <= t1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model-dir", default="/tmp/llama8b")
+    parser.add_argument("--seed-gpu", type=int, default=0)
+    parser.add_argument("--client-gpu", type=int, default=1)
+    parser.add_argument("--protocols", default="nvlink_intra,tcp")
+    args = parser.parse_args()
+    protocols = args.protocols.split(",")
+    model_dir = ensure_checkpoint(Path(args.model_dir))
+    shapes = param_shapes(model_dir)
+    raw = {p: raw_read(p, args.seed_gpu, args.client_gpu, shapes) for p in protocols}
+
+    cold = drop_page_cache()
+    common = ["--attention-backend", "torch_native", "--disable-cuda-graph", "--max-total-tokens", "65536"]
+    logs = Path(os.environ.get("OUT", "/tmp"))
+    seed_port = free_port()
+    seed_args = [
+        *common,
+        "--base-gpu-id",
+        str(args.seed_gpu),
+        "--remote-instance-weight-loader-start-seed-via-transfer-engine",
+        "--engine-info-bootstrap-port",
+        str(free_port()),
+    ]
+    seed = launch(model_dir, seed_port, seed_args, logs / "seed_te.log")
+    try:
+        disk = server_info(seed_port)
+        client_dir = Path(config_only_copy(model_dir, "/tmp/llama8b-client"))
+        forks = {p: fork_during_stream(p, client_dir, seed_port, common, args.client_gpu, logs) for p in protocols}
+    finally:
+        seed.terminate()
+        seed.wait(30)
+    for p in protocols:
+        if "gbps" in forks[p] and "gbps" in raw[p]:
+            forks[p]["fork_vs_raw"] = round(forks[p]["gbps"] / raw[p]["gbps"], 3)
+            forks[p]["fork_speedup_vs_disk"] = round(disk["weight_load_seconds"] / forks[p]["weight_load_s"], 2)
+    write_result(
+        {
+            **stamp("python benchmark/rfork/bench_transfer_engine.py"),
+            "model": "Llama-3-8B-shaped, bf16, random weights; seed and clients: torch_native, no CUDA graphs",
+            "weight_bytes": disk["weight_bytes"],
+            "disk_weight_load_s": round(disk["weight_load_seconds"], 2),
+            "disk_page_cache_dropped": cold,
+            "raw_mooncake_read": raw,
+            "fork": forks,
+        },
+        "rfork_transfer_engine_h200x2.json",
+    )
+
+
+if __name__ == "__main__":
+    main()
