@@ -195,7 +195,10 @@ def main() -> None:
     protocols = args.protocols.split(",")
     model_dir = ensure_checkpoint(Path(args.model_dir))
     shapes = param_shapes(model_dir)
-    raw = {p: raw_read(p, args.seed_gpu, args.client_gpu, shapes) for p in protocols}
+    raw = {}
+    for p in protocols:
+        raw[p] = raw_read(p, args.seed_gpu, args.client_gpu, shapes)
+        print("raw", p, json.dumps(raw[p]), flush=True)  # partial results survive a cut-off run
 
     cold = drop_page_cache()
     common = ["--attention-backend", "torch_native", "--disable-cuda-graph", "--max-total-tokens", "65536"]
@@ -213,7 +216,10 @@ def main() -> None:
     try:
         disk = server_info(seed_port)
         client_dir = Path(config_only_copy(model_dir, "/tmp/llama8b-client"))
-        forks = {p: fork_during_stream(p, client_dir, seed_port, common, args.client_gpu, logs) for p in protocols}
+        forks = {}
+        for p in protocols:
+            forks[p] = fork_during_stream(p, client_dir, seed_port, common, args.client_gpu, logs)
+            print("fork", p, json.dumps(forks[p]), flush=True)
     finally:
         seed.terminate()
         seed.wait(30)
