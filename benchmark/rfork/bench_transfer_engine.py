@@ -115,8 +115,15 @@ class TokenClock(threading.Thread):
         self.port = port
         self.events: list[tuple[float, int]] = []
         self.stop = threading.Event()
+        self.error: str | None = None
 
     def run(self) -> None:
+        try:
+            self._stream()
+        except Exception as e:  # reported in the result instead of vanishing with the thread
+            self.error = repr(e)
+
+    def _stream(self) -> None:
         body = {
             "text": "Once upon a time",
             "sampling_params": {"max_new_tokens": 7000, "temperature": 0, "ignore_eos": True},
@@ -127,8 +134,11 @@ class TokenClock(threading.Thread):
                 if self.stop.is_set():
                     return
                 if line.startswith(b"data: {"):
-                    tokens = json.loads(line[6:])["meta_info"]["completion_tokens"]
-                    self.events.append((time.time(), tokens))
+                    event = json.loads(line[6:])
+                    if "meta_info" not in event:
+                        self.error = str(event)[:300]
+                        return
+                    self.events.append((time.time(), event["meta_info"]["completion_tokens"]))
 
     def rate(self, t0: float, t1: float) -> float | None:
         """Tokens per second between two wall-clock times, from the events inside them."""
@@ -172,7 +182,8 @@ def fork_during_stream(protocol: str, client_dir: Path, seed_port: int, common: 
         clock.stop.set()
     rep = info["fork_report"]
     t0, t1 = rep["backend_window_unix_s"]
-    before, during = clock.rate(launched - 5, launched), clock.rate(t0, t1)
+    first = clock.events[0][0] if clock.events else launched
+    before, during = clock.rate(first + 1, launched), clock.rate(t0, t1)
     return {
         "transport": rep.get("transport"),
         "gbps": round(rep["gbps"], 1),
@@ -182,6 +193,9 @@ def fork_during_stream(protocol: str, client_dir: Path, seed_port: int, common: 
         "seed_decode_tok_s_during_transfer": None if during is None else round(during, 1),
         "seed_decode_during_vs_before": None if not (before and during) else round(during / before, 3),
         "seed_stream_events_during_transfer": sum(1 for e in clock.events if t0 <= e[0] <= t1),
+        "seed_stream_events": len(clock.events),
+        "seed_stream_first_event_before_launch_s": round(launched - first, 2),
+        "seed_stream_error": clock.error,
     }
 
 

@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 
 
 class InitGroupReq(BaseModel):
-    """Upstream's InitWeightsSendGroupForRemoteInstanceReqInput (+ our optional lease_id)."""
+    """Upstream's InitWeightsSendGroupForRemoteInstanceReqInput (+ our optional lease_id and send_weights)."""
 
     master_address: str
     ports: str
@@ -30,6 +30,8 @@ class InitGroupReq(BaseModel):
     group_name: str = "weight_send_group"
     backend: str = "nccl"
     lease_id: str | None = None
+    # Ours: broadcast the weights as soon as the group forms and answer after that (one call instead of two).
+    send_weights: bool = False
 
 
 class SendWeightsReq(BaseModel):
@@ -142,15 +144,19 @@ def add_rfork_routes(app: FastAPI) -> None:
         except ValueError:
             return _fail(f"ports must be comma-separated integers, got {req.ports!r}")
         if len(ports) != tm.server_args.tp_size:
-            return _fail(f"{len(ports)} group port(s) for a seed with --tp-size {tm.server_args.tp_size}; "
-                         "the client needs the same --tp-size and one port per rank")
+            return _fail(
+                f"{len(ports)} group port(s) for a seed with --tp-size {tm.server_args.tp_size}; "
+                "the client needs the same --tp-size and one port per rank"
+            )
         s = slot(request)
         if s.lease is not None and time.monotonic() < s.lease.expires:
             return _fail(s.busy_message(), 409)
         taken = busy_ports(ports)
         if taken:
-            return _fail(f"group port(s) {taken} are already in use on the seed host; pick free ports "
-                         "with --remote-instance-weight-loader-send-weights-group-ports")
+            return _fail(
+                f"group port(s) {taken} are already in use on the seed host; pick free ports "
+                "with --remote-instance-weight-loader-send-weights-group-ports"
+            )
         lease = s.acquire(req.ports)
         return {"success": True, "lease_id": lease.lease_id, "expires_in": lease.expires - time.monotonic()}
 
@@ -176,7 +182,11 @@ def add_rfork_routes(app: FastAPI) -> None:
             await tm.rpc("init_weights_send_group_for_remote_instance", timeout=None, **params)
         except RuntimeError as e:
             s.release(lease.lease_id)
-            return _fail(f"Failed to init group: {e}.")
+            what = "init group and send weights" if req.send_weights else "init group"
+            return _fail(f"Failed to {what}: {e}.")
+        if req.send_weights:
+            s.release(lease.lease_id)
+            return {"success": True, "message": "Succeeded to init group and send weights through nccl."}
         return {"success": True, "message": "Succeeded to init group through nccl."}
 
     @app.post("/send_weights_to_remote_instance")

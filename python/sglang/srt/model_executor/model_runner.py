@@ -63,6 +63,11 @@ class ModelRunner:
         init_distributed(tp_rank, self.tp_size, dist_init_method, self.device)
         torch.manual_seed(server_args.random_seed)
         self.load_model()
+        # Any instance may become a seed: checksum the weights now (before the KV pool takes the memory
+        # the temporaries need), so a first fork does not wait for it.
+        from sglang.srt.remote_instance.seed_rpc import cached_checksums
+
+        cached_checksums(self)
         self.init_memory_pool()
         self.attn_backend = create_attention_backend(server_args.attention_backend, self)
         # Captured after the KV pool and backend exist: the graphs point at their buffers.

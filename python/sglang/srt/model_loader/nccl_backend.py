@@ -112,17 +112,20 @@ class NcclBackend(RemoteWeightBackend):
         agree_across_ranks(ctx, "lease", err)
         body = broadcast_pyobj({**body, "lease_id": self.lease_id}, src=0)
 
+        # One call: the seed forms the group and broadcasts right away (our send_weights extension); its answer
+        # arrives once the weights are sent, so "transfer" below starts when this rank's group is ready.
         init = _Call(
             lambda: ctx.seed.request(
                 "init group",
                 "POST",
                 "/init_weights_send_group_for_remote_instance",
-                json={**body, "group_rank": 0, "world_size": 2, "backend": "nccl"},
+                json={**body, "group_rank": 0, "world_size": 2, "backend": "nccl", "send_weights": True},
                 timeout=ctx.remaining(),
             )
         )
         if ctx.tp_rank == 0:
             init.start()
+        watched = init if ctx.tp_rank == 0 else None
         group = None
 
         def join() -> None:
@@ -131,11 +134,9 @@ class NcclBackend(RemoteWeightBackend):
                 group = open_pair_group(ctx.seed.ip, port, 1, key, ctx.device, ctx.remaining())
             except PairGroupError as e:
                 raise RemoteInstanceError(ctx.seed.name, "join group", str(e)) from None
-            if ctx.tp_rank == 0:
-                init.result(ctx.remaining())
 
         try:
-            _agree_while(ctx, "init group", join, init if ctx.tp_rank == 0 else None)
+            _agree_while(ctx, "init group", join, watched)
         except Exception:
             if group is not None:
                 group.close()
@@ -144,14 +145,6 @@ class NcclBackend(RemoteWeightBackend):
 
         t = time.perf_counter()
         tensors = [tensor for _, tensor in weight_tensors(model)]
-        send = _Call(
-            lambda: ctx.seed.request(
-                "send", "POST", "/send_weights_to_remote_instance", json=body, timeout=ctx.remaining()
-            )
-        )
-        if ctx.tp_rank == 0:
-            send.start()
-
         received_at: list[float] = []
 
         def receive() -> None:
@@ -163,9 +156,9 @@ class NcclBackend(RemoteWeightBackend):
             received_at.append(time.perf_counter())
             group.close_later()
             if ctx.tp_rank == 0:
-                send.result(ctx.remaining())
+                init.result(ctx.remaining())
 
-        _agree_while(ctx, "transfer", receive, send if ctx.tp_rank == 0 else None)
+        _agree_while(ctx, "transfer", receive, watched)
         # "transfer" is the data movement alone; the seed's acknowledgement is "teardown" (groups close in the
         # background on both sides).
         ctx.timings["transfer"] = received_at[0] - t

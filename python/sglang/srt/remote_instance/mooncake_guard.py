@@ -201,17 +201,35 @@ class GuardedEngine:
                 )
             self._registered.append(addr)
 
-    def read(self, session_id: str, entries: list[ReadEntry], deadline: float, window: int, owner: Any) -> int:
-        """Read every entry from session_id, at most window requests in flight, by deadline; returns bytes read.
+    def read(
+        self,
+        session_id: str,
+        entries: list[ReadEntry],
+        deadline: float,
+        window: int,
+        owner: Any,
+        batched: bool = False,
+        cuda_device: int | None = None,
+    ) -> int:
+        """Read every entry from session_id by deadline; returns bytes read. Windowed (default): one request per
+        entry, at most window in flight, polled with sleeps (spares the CPU that a TCP transfer needs). Batched:
+        window entries per blocking batch call, Mooncake's own fastest way for a copy-engine transport.
 
         owner holds the local buffers; if the read is abandoned mid-flight it is kept alive with the engine.
+        cuda_device is the GPU of the local buffers: the reading thread must make it current, or Mooncake's NVLink
+        copies run from GPU 0's context at a tenth of the speed (38 vs 386 GB/s measured on 2xH200).
         """
         engine = self._live()
         outcome: dict[str, Any] = {}
+        loop = self._read_batches if batched else self._read_loop
 
         def work() -> None:
             try:
-                outcome["bytes"] = self._read_loop(engine, session_id, entries, deadline, window, owner)
+                if cuda_device is not None:
+                    import torch
+
+                    torch.cuda.set_device(cuda_device)
+                outcome["bytes"] = loop(engine, session_id, entries, deadline, window, owner)
             except BaseException as e:  # handed to the waiting thread
                 outcome["error"] = e
 
@@ -228,6 +246,28 @@ class GuardedEngine:
         if "error" in outcome:
             raise outcome["error"]
         return outcome["bytes"]
+
+    def _read_batches(
+        self, engine: Any, session_id: str, entries: list[ReadEntry], deadline: float, window: int, owner: Any
+    ) -> int:
+        todo = [e for e in entries if e.length > 0]
+        done = 0
+        for i in range(0, len(todo), window):
+            if time.monotonic() > deadline:
+                raise MooncakeError(f"reading from {session_id} did not finish before the deadline ({done} bytes done)")
+            chunk = todo[i : i + window]
+            rc = engine.batch_transfer_sync_read(
+                session_id, [e.local_addr for e in chunk], [e.remote_addr for e in chunk], [e.length for e in chunk]
+            )
+            if rc != 0:
+                # The call may give up while copies are still queued: the buffers must outlive them.
+                self._abandon(owner)
+                raise MooncakeError(
+                    f"reading {chunk[0].name} .. {chunk[-1].name} ({len(chunk)} tensors) from {session_id} failed: "
+                    f"{describe(rc)}; the peer died, dropped the connection or does not hold those addresses"
+                )
+            done += sum(e.length for e in chunk)
+        return done
 
     def _read_loop(
         self, engine: Any, session_id: str, entries: list[ReadEntry], deadline: float, window: int, owner: Any

@@ -43,8 +43,10 @@ def init_group(
     group_name: str = "weight_send_group",
     backend: str = "nccl",
     timeout: float | None = None,
+    send_weights: bool = False,
 ) -> str:
-    """Listen on this rank's port until the matching client rank joins (bounded by the seed's timeout)."""
+    """Listen on this rank's port until the matching client rank joins (bounded by the seed's timeout); with
+    send_weights (ours), go straight on to the broadcast, saving the client a round trip to the seed."""
     if world_size != 2 or group_rank != 0:
         raise ValueError(f"only seed rank 0 of a 2-member group is supported (got rank {group_rank}/{world_size})")
     key, port = _key(scheduler, group_name, ports)
@@ -52,8 +54,11 @@ def init_group(
     if stale is not None:
         stale.close_later()
     start = time.perf_counter()
-    _GROUPS[key] = open_pair_group(master_address, port, 0, key, scheduler.runner.device, _timeout(scheduler, timeout))
+    group = open_pair_group(master_address, port, 0, key, scheduler.runner.device, _timeout(scheduler, timeout))
     logger.info("TP%d R-Fork group %s ready in %.3f s", scheduler.tp_rank, key, time.perf_counter() - start)
+    if send_weights:
+        return _send(scheduler, key, group, timeout)
+    _GROUPS[key] = group
     return f"group {key} ready"
 
 
@@ -70,6 +75,10 @@ def send_weights(
     group = _GROUPS.pop(key, None)
     if group is None:
         raise KeyError(f"no group {key}; call /init_weights_send_group_for_remote_instance first")
+    return _send(scheduler, key, group, timeout)
+
+
+def _send(scheduler: Scheduler, key: str, group: PairGroup, timeout: float | None) -> str:
     tensors = [t for _, t in weight_tensors(scheduler.runner.model)]
     start = time.perf_counter()
     try:
