@@ -7,8 +7,8 @@ Raw baseline: two bare processes, the same 195 tensors' bytes on the same GPUs (
 allocation), one `batch_transfer_sync_read` of all of them (Mooncake's own fastest call); first and best pass.
 Fork: a seed server started with --remote-instance-weight-loader-start-seed-via-transfer-engine on --seed-gpu, a
 client forked from it on --client-gpu with MOONCAKE_PROTOCOL set to each protocol. During each fork the seed streams
-one long generation; its tokens/s inside the client's transfer window is compared with the same stream's rate
-before the client started.
+one long generation; its tokens/s across the client's transfer window (from the last token before it to the first
+after it) is compared with the same stream's rate before the client started.
 """
 
 from __future__ import annotations
@@ -140,6 +140,15 @@ class TokenClock(threading.Thread):
                         return
                     self.events.append((time.time(), event["meta_info"]["completion_tokens"]))
 
+    def rate_across(self, t0: float, t1: float) -> float | None:
+        """Tokens per second from the last event at or before t0 to the first at or after t1: a window shorter
+        than one decode step still shows any step it stretched."""
+        before = [e for e in self.events if e[0] <= t0]
+        after = [e for e in self.events if e[0] >= t1]
+        if not (before and after):
+            return None
+        return (after[0][1] - before[-1][1]) / (after[0][0] - before[-1][0])
+
     def rate(self, t0: float, t1: float) -> float | None:
         """Tokens per second between two wall-clock times, from the events inside them."""
         inside = [e for e in self.events if t0 <= e[0] <= t1]
@@ -151,6 +160,9 @@ class TokenClock(threading.Thread):
 def fork_during_stream(protocol: str, client_dir: Path, seed_port: int, common: list, gpu: int, logs: Path) -> dict:
     """Fork one client while the seed streams; the seed's tokens/s before and during the transfer."""
     env = {**os.environ, "MOONCAKE_PROTOCOL": protocol}
+    # A short generation first, so the stream below measures a warmed-up seed.
+    warm = {"text": "Hello", "sampling_params": {"max_new_tokens": 64, "temperature": 0, "ignore_eos": True}}
+    requests.post(f"http://127.0.0.1:{seed_port}/generate", json=warm, timeout=120)
     clock = TokenClock(seed_port)
     clock.start()
     time.sleep(6)
@@ -183,7 +195,7 @@ def fork_during_stream(protocol: str, client_dir: Path, seed_port: int, common: 
     rep = info["fork_report"]
     t0, t1 = rep["backend_window_unix_s"]
     first = clock.events[0][0] if clock.events else launched
-    before, during = clock.rate(first + 1, launched), clock.rate(t0, t1)
+    before, during = clock.rate(first + 1, launched), clock.rate_across(t0, t1)
     return {
         "transport": rep.get("transport"),
         "gbps": round(rep["gbps"], 1),

@@ -57,6 +57,10 @@ class ModelRunner:
         if server_args.device == "cuda":
             torch.cuda.set_device(gpu_id)
             self.device = torch.device("cuda", gpu_id)
+            # Serve on a non-blocking stream of our own: copies that other libraries issue on the legacy default
+            # stream (Mooncake's TCP transport reads a seed's GPU weights with synchronous cudaMemcpy) would
+            # otherwise serialise with every kernel of every step.
+            torch.cuda.set_stream(torch.cuda.Stream(self.device))
         else:
             self.device = torch.device("cpu")
         self.gpu_id = gpu_id
