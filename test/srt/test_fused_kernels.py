@@ -121,6 +121,17 @@ cuda = pytest.mark.skipif(
 )
 
 
+@cuda
+def test_only_half_precision_takes_the_fused_path() -> None:
+    # FlashInfer's elementwise kernels dispatch on fp16/bf16 only: a float32 CUDA model crashed in rmsnorm.
+    assert fused_kernels.flashinfer_ops(torch.zeros(4, device="cuda", dtype=torch.float32)) is None
+    for dtype in (torch.float16, torch.bfloat16):
+        assert fused_kernels.flashinfer_ops(torch.zeros(4, device="cuda", dtype=dtype)) is not None
+    norm = RMSNorm(64).to("cuda")
+    x = torch.randn(3, 64, device="cuda")
+    _close(norm(x), norm.to("cpu")(x.cpu()).cuda(), tol=1e-5)
+
+
 def _close(a: torch.Tensor, b: torch.Tensor, tol: float = 2e-2) -> None:
     assert a.shape == b.shape and a.dtype == b.dtype
     torch.testing.assert_close(a.float(), b.float(), atol=tol, rtol=tol)

@@ -32,9 +32,14 @@ def _flashinfer() -> tuple[ModuleType | None, str]:
     return flashinfer, f"flashinfer {getattr(flashinfer, '__version__', '?')}"
 
 
+# FlashInfer's norm, activation and RoPE kernels are built for half precision only; a float32 model on CUDA
+# failed inside rmsnorm's dtype dispatch (seen on H200), so it takes the torch path.
+FUSED_DTYPES = (torch.float16, torch.bfloat16)
+
+
 def flashinfer_ops(x: torch.Tensor) -> ModuleType | None:
-    """The flashinfer package when x lives on CUDA and fused kernels are enabled, else None (use torch)."""
-    if not x.is_cuda:
+    """The flashinfer package when x is a half-precision CUDA tensor and fused kernels are enabled, else None."""
+    if not x.is_cuda or x.dtype not in FUSED_DTYPES:
         return None
     return _flashinfer()[0]
 
