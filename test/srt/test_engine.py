@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
 import time
 
 import pytest
@@ -162,7 +165,6 @@ def test_bad_requests_name_the_problem(engine):
         engine.generate(input_ids=[10**9], sampling_params={"max_new_tokens": 1})
 
 
-
 def test_huge_weight_reads_need_truncate_size(tiny_model_dir):
     from sglang.srt.managers.scheduler_rpc import MAX_WEIGHT_ELEMENTS
 
@@ -188,3 +190,17 @@ def test_n_choices_per_prompt(engine):
     assert len(batch) == 4
     with pytest.raises(ValueError, match="sampling_params.n"):
         engine.generate("x", {"n": 65})
+
+
+def test_scheduler_death_is_an_error_not_an_empty_answer(tiny_model_dir):
+    engine = sglang.Engine(model_path=tiny_model_dir("llama"), disable_radix_cache=True)
+    try:
+        proc = engine.handle.procs[0]
+        threading.Timer(2.0, lambda: os.kill(proc.pid, signal.SIGKILL)).start()
+        long = {"max_new_tokens": 20000, "temperature": 0, "ignore_eos": True}
+        with pytest.raises(RuntimeError, match=r"stopped serving: scheduler process TP0 exited with code -9"):
+            engine.generate("a long story", long)
+        with pytest.raises(RuntimeError, match="TP0 exited"):
+            engine.generate("and another", {"max_new_tokens": 2})
+    finally:
+        engine.shutdown()

@@ -110,7 +110,6 @@ def _wait_ready(proc: mp.process.BaseProcess, pipe: Any) -> dict[str, Any]:
     return payload
 
 
-
 class Engine:
     """Offline engine: `Engine(model_path=..., **server_args).generate(prompt, sampling_params)`."""
 
@@ -144,16 +143,27 @@ class Engine:
         agen = self.tokenizer_manager.generate_request(obj)
         if stream:
             return self._iterate(agen)
-        return self.loop.run_until_complete(last_output(agen))
+        out = self.loop.run_until_complete(last_output(agen))
+        self._raise_if_dead()
+        return out
 
     def _iterate(self, agen: Any) -> Iterator[dict[str, Any]]:
         try:
             while True:
-                yield self.loop.run_until_complete(agen.__anext__())
+                chunk = self.loop.run_until_complete(agen.__anext__())
+                self._raise_if_dead()
+                yield chunk
         except StopAsyncIteration:
             return
         finally:
             self.loop.run_until_complete(agen.aclose())
+
+    def _raise_if_dead(self) -> None:
+        # A scheduler that died mid-request ends the request as aborted; an offline caller would otherwise get
+        # empty outputs that look like a finished generation.
+        reason = self.tokenizer_manager.dead_reason
+        if reason:
+            raise RuntimeError(f"the engine stopped serving: {reason}")
 
     def rpc(self, method: str, **params: Any) -> list[Any]:
         """Run a control method on every TP rank (see scheduler_rpc)."""
