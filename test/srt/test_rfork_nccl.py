@@ -235,7 +235,7 @@ def test_client_dying_mid_transfer_leaves_seed_serving(seed, model_dir, tmp_path
 
 @pytest.mark.parametrize(
     "role,expected,max_seconds",
-    [("seed", "failed at step 'transfer'", 60), ("refuse", "simulated refusal", 25)],
+    [("seed", "failed at step 'transfer'", 25), ("refuse", "simulated refusal", 25)],
 )
 def test_misbehaving_seed_fails_client_quickly(model_dir, tmp_path, role, expected, max_seconds):
     fake_port = find_free_port()

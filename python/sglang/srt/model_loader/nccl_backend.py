@@ -53,6 +53,8 @@ def _agree_while(ctx: ForkContext, step: str, fn: Any, watched: _Call | None) ->
         mine = worker.error
         if mine is None and watched is not None and not watched.is_alive():
             mine = watched.error
+            if isinstance(mine, RemoteInstanceError):
+                mine = mine.at_step(step)  # the seed's answer arrives during whichever step we are in
         done = not worker.is_alive() and worker.error is None
         states = all_gather_pyobj((done, None if mine is None else str(mine)))
         if mine is not None:

@@ -17,6 +17,11 @@ class RemoteInstanceError(RuntimeError):
         super().__init__(f"R-Fork from seed {seed} failed at step '{step}': {message}")
         self.seed = seed
         self.step = step
+        self.detail = message
+
+    def at_step(self, step: str) -> RemoteInstanceError:
+        """The same failure, reported at the step the caller was in when it surfaced."""
+        return self if step == self.step else RemoteInstanceError(self.seed, step, self.detail)
 
 
 @dataclass(frozen=True)
@@ -69,6 +74,13 @@ class SeedClient:
                     "(raise --remote-instance-weight-loader-timeout if the seed is just slow)",
                 ) from None
             except requests.ConnectionError as e:
+                if "Connection aborted" in str(e):  # connected, then the seed hung up without an answer
+                    raise RemoteInstanceError(
+                        self.name,
+                        step,
+                        f"the seed closed the connection before answering ({_short(e)}); it died or restarted "
+                        "mid-request: check its log",
+                    ) from None
                 raise RemoteInstanceError(
                     self.name,
                     step,
