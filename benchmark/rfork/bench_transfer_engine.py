@@ -35,7 +35,8 @@ from sglang.test.test_utils import config_only_copy  # noqa: E402
 PASSES = {"nvlink_intra": 4, "tcp": 1}  # TCP moves ~1.4 GB/s: one pass of 16 GB is enough
 
 
-def _engine(protocol: str):
+def raw_engine(protocol: str):
+    """A bare Mooncake TransferEngine for protocol, as Mooncake's own examples set one up."""
     from mooncake.engine import TransferEngine
 
     if protocol == "nvlink_intra":
@@ -59,7 +60,7 @@ def _arena(shapes: list, fill: int) -> tuple[torch.Tensor, list[int], list[int]]
 def _raw_seed(gpu: int, protocol: str, shapes: list, info: mp.Queue, done: mp.Event) -> None:
     torch.cuda.set_device(gpu)
     arena, offsets, _ = _arena(shapes, 7)
-    engine = _engine(protocol)
+    engine = raw_engine(protocol)
     rc = engine.register_memory(arena.data_ptr(), arena.numel(), f"cuda:{gpu}")
     if rc != 0:
         raise RuntimeError(f"register_memory failed: {rc}")
@@ -70,7 +71,7 @@ def _raw_seed(gpu: int, protocol: str, shapes: list, info: mp.Queue, done: mp.Ev
 def _raw_client(gpu: int, protocol: str, shapes: list, info: mp.Queue, results: dict) -> None:
     torch.cuda.set_device(gpu)
     arena, offsets, lengths = _arena(shapes, 0)
-    engine = _engine(protocol)
+    engine = raw_engine(protocol)
     engine.register_memory(arena.data_ptr(), arena.numel(), f"cuda:{gpu}")
     session, remote = info.get(timeout=300)
     local = [arena.data_ptr() + o for o in offsets]

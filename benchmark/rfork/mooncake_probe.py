@@ -23,13 +23,14 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "python"))
-from nccl_probe import _shapes  # noqa: E402
+from bench_transfer_engine import raw_engine  # noqa: E402
+from nccl_probe import llama3_8b_tensor_shapes  # noqa: E402
 
 PASSES = 3
 
 
 def _buffers(layout: str, fill: int) -> tuple[list[int], list[int], list[torch.Tensor]]:
-    lengths = [int(torch.Size(s).numel()) * 2 for s in _shapes()]
+    lengths = [int(torch.Size(s).numel()) * 2 for s in llama3_8b_tensor_shapes()]
     if layout == "arena":
         offsets, total = [], 0
         for n in lengths:
@@ -41,7 +42,7 @@ def _buffers(layout: str, fill: int) -> tuple[list[int], list[int], list[torch.T
     return [t.data_ptr() for t in tensors], lengths, tensors
 
 
-def _engine(protocol: str):
+def guarded_engine(protocol: str):
     from sglang.srt.remote_instance.mooncake_guard import GuardedEngine
 
     return GuardedEngine("127.0.0.1", protocol)
@@ -50,7 +51,7 @@ def _engine(protocol: str):
 def seed(gpu: int, layout: str, protocol: str, info, done) -> None:
     torch.cuda.set_device(gpu)
     addrs, lengths, keep = _buffers(layout, 7)
-    engine = _engine(protocol)
+    engine = guarded_engine(protocol)
     if layout == "arena":
         engine.register([(keep[0].data_ptr(), keep[0].numel())], f"cuda:{gpu}")
     else:  # as a seed registers them: the whole caching-allocator segments that hold weights
@@ -68,14 +69,14 @@ def client(gpu: int, layout: str, read: str, protocol: str, info, out) -> None:
 
     torch.cuda.set_device(gpu)
     addrs, lengths, keep = _buffers(layout, 0)
-    engine = _engine(protocol)
+    engine = raw_engine(protocol) if read == "sync" else guarded_engine(protocol)
     session, remote = info.get(timeout=120)
     times = []
     for _ in range(PASSES if protocol == "nvlink_intra" else 1):
         torch.cuda.synchronize()
         start = time.perf_counter()
         if read == "sync":
-            rc = engine._live().batch_transfer_sync_read(session, addrs, remote, lengths)
+            rc = engine.batch_transfer_sync_read(session, addrs, remote, lengths)
             assert rc == 0, rc
         else:
             entries = [ReadEntry(str(i), a, r, n) for i, (a, r, n) in enumerate(zip(addrs, remote, lengths))]

@@ -30,7 +30,8 @@ from sglang.srt.server_args import free_port  # noqa: E402
 from sglang.test.test_utils import LLAMA3_8B_SHAPE  # noqa: E402
 
 
-def _shapes() -> list[tuple[int, ...]]:
+def llama3_8b_tensor_shapes() -> list[tuple[int, ...]]:
+    """The 195 weight shapes of a Llama-3-8B-shaped model as our runtime holds them (fused qkv and gate_up)."""
     s = LLAMA3_8B_SHAPE
     h, inter, v = s["hidden_size"], s["intermediate_size"], s["vocab_size"]
     kv = s["num_key_value_heads"] * s["head_dim"]
@@ -48,7 +49,7 @@ def _sync_time(fn) -> float:
 
 def worker(rank: int, variant: str, port: int, extra_gb: float, queue) -> None:
     torch.cuda.set_device(rank)
-    tensors = [torch.empty(s, dtype=torch.bfloat16, device="cuda") for s in _shapes()]
+    tensors = [torch.empty(s, dtype=torch.bfloat16, device="cuda") for s in llama3_8b_tensor_shapes()]
     heap = None
     if ("big_heap" in variant or variant.startswith("pair_warm_")) and extra_gb:
         heap = torch.empty(int(extra_gb * 1e9), dtype=torch.uint8, device="cuda")
