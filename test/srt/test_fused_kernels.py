@@ -105,18 +105,24 @@ def test_fused_kernels_switch(monkeypatch: pytest.MonkeyPatch) -> None:
     fused_kernels._flashinfer.cache_clear()
     try:
         assert fused_kernels._flashinfer()[0] is None
-        assert fused_kernels.DISABLE_ENV in fused_kernels.describe(torch.device("cuda"))
-        assert fused_kernels.describe(torch.device("cpu")) == "torch (CPU)"
-        assert not fused_kernels.enabled(torch.device("cpu"))
+        assert fused_kernels.DISABLE_ENV in fused_kernels.describe(torch.device("cuda"), torch.bfloat16)
+        assert fused_kernels.describe(torch.device("cpu"), torch.bfloat16) == "torch (CPU)"
+        assert not fused_kernels.enabled(torch.device("cpu"), torch.bfloat16)
         assert fused_kernels.flashinfer_ops(torch.zeros(1)) is None
     finally:
         fused_kernels._flashinfer.cache_clear()
 
 
+def test_float32_models_are_reported_unfused() -> None:
+    # The load log and bench_one_batch's JSON must say what a float32 model really runs: the torch path.
+    assert not fused_kernels.enabled(torch.device("cuda"), torch.float32)
+    assert "no fused kernels for float32" in fused_kernels.describe(torch.device("cuda"), torch.float32)
+
+
 # ---- the real kernels (CUDA) ------------------------------------------------------------------------------------
 
 cuda = pytest.mark.skipif(
-    not torch.cuda.is_available() or not fused_kernels.enabled(torch.device("cuda")),
+    not torch.cuda.is_available() or not fused_kernels.enabled(torch.device("cuda"), torch.bfloat16),
     reason="needs CUDA and an importable flashinfer with fused kernels enabled",
 )
 

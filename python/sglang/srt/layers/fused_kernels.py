@@ -44,19 +44,21 @@ def flashinfer_ops(x: torch.Tensor) -> ModuleType | None:
     return _flashinfer()[0]
 
 
-def describe(device: torch.device) -> str:
-    """One line for the model-load log: which elementwise kernels a model on device runs, and why."""
+def describe(device: torch.device, dtype: torch.dtype) -> str:
+    """One line for the model-load log: which elementwise kernels a model of dtype on device runs, and why."""
     module, why = _flashinfer()
     if device.type != "cuda":
         return "torch (CPU)"
+    if dtype not in FUSED_DTYPES:
+        return f"torch, unfused (no fused kernels for {str(dtype).removeprefix('torch.')})"
     if module is None:
         return f"torch, unfused ({why})"
     return f"FlashInfer fused RMSNorm/SiLU*mul/RoPE ({why})"
 
 
-def enabled(device: torch.device) -> bool:
-    """Whether a model on device runs the fused kernels."""
-    return device.type == "cuda" and _flashinfer()[0] is not None
+def enabled(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether a model of dtype on device runs the fused kernels (the same rule as flashinfer_ops)."""
+    return device.type == "cuda" and dtype in FUSED_DTYPES and _flashinfer()[0] is not None
 
 
 def warm_up_jit(dtype: torch.dtype = torch.bfloat16, head_dim: int = 128) -> None:

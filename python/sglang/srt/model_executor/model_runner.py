@@ -99,7 +99,8 @@ class ModelRunner:
             self.weight_bytes / 1e6,
             self.weight_load_seconds,
         )
-        logger.info("TP%d elementwise kernels: %s", self.tp_rank, fused_kernels.describe(self.device))
+        kernels = fused_kernels.describe(self.device, self.model_config.dtype)
+        logger.info("TP%d elementwise kernels: %s", self.tp_rank, kernels)
 
     def init_memory_pool(self) -> None:
         cfg = self.model_config
