@@ -47,7 +47,7 @@ def raw_engine(protocol: str):
     return engine
 
 
-def _arena(shapes: list, fill: int) -> tuple[torch.Tensor, list[int], list[int]]:
+def arena(shapes: list, fill: int) -> tuple[torch.Tensor, list[int], list[int]]:
     """One allocation holding every tensor's bytes (256-byte aligned): (arena, offsets, lengths)."""
     lengths = [int(torch.Size(s).numel()) * torch.empty((), dtype=d).element_size() for s, d in shapes]
     offsets, total = [], 0
@@ -59,22 +59,22 @@ def _arena(shapes: list, fill: int) -> tuple[torch.Tensor, list[int], list[int]]
 
 def _raw_seed(gpu: int, protocol: str, shapes: list, info: mp.Queue, done: mp.Event) -> None:
     torch.cuda.set_device(gpu)
-    arena, offsets, _ = _arena(shapes, 7)
+    buffer, offsets, _ = arena(shapes, 7)
     engine = raw_engine(protocol)
-    rc = engine.register_memory(arena.data_ptr(), arena.numel(), f"cuda:{gpu}")
+    rc = engine.register_memory(buffer.data_ptr(), buffer.numel(), f"cuda:{gpu}")
     if rc != 0:
         raise RuntimeError(f"register_memory failed: {rc}")
-    info.put((f"127.0.0.1:{engine.get_rpc_port()}", [arena.data_ptr() + o for o in offsets]))
+    info.put((f"127.0.0.1:{engine.get_rpc_port()}", [buffer.data_ptr() + o for o in offsets]))
     done.wait(900)
 
 
 def _raw_client(gpu: int, protocol: str, shapes: list, info: mp.Queue, results: dict) -> None:
     torch.cuda.set_device(gpu)
-    arena, offsets, lengths = _arena(shapes, 0)
+    buffer, offsets, lengths = arena(shapes, 0)
     engine = raw_engine(protocol)
-    engine.register_memory(arena.data_ptr(), arena.numel(), f"cuda:{gpu}")
+    engine.register_memory(buffer.data_ptr(), buffer.numel(), f"cuda:{gpu}")
     session, remote = info.get(timeout=300)
-    local = [arena.data_ptr() + o for o in offsets]
+    local = [buffer.data_ptr() + o for o in offsets]
     times = []
     for _ in range(PASSES[protocol]):
         torch.cuda.synchronize()
@@ -84,7 +84,7 @@ def _raw_client(gpu: int, protocol: str, shapes: list, info: mp.Queue, results: 
         times.append(time.perf_counter() - start)
         if rc != 0:
             raise RuntimeError(f"raw {protocol} read failed: {rc}")
-    ok = all(bool((arena[o : o + n] == 7).all()) for o, n in zip(offsets, lengths))
+    ok = all(bool((buffer[o : o + n] == 7).all()) for o, n in zip(offsets, lengths))
     results[protocol] = {"passes_s": [round(x, 3) for x in times], "data_ok": ok, "bytes": sum(lengths)}
 
 

@@ -23,21 +23,18 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "python"))
-from bench_transfer_engine import raw_engine  # noqa: E402
+from bench_transfer_engine import arena, raw_engine  # noqa: E402
 from nccl_probe import llama3_8b_tensor_shapes  # noqa: E402
 
 PASSES = 3
 
 
 def _buffers(layout: str, fill: int) -> tuple[list[int], list[int], list[torch.Tensor]]:
-    lengths = [int(torch.Size(s).numel()) * 2 for s in llama3_8b_tensor_shapes()]
+    shapes = [(s, torch.bfloat16) for s in llama3_8b_tensor_shapes()]
     if layout == "arena":
-        offsets, total = [], 0
-        for n in lengths:
-            offsets.append(total)
-            total += (n + 255) // 256 * 256
-        arena = torch.full((total,), fill, dtype=torch.uint8, device="cuda")
-        return [arena.data_ptr() + o for o in offsets], lengths, [arena]
+        buffer, offsets, lengths = arena(shapes, fill)
+        return [buffer.data_ptr() + o for o in offsets], lengths, [buffer]
+    lengths = [int(torch.Size(s).numel()) * 2 for s, _ in shapes]
     tensors = [torch.full((n,), fill, dtype=torch.uint8, device="cuda") for n in lengths]
     return [t.data_ptr() for t in tensors], lengths, tensors
 
@@ -65,7 +62,7 @@ def seed(gpu: int, layout: str, protocol: str, info, done) -> None:
 
 
 def client(gpu: int, layout: str, read: str, protocol: str, info, out) -> None:
-    from sglang.srt.remote_instance.mooncake_guard import ReadEntry
+    from sglang.srt.remote_instance.mooncake_guard import ReadEntry, ReadPlan
 
     torch.cuda.set_device(gpu)
     addrs, lengths, keep = _buffers(layout, 0)
@@ -81,7 +78,8 @@ def client(gpu: int, layout: str, read: str, protocol: str, info, out) -> None:
         else:
             entries = [ReadEntry(str(i), a, r, n) for i, (a, r, n) in enumerate(zip(addrs, remote, lengths))]
             window = int(os.environ.get("WINDOW", "64"))
-            engine.read(session, entries, time.monotonic() + 120, window, keep, read == "batch", gpu)
+            plan = ReadPlan(window, batched=read == "batch")
+            engine.read(session, entries, time.monotonic() + 120, plan, owner=keep, cuda_device=gpu)
         torch.cuda.synchronize()
         times.append(round(time.perf_counter() - start, 4))
     ok = all(bool((t == 7).all()) for t in keep)

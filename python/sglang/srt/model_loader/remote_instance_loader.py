@@ -125,10 +125,10 @@ class RemoteInstanceModelLoader(BaseModelLoader):
         _step(ctx, "manifest", t)
 
         t = time.perf_counter()
-        window = [time.time()]  # wall clock, so a benchmark can line the fork up with the seed's own timeline
+        started = time.time()  # wall clock, so a benchmark can line the fork up with the seed's own timeline
         moved: list[int] = []
         agree_across_ranks(ctx, "transfer", capture_error(lambda: moved.append(backend.transfer(model, ctx))))
-        window.append(time.time())
+        window = [started, time.time()]
         nbytes = moved[0]
         if device.type == "cuda":
             torch.cuda.synchronize(device)

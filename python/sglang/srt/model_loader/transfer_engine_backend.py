@@ -22,6 +22,7 @@ from sglang.srt.remote_instance.mooncake_guard import (
     GuardedEngine,
     MooncakeError,
     ReadEntry,
+    ReadPlan,
     auto_nic_protocol,
     forced_protocol,
     mooncake_module,
@@ -37,18 +38,14 @@ INFO_PATH = "/remote_instance_transfer_engine_info"
 SEED_FLAG = "--remote-instance-weight-loader-start-seed-via-transfer-engine"
 
 
-@dataclass(frozen=True)
-class ReadPlan:
-    """How to issue reads over one transport: entries per window, and whether a window is one blocking batch."""
-
-    window: int
-    batched: bool = False
-
-
 # Windows stay far below Mooncake's ~1000-request queue limit, beyond which a TCP peer pair wedges. NIC transports
 # are polled with sleeps (their IO threads need the CPU); NVLink copies go as large blocking batches: one request
 # per tensor with polling ran at 26 GB/s against 390 GB/s for a batch on 2xH200.
-READ_PLANS = {"tcp": ReadPlan(16), "rdma": ReadPlan(64), "nvlink_intra": ReadPlan(256, batched=True)}
+READ_PLANS = {
+    "tcp": ReadPlan(16),
+    "rdma": ReadPlan(64),
+    "nvlink_intra": ReadPlan(256, batched=True, touch_first=True),
+}
 
 
 @dataclass(frozen=True)
@@ -152,19 +149,11 @@ class TransferEngineBackend(RemoteWeightBackend):
                 location = f"cuda:{gpu}" if gpu is not None else "*"
                 engine.register(merged_regions(tensors, ctx.device), location)
             plan = READ_PLANS[protocol]
-            if protocol == "nvlink_intra":
+            if plan.touch_first:
                 _open_peer_memory(engine, endpoint.session_id, entries, ctx, plan)
             ctx.timings["engine setup"] = time.perf_counter() - start
             start = time.perf_counter()
-            moved = engine.read(
-                endpoint.session_id,
-                entries,
-                ctx.deadline,
-                plan.window,
-                owner=model,
-                batched=plan.batched,
-                cuda_device=gpu,
-            )
+            moved = engine.read(endpoint.session_id, entries, ctx.deadline, plan, owner=model, cuda_device=gpu)
             ctx.timings["transfer"] = time.perf_counter() - start
             return moved
         except MooncakeError as e:
@@ -182,7 +171,7 @@ def _open_peer_memory(
     scratch = torch.empty(len(entries) * probe, dtype=torch.uint8, device=ctx.device)
     base = scratch.data_ptr()
     touches = [ReadEntry(e.name, base + i * probe, e.remote_addr, min(probe, e.length)) for i, e in enumerate(entries)]
-    engine.read(session_id, touches, ctx.deadline, plan.window, scratch, plan.batched, ctx.device.index)
+    engine.read(session_id, touches, ctx.deadline, plan, owner=scratch, cuda_device=ctx.device.index)
 
 
 def parse_info(seed: str, payload: Any) -> SeedRankInfo:

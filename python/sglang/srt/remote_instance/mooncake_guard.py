@@ -145,6 +145,16 @@ class ReadEntry:
     length: int
 
 
+@dataclass(frozen=True)
+class ReadPlan:
+    """How to issue reads over one transport: entries per window, whether a window is one blocking batch, and
+    whether to touch every tensor first (setup) so that the timed transfer is data movement alone."""
+
+    window: int
+    batched: bool = False
+    touch_first: bool = False
+
+
 class GuardedEngine:
     """One initialized TransferEngine; no method can reach Mooncake before or after its useful life."""
 
@@ -206,14 +216,14 @@ class GuardedEngine:
         session_id: str,
         entries: list[ReadEntry],
         deadline: float,
-        window: int,
+        plan: ReadPlan,
         owner: Any,
-        batched: bool = False,
         cuda_device: int | None = None,
     ) -> int:
-        """Read every entry from session_id by deadline; returns bytes read. Windowed (default): one request per
-        entry, at most window in flight, polled with sleeps (spares the CPU that a TCP transfer needs). Batched:
-        window entries per blocking batch call, Mooncake's own fastest way for a copy-engine transport.
+        """Read every entry from session_id by deadline; returns bytes read. Windowed (plan.batched False): one
+        request per entry, at most plan.window in flight, polled with sleeps (spares the CPU that a TCP transfer
+        needs). Batched: plan.window entries per blocking batch call, Mooncake's own fastest way for a
+        copy-engine transport.
 
         owner holds the local buffers; if the read is abandoned mid-flight it is kept alive with the engine.
         cuda_device is the GPU of the local buffers: the reading thread must make it current, or Mooncake's NVLink
@@ -221,7 +231,7 @@ class GuardedEngine:
         """
         engine = self._live()
         outcome: dict[str, Any] = {}
-        loop = self._read_batches if batched else self._read_loop
+        loop = self._read_batches if plan.batched else self._read_loop
 
         def work() -> None:
             try:
@@ -229,7 +239,7 @@ class GuardedEngine:
                     import torch
 
                     torch.cuda.set_device(cuda_device)
-                outcome["bytes"] = loop(engine, session_id, entries, deadline, window, owner)
+                outcome["bytes"] = loop(engine, session_id, entries, deadline, plan.window, owner)
             except BaseException as e:  # handed to the waiting thread
                 outcome["error"] = e
 
