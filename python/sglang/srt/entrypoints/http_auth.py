@@ -31,9 +31,7 @@ class ApiKeyMiddleware:
 
 
 async def _reject(send: Any) -> None:
-    message = (
-        "Missing or wrong API key: send the header 'Authorization: Bearer <key>' with the server's --api-key."
-    )
+    message = "Missing or wrong API key: send the header 'Authorization: Bearer <key>' with the server's --api-key."
     body = json.dumps(error_body(message, None, 401)).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": 401, "headers": headers})

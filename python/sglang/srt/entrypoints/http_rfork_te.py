@@ -58,8 +58,9 @@ async def _proxy(request: Request, rank_text: str | None) -> Response:
         logger.warning("transfer engine info for rank %d: bootstrap server at %s unreachable: %s", rank, url, e)
         return _error(f"Failed to get transfer engine info for rank {rank}")
     if resp.status_code != 200:
-        logger.warning("transfer engine info for rank %d: bootstrap answered %d: %s", rank, resp.status_code,
-                       resp.text[:200])
+        logger.warning(
+            "transfer engine info for rank %d: bootstrap answered %d: %s", rank, resp.status_code, resp.text[:200]
+        )
         return _error(f"Failed to get transfer engine info for rank {rank}")
     return Response(content=resp.content, media_type="application/json")
 

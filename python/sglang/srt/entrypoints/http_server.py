@@ -101,13 +101,9 @@ def _add_native_routes(app: FastAPI) -> None:
 
     @app.get("/health_generate")
     async def health_generate(request: Request) -> Response:
-        obj = with_rids(
-            GenerateReqInput(text="Hello", sampling_params={"max_new_tokens": 1, "temperature": 0})
-        )
+        obj = with_rids(GenerateReqInput(text="Hello", sampling_params={"max_new_tokens": 1, "temperature": 0}))
         try:
-            await asyncio.wait_for(
-                start_generation(request, _tm(request), obj, "text"), HEALTH_GENERATE_TIMEOUT
-            )
+            await asyncio.wait_for(start_generation(request, _tm(request), obj, "text"), HEALTH_GENERATE_TIMEOUT)
         except asyncio.TimeoutError:
             message = f"A 1-token generation took more than {HEALTH_GENERATE_TIMEOUT:.0f} s."
             return JSONResponse(error_body(message, None, 503), status_code=503)
@@ -117,9 +113,7 @@ def _add_native_routes(app: FastAPI) -> None:
     async def generate(req: GenerateRequest, request: Request) -> Response:
         tm = _tm(request)
         obj = with_rids(GenerateReqInput(**req.model_dump()))
-        first, rest = await start_generation(
-            request, tm, obj, "text" if req.text is not None else "input_ids"
-        )
+        first, rest = await start_generation(request, tm, obj, "text" if req.text is not None else "input_ids")
         if not req.stream:
             return JSONResponse(first)
 
@@ -160,14 +154,10 @@ def _add_native_routes(app: FastAPI) -> None:
     ) -> Response:
         if body is None:
             if name is None:
-                raise APIError(
-                    "'name' is required: the parameter to read, e.g. model.norm.weight.", param="name"
-                )
+                raise APIError("'name' is required: the parameter to read, e.g. model.norm.weight.", param="name")
             body = WeightsRequest(name=name, truncate_size=truncate_size)
         try:
-            values = await _tm(request).rpc(
-                "get_weights_by_name", name=body.name, truncate_size=body.truncate_size
-            )
+            values = await _tm(request).rpc("get_weights_by_name", name=body.name, truncate_size=body.truncate_size)
         except RuntimeError as e:
             raise APIError(f"Cannot read parameter {body.name!r}: {e}", param="name") from None
         return JSONResponse(values[0])

@@ -125,6 +125,7 @@ class BatchTokenIDOut:
     new_token_logprobs: list[list[float]] = field(default_factory=list)
     new_top_logprobs: list[list[list[tuple[float, int]]]] = field(default_factory=list)
 
+
 @dataclass
 class RpcReqInput:
     """A control call run by every TP rank (flush_cache, get_weights_by_name, R-Fork seed steps, ...)."""

@@ -287,4 +287,3 @@ class Scheduler:
             "max_total_num_tokens": self.max_total_num_tokens,
             "cached_tokens_total": self.cached_tokens_total,
         }
-

@@ -112,9 +112,7 @@ class TokenizerManager:
             vocab = self.model_config.vocab_size
             bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
             if bad:
-                raise InvalidRequestError(
-                    "input_ids", f"token id {bad[0]!r} is not in the vocabulary [0, {vocab})."
-                )
+                raise InvalidRequestError("input_ids", f"token id {bad[0]!r} is not in the vocabulary [0, {vocab}).")
             field_name = "input_ids"
         else:
             if not isinstance(obj.text, str):

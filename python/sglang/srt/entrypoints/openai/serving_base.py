@@ -84,9 +84,7 @@ def abort_all(tm: TokenizerManager, obj: GenerateReqInput) -> None:
             tm.abort_request(rid)
 
 
-async def guard_stream(
-    events: AsyncIterator[str], tm: TokenizerManager, obj: GenerateReqInput
-) -> AsyncIterator[str]:
+async def guard_stream(events: AsyncIterator[str], tm: TokenizerManager, obj: GenerateReqInput) -> AsyncIterator[str]:
     """Pass events through; if the stream stops early (client gone, server shutting down), abort obj."""
     complete = False
     try:

@@ -61,9 +61,7 @@ async def serve_completions(request: Request, tm: TokenizerManager, req: Complet
         {
             "index": i,
             "text": out["text"],
-            "logprobs": _logprobs(tm, out["meta_info"], 0, req.logprobs)
-            if req.logprobs is not None
-            else None,
+            "logprobs": _logprobs(tm, out["meta_info"], 0, req.logprobs) if req.logprobs is not None else None,
             "finish_reason": finish_reason(out["meta_info"]),
             "matched_stop": matched_stop(out["meta_info"]),
         }
@@ -115,9 +113,7 @@ def _logprobs(tm: TokenizerManager, meta: dict[str, Any], start: int, top_n: int
     entries = meta.get("output_token_logprobs", [])[start:]
     top = None
     if top_n:
-        top = [
-            {token_text(tm, t): lp for lp, t in alts} for alts in meta.get("output_top_logprobs", [])[start:]
-        ]
+        top = [{token_text(tm, t): lp for lp, t in alts} for alts in meta.get("output_top_logprobs", [])[start:]]
     return {
         "tokens": [token_text(tm, token_id) for _, token_id in entries],
         "token_logprobs": [lp for lp, _ in entries],
