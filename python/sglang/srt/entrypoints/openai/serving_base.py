@@ -149,6 +149,35 @@ async def stream_deltas(
         out = await anext(rest, None)
 
 
+async def stream_choices(
+    head: dict[str, Any],
+    first: dict[str, Any],
+    rest: AsyncIterator[dict[str, Any]],
+    count: int,
+    req: SamplingRequest,
+    fields: Callable[[str, dict[str, Any], int], tuple[dict[str, Any], bool]],
+) -> AsyncIterator[str]:
+    """The SSE chunks both OpenAI routes stream: one per choice delta (empty ones skipped), each choice's last one
+    with its finish reason and matched stop, the usage chunk when asked for, then [DONE]. fields(text, meta,
+    start) gives the route's own part of a choice and whether that part carries logprobs."""
+    finals: list[dict[str, Any]] = [{} for _ in range(count)]
+    async for index, text, start, out in stream_deltas(first, rest, count, stop_list(req)):
+        meta = out["meta_info"]
+        reason = finish_reason(meta)
+        own, has_logprobs = fields(text, meta, start)
+        if reason is not None:
+            finals[index] = out
+        elif not text and not has_logprobs:
+            continue
+        choice = {"index": index, **own, "finish_reason": reason}
+        if reason is not None:
+            choice["matched_stop"] = matched_stop(meta)
+        yield sse_event({**head, "choices": [choice]})
+    if req.include_usage:
+        yield sse_event({**head, "choices": [], "usage": usage(finals, req.n)})
+    yield SSE_DONE
+
+
 def finish_reason(meta: dict[str, Any]) -> str | None:
     """OpenAI's finish_reason of an output ("stop", "length", "abort"), None while running."""
     reason = meta.get("finish_reason")

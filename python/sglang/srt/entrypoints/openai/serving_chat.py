@@ -12,7 +12,6 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from sglang.srt.entrypoints.openai.protocol import APIError, ChatCompletionRequest
 from sglang.srt.entrypoints.openai.serving_base import (
-    SSE_DONE,
     finish_reason,
     guard_stream,
     matched_stop,
@@ -20,8 +19,7 @@ from sglang.srt.entrypoints.openai.serving_base import (
     per_choice_params,
     sse_event,
     start_generation,
-    stop_list,
-    stream_deltas,
+    stream_choices,
     token_text,
     usage,
     with_rids,
@@ -96,22 +94,13 @@ async def _stream(
         yield sse_event(
             {**head, "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": None}]}
         )
-    finals: list[dict[str, Any]] = [{} for _ in range(req.n)]
-    async for index, text, start, out in stream_deltas(first, rest, req.n, stop_list(req)):
-        meta = out["meta_info"]
-        reason = finish_reason(meta)
+
+    def fields(text: str, meta: dict[str, Any], start: int) -> tuple[dict[str, Any], bool]:
         logprobs = _logprobs(tm, meta, start, top_n) if req.logprobs else None
-        if reason is not None:
-            finals[index] = out
-        elif not text and not (logprobs and logprobs["content"]):
-            continue
-        choice = {"index": index, "delta": {"content": text}, "logprobs": logprobs, "finish_reason": reason}
-        if reason is not None:
-            choice["matched_stop"] = matched_stop(meta)
-        yield sse_event({**head, "choices": [choice]})
-    if req.include_usage:
-        yield sse_event({**head, "choices": [], "usage": usage(finals, req.n)})
-    yield SSE_DONE
+        return {"delta": {"content": text}, "logprobs": logprobs}, bool(logprobs and logprobs["content"])
+
+    async for event in stream_choices(head, first, rest, req.n, req, fields):
+        yield event
 
 
 def _logprobs(tm: TokenizerManager, meta: dict[str, Any], start: int, top_n: int) -> dict[str, Any]:

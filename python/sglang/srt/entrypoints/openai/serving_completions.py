@@ -12,16 +12,13 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from sglang.srt.entrypoints.openai.protocol import APIError, CompletionRequest
 from sglang.srt.entrypoints.openai.serving_base import (
-    SSE_DONE,
     finish_reason,
     guard_stream,
     matched_stop,
     openai_param,
     per_choice_params,
-    sse_event,
     start_generation,
-    stop_list,
-    stream_deltas,
+    stream_choices,
     token_text,
     usage,
     with_rids,
@@ -82,7 +79,7 @@ def _prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str]
     return prompt  # type: ignore[return-value]
 
 
-async def _stream(
+def _stream(
     tm: TokenizerManager,
     req: CompletionRequest,
     head: dict[str, Any],
@@ -90,22 +87,11 @@ async def _stream(
     rest: AsyncIterator[dict[str, Any]],
     count: int,
 ) -> AsyncIterator[str]:
-    finals: list[dict[str, Any]] = [{} for _ in range(count)]
-    async for index, text, start, out in stream_deltas(first, rest, count, stop_list(req)):
-        meta = out["meta_info"]
-        reason = finish_reason(meta)
+    def fields(text: str, meta: dict[str, Any], start: int) -> tuple[dict[str, Any], bool]:
         logprobs = _logprobs(tm, meta, start, req.logprobs) if req.logprobs is not None else None
-        if reason is not None:
-            finals[index] = out
-        elif not text and not (logprobs and logprobs["tokens"]):
-            continue
-        choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
-        if reason is not None:
-            choice["matched_stop"] = matched_stop(meta)
-        yield sse_event({**head, "choices": [choice]})
-    if req.include_usage:
-        yield sse_event({**head, "choices": [], "usage": usage(finals, req.n)})
-    yield SSE_DONE
+        return {"text": text, "logprobs": logprobs}, bool(logprobs and logprobs["tokens"])
+
+    return stream_choices(head, first, rest, count, req, fields)
 
 
 def _logprobs(tm: TokenizerManager, meta: dict[str, Any], start: int, top_n: int) -> dict[str, Any]:
