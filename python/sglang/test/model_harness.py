@@ -16,7 +16,8 @@ from sglang.srt.distributed import get_tp_size
 from sglang.srt.distributed.parallel_state import destroy_distributed, init_distributed
 from sglang.srt.layers.attention import create_attention_backend
 from sglang.srt.layers.logits_processor import LogitsProcessorOutput
-from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool, TokenToKVPoolAllocator
+from sglang.srt.mem_cache.allocator import TokenToKVPoolAllocator
+from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
 from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMode
 from sglang.srt.model_loader import get_model_loader
 

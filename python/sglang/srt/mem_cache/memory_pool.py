@@ -49,26 +49,3 @@ class MHATokenToKVPool:
     def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
         """Bytes of K plus V for one token over all layers."""
         return 2 * num_layers * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
-
-
-class TokenToKVPoolAllocator:
-    """Hands out KV slot indices 1..size; keeps them on the CPU so allocation never syncs the device."""
-
-    def __init__(self, size: int, device: torch.device) -> None:
-        self.size = size
-        self.device = device
-        self.free_slots = torch.arange(1, size + 1, dtype=torch.int64)
-
-    def available_size(self) -> int:
-        return int(self.free_slots.numel())
-
-    def alloc(self, n: int) -> torch.Tensor | None:
-        """n slots (CPU int64 tensor), or None if fewer are free."""
-        if n > self.free_slots.numel():
-            return None
-        out, self.free_slots = self.free_slots[:n], self.free_slots[n:]
-        return out
-
-    def free(self, slots: torch.Tensor) -> None:
-        if slots.numel():
-            self.free_slots = torch.cat([self.free_slots, slots.to("cpu", torch.int64)])

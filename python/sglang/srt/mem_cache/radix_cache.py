@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sglang.srt.mem_cache.memory_pool import TokenToKVPoolAllocator
+from sglang.srt.mem_cache.allocator import TokenToKVPoolAllocator
 
 _clock = itertools.count()
 
