@@ -1,7 +1,7 @@
 """R-Fork over Mooncake on two GPUs: fork GB/s vs a raw Mooncake read of the same tensors, fork load time vs
 disk, and the seed's decode speed while a client forks from it vs before.
 
-    python benchmark/rfork/bench_transfer_engine.py [--model-dir /tmp/llama8b] [--protocols nvlink_intra,tcp]
+    python benchmark/rfork/bench_transfer_engine.py [--model-dir /tmp/llama8b] [--seeds cuda_graph,eager,...]
 
 Raw baseline: two bare processes, the same 195 tensors' bytes on the same GPUs (each side one registered
 allocation), one `batch_transfer_sync_read` of all of them (Mooncake's own fastest call); first and best pass.
@@ -9,6 +9,10 @@ Fork: a seed server started with --remote-instance-weight-loader-start-seed-via-
 client forked from it on --client-gpu with MOONCAKE_PROTOCOL set to each protocol. During each fork the seed streams
 one long generation; its tokens/s across the client's transfer window (from the last token before it to the first
 after it) is compared with the same stream's rate before the client started.
+
+Seeds (SEEDS below): `cuda_graph` serves as a production seed does on CUDA (flashinfer, CUDA graphs); `eager` is
+torch_native without graphs (about 1300 kernel launches per decode step); the `_slice_*` variants raise Mooncake's
+TCP slice size (MC_TCP_SLICE_SIZE, 64 KiB by default), i.e. how much GPU memory its TCP server copies per cudaMemcpy.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import os
 import sys
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import requests
@@ -158,9 +163,29 @@ class TokenClock(threading.Thread):
         return (inside[-1][1] - inside[0][1]) / (inside[-1][0] - inside[0][0])
 
 
-def fork_during_stream(protocol: str, client_dir: Path, seed_port: int, common: list, gpu: int, logs: Path) -> dict:
+@dataclass(frozen=True)
+class SeedConfig:
+    """How a seed serves while clients fork from it, and which protocols to fork it over."""
+
+    args: list[str]
+    protocols: tuple[str, ...]
+    env: dict[str, str] = field(default_factory=dict)
+
+
+_EAGER = ["--attention-backend", "torch_native", "--disable-cuda-graph"]
+SEEDS = {
+    "cuda_graph": SeedConfig([], ("nvlink_intra", "tcp")),
+    "cuda_graph_slice_4mib": SeedConfig([], ("tcp",), {"MC_TCP_SLICE_SIZE": str(4 << 20)}),
+    "eager": SeedConfig(_EAGER, ("tcp",)),
+    "eager_slice_4mib": SeedConfig(_EAGER, ("tcp",), {"MC_TCP_SLICE_SIZE": str(4 << 20)}),
+}
+
+
+def fork_during_stream(
+    protocol: str, client_dir: Path, seed_port: int, common: list, gpu: int, logs: Path, env: dict[str, str]
+) -> dict:
     """Fork one client while the seed streams; the seed's tokens/s before and during the transfer."""
-    env = {**os.environ, "MOONCAKE_PROTOCOL": protocol}
+    env = {**os.environ, **env, "MOONCAKE_PROTOCOL": protocol}
     # A short generation first, so the stream below measures a warmed-up seed.
     warm = {"text": "Hello", "sampling_params": {"max_new_tokens": 64, "temperature": 0, "ignore_eos": True}}
     requests.post(f"http://127.0.0.1:{seed_port}/generate", json=warm, timeout=120)
@@ -183,7 +208,7 @@ def fork_during_stream(protocol: str, client_dir: Path, seed_port: int, common: 
     ]
     port = free_port()
     try:
-        proc = launch(client_dir, port, args, logs / f"client_te_{protocol}.log", env=env)
+        proc = launch(client_dir, port, args, logs / f"client_te_{protocol}_{gpu}_{seed_port}.log", env=env)
     except (RuntimeError, TimeoutError) as e:
         clock.stop.set()
         return {"error": str(e)[-800:]}
@@ -212,59 +237,75 @@ def fork_during_stream(protocol: str, client_dir: Path, seed_port: int, common: 
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--model-dir", default="/tmp/llama8b")
-    parser.add_argument("--seed-gpu", type=int, default=0)
-    parser.add_argument("--client-gpu", type=int, default=1)
-    parser.add_argument("--protocols", default="nvlink_intra,tcp")
-    args = parser.parse_args()
-    protocols = args.protocols.split(",")
-    model_dir = ensure_checkpoint(Path(args.model_dir))
-    shapes = param_shapes(model_dir)
-    raw = {}
-    for p in protocols:
-        raw[p] = raw_read(p, args.seed_gpu, args.client_gpu, shapes)
-        print("raw", p, json.dumps(raw[p]), flush=True)  # partial results survive a cut-off run
-
-    cold = drop_page_cache()
-    common = ["--attention-backend", "torch_native", "--disable-cuda-graph", "--max-total-tokens", "65536"]
-    logs = Path(os.environ.get("OUT", "/tmp"))
+def fork_from_seed(name: str, model_dir: Path, client_dir: Path, args: argparse.Namespace, logs: Path) -> dict:
+    """Start one seed configuration and fork a client from it over each of its protocols."""
+    config = SEEDS[name]
+    # The clients only have to load: torch_native without graphs starts fastest and loads the same way.
+    common = ["--max-total-tokens", "65536"]
+    client_common = [*common, *_EAGER]
     seed_port = free_port()
     seed_args = [
         *common,
+        *config.args,
         "--base-gpu-id",
         str(args.seed_gpu),
         "--remote-instance-weight-loader-start-seed-via-transfer-engine",
         "--engine-info-bootstrap-port",
         str(free_port()),
     ]
-    seed = launch(model_dir, seed_port, seed_args, logs / "seed_te.log")
+    seed = launch(model_dir, seed_port, seed_args, logs / f"seed_te_{name}.log", env={**os.environ, **config.env})
+    forks: dict = {"seed_args": " ".join(config.args) or "(CUDA defaults)", "seed_env": config.env}
     try:
-        disk = server_info(seed_port)
-        client_dir = Path(config_only_copy(model_dir, "/tmp/llama8b-client"))
-        forks = {}
-        for p in protocols:
-            forks[p] = fork_during_stream(p, client_dir, seed_port, common, args.client_gpu, logs)
-            print("fork", p, json.dumps(forks[p]), flush=True)
+        forks["seed_weight_load_s"] = round(server_info(seed_port)["weight_load_seconds"], 2)
+        for p in (p for p in config.protocols if p in args.protocols):
+            forks[p] = fork_during_stream(p, client_dir, seed_port, client_common, args.client_gpu, logs, config.env)
+            print("fork", name, p, json.dumps(forks[p]), flush=True)
     finally:
         seed.terminate()
         seed.wait(30)
-    for p in protocols:
-        if "gbps" in forks[p] and "gbps" in raw[p]:
-            forks[p]["fork_vs_raw"] = round(forks[p]["gbps"] / raw[p]["gbps"], 3)
-            forks[p]["fork_speedup_vs_disk"] = round(disk["weight_load_seconds"] / forks[p]["weight_load_s"], 2)
+    return forks
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model-dir", default="/tmp/llama8b")
+    parser.add_argument("--seed-gpu", type=int, default=0)
+    parser.add_argument("--client-gpu", type=int, default=1)
+    parser.add_argument("--protocols", default="nvlink_intra,tcp")
+    parser.add_argument("--seeds", default=",".join(SEEDS), help=f"seed configurations to fork from: {list(SEEDS)}")
+    parser.add_argument("--result-name", default="rfork_transfer_engine_h200x2.json")
+    args = parser.parse_args()
+    args.protocols = args.protocols.split(",")
+    model_dir = ensure_checkpoint(Path(args.model_dir))
+    shapes = param_shapes(model_dir)
+    raw = {}
+    for p in args.protocols:
+        raw[p] = raw_read(p, args.seed_gpu, args.client_gpu, shapes)
+        print("raw", p, json.dumps(raw[p]), flush=True)  # partial results survive a cut-off run
+
+    # The first seed's load is the disk baseline: it reads the checkpoint right after the page cache is dropped.
+    cold = drop_page_cache()
+    logs = Path(os.environ.get("OUT", "/tmp"))
+    client_dir = Path(config_only_copy(model_dir, "/tmp/llama8b-client"))
+    seeds = {name: fork_from_seed(name, model_dir, client_dir, args, logs) for name in args.seeds.split(",")}
+    disk = next(iter(seeds.values())).get("seed_weight_load_s")
+    for forks in seeds.values():
+        for p in args.protocols:
+            fork = forks.get(p)
+            if fork and "gbps" in fork and "gbps" in raw[p]:
+                fork["fork_vs_raw"] = round(fork["gbps"] / raw[p]["gbps"], 3)
+                if disk:
+                    fork["fork_speedup_vs_disk"] = round(disk / fork["weight_load_s"], 2)
     write_result(
         {
-            **stamp("python benchmark/rfork/bench_transfer_engine.py"),
-            "model": "Llama-3-8B-shaped, bf16, random weights; seed and clients: torch_native, no CUDA graphs",
-            "weight_bytes": disk["weight_bytes"],
-            "disk_weight_load_s": round(disk["weight_load_seconds"], 2),
+            **stamp(f"python benchmark/rfork/bench_transfer_engine.py --seeds {args.seeds}"),
+            "model": "Llama-3-8B-shaped, bf16, random weights; clients: torch_native, no CUDA graphs",
+            "disk_weight_load_s": disk,
             "disk_page_cache_dropped": cold,
             "raw_mooncake_read": raw,
-            "fork": forks,
+            "seeds": seeds,
         },
-        "rfork_transfer_engine_h200x2.json",
+        args.result_name,
     )
 
 

@@ -6,11 +6,12 @@
 #   2. bench_one_batch on a Llama-3-8B-shaped dummy model with fused kernels: decode vs HF transformers vs the HBM
 #      roofline, with a kernel profile;
 #   3. batch-1 decode again with SGLANG_DISABLE_FUSED_KERNELS=1 (the unfused torch elementwise path), profiled;
+#      3b. batch 1 and 32 with FlashInfer's tensor-core decode kernels instead of its CUDA-core ones, profiled;
 #   4. host cost of a decode step through the real Scheduler on the tiny model of step 1 (CUDA graphs, same
 #      kernels), with the model and with a null model, so the scheduler's share of the step is known.
 # Usage, from the repo root after `source .device/env.sh`:  OUT=<dir> bash benchmark/serving/run_h200_session.sh
 # Results: $OUT/*.json and $OUT/*.log (benchmark/results/ keeps the published ones). Every step has its own timeout
-# and the timeouts add up to 8 min 40 s (100 + 140 + 170 + 70 + 40 s, plus seconds for the dummy model's config).
+# and the timeouts add up to 9 min 50 s (100 + 140 + 170 + 70 + 70 + 40 s, plus seconds for the dummy model's config).
 set -u
 OUT=${OUT:?set OUT to the directory that receives the results}
 MODEL=/tmp/llama3-8b-shape
@@ -40,6 +41,11 @@ SGLANG_DISABLE_FUSED_KERNELS=1 timeout 70 python -m sglang.bench_one_batch "${CO
     "${SHAPE[@]}" --profile --skip-hf --result-filename "$OUT/bench_one_batch_unfused.json" \
     2>"$OUT/bench_one_batch_unfused.log" >/dev/null
 grep -E "elementwise kernels" "$OUT/bench_one_batch_unfused.log"
+
+log "3b. bench_one_batch, tensor-core decode kernels (SGLANG_FLASHINFER_DECODE_TENSOR_CORES=1), profile, no HF"
+SGLANG_FLASHINFER_DECODE_TENSOR_CORES=1 timeout 70 python -m sglang.bench_one_batch "${COMMON[@]}" --batch-size 1 32 \
+    "${SHAPE[@]}" --profile --skip-hf --result-filename "$OUT/bench_one_batch_tc_decode.json" \
+    2>"$OUT/bench_one_batch_tc_decode.log" >/dev/null
 
 log "4. host cost of a decode step (Scheduler, model vs null model)"
 TINY=$(python -c "from sglang.test.test_utils import TINY_BF16_LLAMA as T, tiny_model; print(tiny_model('llama', **T))" \

@@ -84,9 +84,14 @@ def reference(model_path: str, prompts: list[list[int]]) -> tuple[list[list[int]
     return tokens, _teacher_forced_logits(runner, prompts, tokens)
 
 
-@pytest.mark.parametrize("cuda_graph", [False, True], ids=["eager", "cuda_graph"])
-def test_greedy_tokens_and_logits_match_torch_native(model_path, prompts, reference, cuda_graph: bool) -> None:
+@pytest.mark.parametrize(
+    "cuda_graph,tensor_cores", [(False, False), (True, False), (True, True)], ids=["eager", "cuda_graph", "graph_tc"]
+)
+def test_greedy_tokens_and_logits_match_torch_native(
+    model_path, prompts, reference, cuda_graph: bool, tensor_cores: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     ref_tokens, ref_logits = reference
+    monkeypatch.setenv("SGLANG_FLASHINFER_DECODE_TENSOR_CORES", "1" if tensor_cores else "0")
     runner = _runner(model_path, "flashinfer", cuda_graph)
     assert (runner.cuda_graph_runner is not None) == cuda_graph
     tokens = _free_running(runner, prompts)
@@ -94,14 +99,15 @@ def test_greedy_tokens_and_logits_match_torch_native(model_path, prompts, refere
     agree = sum(a == b for a, b in zip(tokens, ref_tokens)) / len(prompts)
     max_diff = float((logits - ref_logits).abs().max())
     scale = float(ref_logits.abs().max())
-    REPORT["cuda_graph" if cuda_graph else "eager"] = {
+    name = ("cuda_graph" if cuda_graph else "eager") + ("_tensor_core_decode" if tensor_cores else "")
+    REPORT[name] = {
         "prompts": len(prompts),
         "tokens_per_prompt": DECODE_STEPS,
         "agreement_rate": agree,
         "max_logit_diff": max_diff,
         "max_abs_logit": scale,
     }
-    print(f"flashinfer {'cuda_graph' if cuda_graph else 'eager'}: agreement {agree:.2f}, max |dlogit| {max_diff:.4f}")
+    print(f"flashinfer {name}: agreement {agree:.2f}, max |dlogit| {max_diff:.4f}")
     # bf16 kernels differ in summation order only; a wrong mask or page index moves logits by their own size.
     assert max_diff < 0.05 * scale, f"max logit difference {max_diff} vs logits up to {scale}"
     # This random model's greedy path is full of near-ties, so exact agreement measures bf16 noise: on one H200

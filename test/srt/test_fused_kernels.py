@@ -19,6 +19,7 @@ from sglang.srt.layers import activation, fused_kernels, layernorm, rotary_embed
 from sglang.srt.layers.activation import SiluAndMul
 from sglang.srt.layers.layernorm import RMSNorm
 from sglang.srt.layers.rotary_embedding import RotaryEmbedding
+from sglang.srt.mem_cache import memory_pool
 from sglang.test.hf_reference import hf_greedy
 from sglang.test.model_harness import ModelHarness
 
@@ -55,9 +56,9 @@ def _silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return (F.silu(gate) * up).to(x.dtype)
 
 
-def _rope(
+def _rope_inplace(
     positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, head_size: int, cache: torch.Tensor, is_neox: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> None:
     assert cache.dtype == torch.float32 and is_neox
     _contract(q)
     _contract(k)
@@ -68,13 +69,15 @@ def _rope(
         x1, x2 = x.chunk(2, dim=-1)
         return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).flatten(1)
 
-    return rotate(q).to(q.dtype), rotate(k).to(k.dtype)
+    # Written back into the caller's (possibly strided) views, as the kernel does.
+    q.copy_(rotate(q))
+    k.copy_(rotate(k))
 
 
 STAND_IN = SimpleNamespace(
     norm=SimpleNamespace(rmsnorm=_rmsnorm, fused_add_rmsnorm=_fused_add_rmsnorm),
     activation=SimpleNamespace(silu_and_mul=_silu_and_mul),
-    rope=SimpleNamespace(apply_rope_with_cos_sin_cache=_rope),
+    rope=SimpleNamespace(apply_rope_with_cos_sin_cache_inplace=_rope_inplace),
 )
 
 
@@ -98,6 +101,40 @@ def test_fused_wiring_matches_hf_on_cpu(stand_in: None, tiny_model_dir: Any, arc
             ref = model(torch.tensor([prompt])).logits[0]
             torch.testing.assert_close(torch.as_tensor(ours), ref, atol=1e-3, rtol=0)
     assert tokens == hf_greedy(path, PROMPTS, 16)
+
+
+def test_kv_write_takes_keys_and_values_in_one_scatter(
+    stand_in: None, tiny_model_dir: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With RoPE in place, every layer's new keys sit right before its values, so the KV write is one scatter."""
+    seen: list[bool] = []
+    real = memory_pool._adjacent_pair
+
+    def spy(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
+        pair = real(k, v)
+        seen.append(pair is not None)
+        return pair
+
+    monkeypatch.setattr(memory_pool, "_adjacent_pair", spy)
+    ModelHarness(tiny_model_dir("llama")).prefill_logits(PROMPTS[:1])
+    assert seen and all(seen)
+
+
+def test_kv_pool_writes_pairs_and_separate_tensors_alike() -> None:
+    """The one-scatter write and the two-scatter fallback store the same keys and values."""
+    pool = memory_pool.MHATokenToKVPool(16, 2, 2, 4, torch.float32, torch.device("cpu"))
+    qkv = torch.randn(3, (4 + 2 + 2) * 4)
+    _, k, v = qkv.split([16, 8, 8], dim=-1)
+    k, v = k.view(3, 2, 4), v.view(3, 2, 4)
+    loc = torch.tensor([5, 1, 9])
+    assert memory_pool._adjacent_pair(k, v) is not None
+    assert memory_pool._adjacent_pair(k.clone(), v) is None
+    pool.set_kv_buffer(0, loc, k, v)
+    pool.set_kv_buffer(1, loc, k.clone(), v.clone())
+    for layer in (0, 1):
+        assert torch.equal(pool.get_key_buffer(layer)[loc], k)
+        assert torch.equal(pool.get_value_buffer(layer)[loc], v)
+        assert not pool.get_key_buffer(layer)[0].any()  # the scratch slot is untouched
 
 
 def test_fused_kernels_switch(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -186,7 +223,11 @@ def test_rope_kernel_on_strided_qkv_views() -> None:
     q, k, _ = qkv.split([heads * head, kv_heads * head, kv_heads * head], dim=-1)
     positions = torch.tensor([0, 1, 17, 300, 1000, 4095], device="cuda")
     cos, sin = rope.cos_sin_cache[positions].unsqueeze(1).chunk(2, dim=-1)
+    # The torch path in float32 cos/sin, which is what the kernel computes in (taken first: the kernel is in place).
+    want_q = rope._rotate(q.float(), cos, sin).to(q.dtype)
+    want_k = rope._rotate(k.float(), cos, sin).to(k.dtype)
     fused_q, fused_k = rope(positions, q, k)
-    # The torch path in float32 cos/sin, which is what the kernel computes in.
-    _close(fused_q, rope._rotate(q.float(), cos, sin).to(q.dtype))
-    _close(fused_k, rope._rotate(k.float(), cos, sin).to(k.dtype))
+    _close(fused_q, want_q)
+    _close(fused_k, want_k)
+    # Rotated where they lie, so the keys still sit right before the values for the one-scatter KV write.
+    assert fused_k.data_ptr() == k.data_ptr() and fused_q.data_ptr() == q.data_ptr()

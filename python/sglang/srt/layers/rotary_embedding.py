@@ -72,12 +72,15 @@ class RotaryEmbedding(nn.Module):
         return torch.cat([rotated, rest], dim=-1).flatten(1)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotate q [T, H*D] and k [T, KV*D] for the given absolute positions [T]; returns new contiguous tensors."""
+        """Rotate q [T, H*D] and k [T, KV*D] for the given absolute positions [T].
+
+        The fused CUDA path rotates in place, so q and k may be strided views (of a fused qkv output) and stay so:
+        the KV-cache write can then take k and v together. The torch path returns new contiguous tensors.
+        """
         fi = flashinfer_ops(q)
         # One kernel on CUDA; it reads cos/sin as float32 and only knows rotary_dim == head_size among our layouts.
         if fi is not None and self.rotary_dim == self.head_size and self.cos_sin_cache.dtype == torch.float32:
-            return fi.rope.apply_rope_with_cos_sin_cache(
-                positions, q, k, self.head_size, self.cos_sin_cache, is_neox=True
-            )
+            fi.rope.apply_rope_with_cos_sin_cache_inplace(positions, q, k, self.head_size, self.cos_sin_cache, True)
+            return q, k
         cos, sin = self.cos_sin_cache[positions].to(q.dtype).unsqueeze(1).chunk(2, dim=-1)
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)

@@ -97,6 +97,28 @@ def build_forward_batch(
         extend_lens.append(n)
         seq_lens.append(req.kv_len + n)
     num_tokens = len(ids)
+    graphs = getattr(runner, "cuda_graph_runner", None)
+    if decode and graphs is not None and graphs.takes(len(reqs), return_full_logits):
+        # No device work here: the graph runner copies these five rows to the device in one go, and its graph
+        # writes the new slots into req_to_token.
+        host = torch.tensor([ids, positions, rows, seq_lens, out_cache_loc.tolist()], dtype=torch.int64)
+        ids_t, positions_t, req_pool_indices_t, seq_lens_t, loc_t = host.unbind(0)
+        return ForwardBatch(
+            forward_mode=mode,
+            batch_size=len(reqs),
+            input_ids=ids_t,
+            positions=positions_t,
+            req_pool_indices=req_pool_indices_t,
+            seq_lens=seq_lens_t,
+            out_cache_loc=loc_t,
+            seq_lens_cpu=seq_lens,
+            extend_prefix_lens_cpu=prefix_lens,
+            extend_seq_lens_cpu=extend_lens,
+            req_to_token_pool=runner.req_to_token_pool,
+            token_to_kv_pool=runner.token_to_kv_pool,
+            attn_backend=runner.attn_backend,
+            host_inputs=host,
+        )
     # Every integer input in one host tensor and one copy to the device: each separate small host-to-device copy
     # costs a launch and a staging copy, several per decode step otherwise.
     host = torch.tensor(ids + positions + rows + [r.req_pool_idx for r in reqs] + seq_lens, dtype=torch.int64)

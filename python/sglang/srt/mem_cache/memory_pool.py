@@ -1,4 +1,4 @@
-"""KV cache memory: request rows of token slots, per-layer K/V buffers, and a slot allocator."""
+"""KV cache memory: request rows of token slots and the per-layer K/V buffers."""
 
 from __future__ import annotations
 
@@ -6,11 +6,15 @@ import torch
 
 
 class ReqToTokenPool:
-    """Maps (request row, position) to a KV slot; one row per running request."""
+    """Maps (request row, position) to a KV slot; one row per running request.
+
+    Row `scratch_row` (the last one) is never handed out: pad rows of a CUDA-graph batch write into it.
+    """
 
     def __init__(self, size: int, max_context_len: int, device: torch.device) -> None:
         self.size = size
-        self.req_to_token = torch.zeros((size, max_context_len), dtype=torch.int64, device=device)
+        self.scratch_row = size
+        self.req_to_token = torch.zeros((size + 1, max_context_len), dtype=torch.int64, device=device)
         self.free_slots = list(range(size))
 
     def alloc(self) -> int | None:
@@ -25,19 +29,31 @@ class ReqToTokenPool:
 
 
 class MHATokenToKVPool:
-    """Per-layer K and V buffers of shape [num_slots + 1, kv_heads, head_dim]; slot 0 is never handed out."""
+    """Per-layer KV buffers of shape [num_slots + 1, 2, kv_heads, head_dim]; slot 0 is never handed out.
+
+    A slot's key and value sit side by side, so a layer whose new keys and values are adjacent in memory (the k|v
+    half of a fused qkv projection) writes both with one scatter. Keys and values are read through strided views.
+    """
 
     def __init__(
         self, size: int, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device
     ) -> None:
         self.size = size
-        shape = (size + 1, num_kv_heads, head_dim)
-        self.k_buffer = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v_buffer = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.kv_buffer = [
+            torch.zeros((size + 1, 2, num_kv_heads, head_dim), dtype=dtype, device=device) for _ in range(num_layers)
+        ]
+        self.k_buffer = [buf[:, 0] for buf in self.kv_buffer]
+        self.v_buffer = [buf[:, 1] for buf in self.kv_buffer]
 
     def set_kv_buffer(self, layer_id: int, loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        self.k_buffer[layer_id][loc] = k.to(self.k_buffer[layer_id].dtype)
-        self.v_buffer[layer_id][loc] = v.to(self.v_buffer[layer_id].dtype)
+        """Write keys and values [tokens, kv_heads, head_dim] into slots `loc`."""
+        buf = self.kv_buffer[layer_id]
+        pair = _adjacent_pair(k, v)
+        if pair is not None and pair.dtype == buf.dtype:
+            buf[loc] = pair
+            return
+        buf[loc, 0] = k.to(buf.dtype)
+        buf[loc, 1] = v.to(buf.dtype)
 
     def get_key_buffer(self, layer_id: int) -> torch.Tensor:
         return self.k_buffer[layer_id]
@@ -49,3 +65,17 @@ class MHATokenToKVPool:
     def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
         """Bytes of K plus V for one token over all layers."""
         return 2 * num_layers * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+def _adjacent_pair(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
+    """k and v as one [tokens, 2, heads, dim] view when each token's values directly follow its keys in memory."""
+    if k.dtype != v.dtype or k.shape != v.shape or k.dim() != 3 or k.stride() != v.stride():
+        return None
+    tokens, heads, dim = k.shape
+    if k.stride(2) != 1 or k.stride(1) != dim:
+        return None
+    if v.untyped_storage().data_ptr() != k.untyped_storage().data_ptr():
+        return None
+    if v.storage_offset() - k.storage_offset() != heads * dim:
+        return None
+    return k.as_strided((tokens, 2, heads, dim), (k.stride(0), heads * dim, dim, 1))

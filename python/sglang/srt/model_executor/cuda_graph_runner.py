@@ -29,7 +29,10 @@ class GraphableAttentionBackend(Protocol):
         """Plan a batch of a captured size and make the layers record that plan's kernels."""
 
     def init_forward_metadata_replay(self, forward_batch: ForwardBatch) -> None:
-        """Plan a padded batch into the buffers its graph reads."""
+        """Plan a padded batch into the buffers its graph reads (host side, before the replay)."""
+
+    def prepare_graph_inputs(self, forward_batch: ForwardBatch) -> None:
+        """Device-side part of the plan, recorded at the start of the graph (e.g. gathering the KV page list)."""
 
 
 def graph_batch_sizes(max_bs: int) -> list[int]:
@@ -38,8 +41,17 @@ def graph_batch_sizes(max_bs: int) -> list[int]:
     return sorted(s for s in sizes if s <= max_bs)
 
 
+# Rows of the graphs' integer inputs, in the order of ForwardBatch.host_inputs.
+_INPUT_ROWS = ("input_ids", "positions", "req_pool_indices", "seq_lens", "out_cache_loc")
+
+
 class CudaGraphRunner:
-    """Captures the model's decode pass per batch size and replays it with a batch padded to the next size."""
+    """Captures the model's decode pass per batch size and replays it with a batch padded to the next size.
+
+    A step costs the host one copy to the device and the attention plan: the graph of size bs reads its integer
+    inputs from the first 5 * bs elements of one device buffer, records the new KV slots in req_to_token itself, and
+    gathers the attention backend's page list itself.
+    """
 
     def __init__(self, runner: ModelRunner, max_bs: int) -> None:
         self.runner = runner
@@ -47,12 +59,13 @@ class CudaGraphRunner:
         self.batch_sizes = graph_batch_sizes(max_bs)
         self.max_bs = self.batch_sizes[-1]
         device = runner.device
-        # Pad rows write their key/value into slot 0, which the allocator never hands out.
-        self.input_ids = torch.zeros(self.max_bs, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(self.max_bs, dtype=torch.int64, device=device)
-        self.out_cache_loc = torch.zeros(self.max_bs, dtype=torch.int64, device=device)
-        self.req_pool_indices = torch.zeros(self.max_bs, dtype=torch.int64, device=device)
-        self.seq_lens = torch.ones(self.max_bs, dtype=torch.int64, device=device)
+        rows = len(_INPUT_ROWS)
+        self.inputs = torch.zeros(rows * self.max_bs, dtype=torch.int64, device=device)
+        self.host_inputs = torch.zeros(rows * self.max_bs, dtype=torch.int64).pin_memory()
+        # The staging buffer is rewritten each step only after the previous copy out of it has finished.
+        self.staged = torch.cuda.Event()
+        # A pad row decodes token 0 at position 0 of the scratch request row into the scratch slot 0.
+        self.pad = torch.tensor([0, 0, runner.req_to_token_pool.scratch_row, 1, 0], dtype=torch.int64)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, LogitsProcessorOutput] = {}
         row_width = runner.req_to_token_pool.req_to_token.shape[1]
@@ -68,61 +81,81 @@ class CudaGraphRunner:
         )
 
     def _static_batch(self, bs: int, seq_lens_cpu: list[int]) -> ForwardBatch:
+        ids, positions, req_pool_indices, seq_lens, out_cache_loc = self.inputs[: len(_INPUT_ROWS) * bs].view(-1, bs)
         return ForwardBatch(
             forward_mode=ForwardMode.DECODE,
             batch_size=bs,
-            input_ids=self.input_ids[:bs],
-            positions=self.positions[:bs],
-            req_pool_indices=self.req_pool_indices[:bs],
-            seq_lens=self.seq_lens[:bs],
-            out_cache_loc=self.out_cache_loc[:bs],
+            input_ids=ids,
+            positions=positions,
+            req_pool_indices=req_pool_indices,
+            seq_lens=seq_lens,
+            out_cache_loc=out_cache_loc,
             seq_lens_cpu=seq_lens_cpu,
             req_to_token_pool=self.runner.req_to_token_pool,
             token_to_kv_pool=self.runner.token_to_kv_pool,
             attn_backend=self.backend,
         )
 
+    def _step(self, batch: ForwardBatch) -> LogitsProcessorOutput:
+        """What a graph records: the slot bookkeeping, the device half of the attention plan, the model."""
+        req_to_token = self.runner.req_to_token_pool.req_to_token
+        req_to_token[batch.req_pool_indices, batch.positions] = batch.out_cache_loc
+        self.backend.prepare_graph_inputs(batch)
+        return self.runner.model(batch.input_ids, batch.positions, batch)
+
     @torch.inference_mode()
     def capture(self) -> None:
         """Record one graph per size, largest first so the smaller ones reuse its memory pool."""
-        model = self.runner.model
         pool = None
         for bs in reversed(self.batch_sizes):
+            self.inputs[: len(_INPUT_ROWS) * bs].view(-1, bs).copy_(self.pad.unsqueeze(1).expand(-1, bs))
             batch = self._static_batch(bs, [1] * bs)
             self.backend.init_forward_metadata_capture(batch)
             # Run eagerly first: lazy setup (cuBLAS handles, kernel selection) must not happen while recording.
             for _ in range(2):
-                model(batch.input_ids, batch.positions, batch)
+                self._step(batch)
             torch.cuda.synchronize(self.runner.device)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self.outputs[bs] = model(batch.input_ids, batch.positions, batch)
+                self.outputs[bs] = self._step(batch)
             pool = graph.pool()
             self.graphs[bs] = graph
         torch.cuda.synchronize(self.runner.device)
 
+    def takes(self, batch_size: int, return_full_logits: bool) -> bool:
+        """Whether a decode batch of this size will be replayed (so it may be built on the host)."""
+        return batch_size <= self.max_bs and not return_full_logits
+
     def can_run(self, forward_batch: ForwardBatch) -> bool:
         """Whether a captured graph covers this batch."""
-        return (
-            forward_batch.forward_mode.is_decode()
-            and forward_batch.batch_size <= self.max_bs
-            and not forward_batch.return_full_logits
+        return forward_batch.forward_mode.is_decode() and self.takes(
+            forward_batch.batch_size, forward_batch.return_full_logits
         )
 
+    def _stage(self, forward_batch: ForwardBatch, padded: int) -> None:
+        """Put the batch's integer inputs, padded to the graph's size, into the graph's input buffer."""
+        bs = forward_batch.batch_size
+        n = len(_INPUT_ROWS) * padded
+        if forward_batch.host_inputs is not None:
+            self.staged.synchronize()
+            host = self.host_inputs[:n].view(-1, padded)
+            host[:, :bs] = forward_batch.host_inputs
+            host[:, bs:] = self.pad.unsqueeze(1)
+            self.inputs[:n].copy_(self.host_inputs[:n], non_blocking=True)
+            self.staged.record()
+            return
+        # Built on the device (tests, tools): one copy per row.
+        dest = self.inputs[:n].view(-1, padded)
+        for row, name in enumerate(_INPUT_ROWS):
+            dest[row, :bs].copy_(getattr(forward_batch, name))
+        if padded > bs:
+            dest[:, bs:].copy_(self.pad.to(dest.device).unsqueeze(1).expand(-1, padded - bs))
+
     def replay(self, forward_batch: ForwardBatch) -> LogitsProcessorOutput:
-        """Copy the batch into the graph's inputs, re-plan attention, replay, and return the real rows' logits."""
+        """Stage the batch into the graph's inputs, re-plan attention, replay, and return the real rows' logits."""
         bs = forward_batch.batch_size
         padded = self.batch_sizes[bisect.bisect_left(self.batch_sizes, bs)]
-        self.input_ids[:bs].copy_(forward_batch.input_ids)
-        self.positions[:bs].copy_(forward_batch.positions)
-        self.out_cache_loc[:bs].copy_(forward_batch.out_cache_loc)
-        self.req_pool_indices[:bs].copy_(forward_batch.req_pool_indices)
-        self.seq_lens[:bs].copy_(forward_batch.seq_lens)
-        if padded > bs:
-            # A larger batch may have left real values in the pad rows; reset them to one scratch token each.
-            for buf in (self.input_ids, self.positions, self.out_cache_loc, self.req_pool_indices):
-                buf[bs:padded].zero_()
-            self.seq_lens[bs:padded].fill_(1)
+        self._stage(forward_batch, padded)
         batch = self._static_batch(padded, list(forward_batch.seq_lens_cpu) + [1] * (padded - bs))
         self.backend.init_forward_metadata_replay(batch)
         self.graphs[padded].replay()

@@ -41,6 +41,11 @@ class ForwardBatch:
     extend_prefix_lens_cpu: list[int] = field(default_factory=list)  # tokens already in the cache
     extend_seq_lens_cpu: list[int] = field(default_factory=list)  # tokens computed in this pass
     return_full_logits: bool = False  # also return logits of every token (for logprobs and tests)
+    # Decode batches a CUDA graph will run stay on the host until the graph runner stages them: rows input_ids,
+    # positions, req_pool_indices, seq_lens, out_cache_loc of one [5, bs] int64 tensor (the fields above are views
+    # of it). The graph itself records out_cache_loc in req_to_token. None: the fields are on the model's device
+    # and req_to_token already holds the new slots.
+    host_inputs: torch.Tensor | None = None
     req_to_token_pool: ReqToTokenPool | None = None
     token_to_kv_pool: MHATokenToKVPool | None = None
     attn_backend: AttentionBackend | None = None

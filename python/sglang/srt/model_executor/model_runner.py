@@ -138,5 +138,7 @@ class ModelRunner:
         """Run the model on a batch; returns the model's LogitsProcessorOutput."""
         if self.cuda_graph_runner is not None and self.cuda_graph_runner.can_run(forward_batch):
             return self.cuda_graph_runner.replay(forward_batch)
+        if forward_batch.host_inputs is not None:
+            raise RuntimeError("a decode batch was built on the host for a CUDA graph that cannot run it")
         self.attn_backend.init_forward_metadata(forward_batch)
         return self.model(forward_batch.input_ids, forward_batch.positions, forward_batch)

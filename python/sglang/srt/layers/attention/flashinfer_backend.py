@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import os
 from typing import TYPE_CHECKING
 
 import flashinfer
@@ -18,6 +20,11 @@ if TYPE_CHECKING:
 _WORKSPACE_BYTES = 256 << 20
 # Each pool slot is its own page: the allocator hands out single slots, so pages of one token fit it as is.
 _PAGE_SIZE = 1
+
+
+def _decode_tensor_cores() -> bool:
+    """Decode through FlashInfer's tensor-core (prefill) kernels: SGLANG_FLASHINFER_DECODE_TENSOR_CORES=1."""
+    return os.environ.get("SGLANG_FLASHINFER_DECODE_TENSOR_CORES", "0") == "1"
 
 
 def _layer_geometry(model: torch.nn.Module) -> RadixAttention:
@@ -55,8 +62,11 @@ class FlashInferAttnBackend(AttentionBackend):
         self.q_dtype = runner.model_config.dtype
         self.kv_dtype = runner.token_to_kv_pool.get_key_buffer(0).dtype
         self.workspace = torch.zeros(_WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
+        self.tensor_cores = _decode_tensor_cores()
         self.prefill_wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD")
-        self.decode_wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD")
+        self.decode_wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            self.workspace, "NHD", use_tensor_cores=self.tensor_cores
+        )
         self.graph_decode_wrappers: dict[int, flashinfer.BatchDecodeWithPagedKVCacheWrapper] = {}
         # The decode wrapper forward() runs; a graph wrapper while a CUDA graph is being captured.
         self.active_decode_wrapper = self.decode_wrapper
@@ -83,10 +93,13 @@ class FlashInferAttnBackend(AttentionBackend):
         indices = self.req_to_token[req_pool_indices[owner], column].to(torch.int32)
         return indptr, indices, torch.ones(bs, dtype=torch.int32)
 
-    def _plan_decode(self, wrapper: flashinfer.BatchDecodeWithPagedKVCacheWrapper, forward_batch: ForwardBatch) -> None:
-        indptr, indices, last_page_len = self._kv_pages(
-            forward_batch.req_pool_indices, forward_batch.seq_lens, forward_batch.seq_lens_cpu
-        )
+    def _plan_decode(
+        self,
+        wrapper: flashinfer.BatchDecodeWithPagedKVCacheWrapper,
+        indptr: torch.Tensor,
+        indices: torch.Tensor,
+        last_page_len: torch.Tensor,
+    ) -> None:
         wrapper.plan(
             indptr,
             indices,
@@ -126,7 +139,10 @@ class FlashInferAttnBackend(AttentionBackend):
         """Plan the prefill or decode kernels for this batch; every layer reuses the plan."""
         if forward_batch.forward_mode.is_decode():
             self.active_decode_wrapper = self.decode_wrapper
-            self._plan_decode(self.decode_wrapper, forward_batch)
+            self._plan_decode(
+                self.decode_wrapper,
+                *self._kv_pages(forward_batch.req_pool_indices, forward_batch.seq_lens, forward_batch.seq_lens_cpu),
+            )
         else:
             self._plan_prefill(forward_batch)
 
@@ -136,34 +152,62 @@ class FlashInferAttnBackend(AttentionBackend):
         """One decode wrapper per captured batch size, with fixed device buffers a graph can point at."""
         max_bs = max(batch_sizes)
         self.max_graph_kv_tokens = max_kv_tokens
-        indptr = torch.zeros(max_bs + 1, dtype=torch.int32, device=self.device)
-        indices = torch.zeros(max_kv_tokens, dtype=torch.int32, device=self.device)
+        self.graph_indptr = torch.zeros(max_bs + 1, dtype=torch.int32, device=self.device)
+        # One element more than any batch needs: prepare_graph_inputs parks the columns past a sequence's end there.
+        self.graph_indices = torch.zeros(max_kv_tokens + 1, dtype=torch.int32, device=self.device)
+        self.graph_columns = torch.arange(self.req_to_token.shape[1], device=self.device)
+        self.ones_host = torch.ones(max_bs, dtype=torch.int32).pin_memory()
         last_page_len = torch.ones(max_bs, dtype=torch.int32, device=self.device)
         for bs in batch_sizes:
             self.graph_decode_wrappers[bs] = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
                 self.workspace,
                 "NHD",
                 use_cuda_graph=True,
-                paged_kv_indptr_buffer=indptr[: bs + 1],
-                paged_kv_indices_buffer=indices,
+                use_tensor_cores=self.tensor_cores,
+                paged_kv_indptr_buffer=self.graph_indptr[: bs + 1],
+                paged_kv_indices_buffer=self.graph_indices,
                 paged_kv_last_page_len_buffer=last_page_len[:bs],
             )
 
-    def init_forward_metadata_capture(self, forward_batch: ForwardBatch) -> None:
-        """Plan the graph wrapper of this batch size and make forward() record it."""
-        wrapper = self.graph_decode_wrappers[forward_batch.batch_size]
-        self.active_decode_wrapper = wrapper
-        self._plan_decode(wrapper, forward_batch)
+    def _plan_graph(self, forward_batch: ForwardBatch) -> None:
+        """Plan from the host lengths alone; the page list itself is gathered inside the graph.
 
-    def init_forward_metadata_replay(self, forward_batch: ForwardBatch) -> None:
-        """Re-plan before a replay: new lengths and pages land in the buffers the graph reads."""
-        total = sum(forward_batch.seq_lens_cpu)
+        Handing FlashInfer a view of its own indices buffer makes its copy a no-op (same memory, same layout).
+        """
+        lens = forward_batch.seq_lens_cpu
+        total = sum(lens)
         if total > self.max_graph_kv_tokens:
             raise RuntimeError(
                 f"decode batch holds {total} KV tokens, more than the {self.max_graph_kv_tokens} the CUDA graph "
                 "buffers were sized for"
             )
-        self._plan_decode(self.graph_decode_wrappers[forward_batch.batch_size], forward_batch)
+        # Pinned, so FlashInfer's copies of indptr and last_page_len into the graph buffers are true async copies.
+        indptr = torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32, pin_memory=True)
+        bs = forward_batch.batch_size
+        self._plan_decode(self.graph_decode_wrappers[bs], indptr, self.graph_indices[:total], self.ones_host[:bs])
+
+    def init_forward_metadata_capture(self, forward_batch: ForwardBatch) -> None:
+        """Plan the graph wrapper of this batch size and make forward() record it."""
+        self.active_decode_wrapper = self.graph_decode_wrappers[forward_batch.batch_size]
+        self._plan_graph(forward_batch)
+
+    def init_forward_metadata_replay(self, forward_batch: ForwardBatch) -> None:
+        """Re-plan before a replay: new lengths land in the buffers the graph reads."""
+        self._plan_graph(forward_batch)
+
+    def prepare_graph_inputs(self, forward_batch: ForwardBatch) -> None:
+        """Inside the graph: lay each sequence's slots end to end in the indices buffer, at its indptr offset.
+
+        Fixed shapes ([bs, row width]) so it can be recorded: columns past a sequence's length are all written to
+        the spare last element. Doing this on the device replaces a handful of host-launched kernels per step.
+        """
+        bs = forward_batch.batch_size
+        slots = self.req_to_token.index_select(0, forward_batch.req_pool_indices)
+        columns = self.graph_columns.unsqueeze(0)
+        dest = self.graph_indptr[:bs].unsqueeze(1).to(torch.int64) + columns
+        spare = self.graph_indices.numel() - 1
+        dest = torch.where(columns < forward_batch.seq_lens.unsqueeze(1), dest, spare)
+        self.graph_indices.scatter_(0, dest.view(-1), slots.view(-1).to(torch.int32))
 
     # ---- the layers' call ------------------------------------------------------------------------------------
 
