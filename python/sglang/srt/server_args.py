@@ -63,6 +63,11 @@ class ServerArgs:
     # Memory and scheduling
     mem_fraction_static: float | None = _opt("Fraction of device memory for weights plus KV cache.")
     max_total_tokens: int | None = _opt("Size of the KV cache in tokens; overrides --mem-fraction-static.")
+    page_size: int = _opt(
+        "Tokens per KV cache page: slots are handed out in pages of this many, a request fills its page before it "
+        "takes the next, and the prefix cache reuses whole pages only (a partly written last page is not cached).",
+        default=1,
+    )
     max_running_requests: int | None = _opt("Maximum number of requests in a batch.")
     chunked_prefill_size: int | None = _opt("Maximum tokens prefilled in one forward pass (-1 disables chunking).")
     attention_backend: str | None = _opt("Attention kernels.", choices=ATTENTION_BACKENDS)
@@ -181,6 +186,15 @@ class ServerArgs:
             raise ServerArgsError(f"--mem-fraction-static must be in (0, 1), got {self.mem_fraction_static}.")
         if self.max_total_tokens is not None and self.max_total_tokens < 16:
             raise ServerArgsError(f"--max-total-tokens must be >= 16, got {self.max_total_tokens}.")
+        if isinstance(self.page_size, bool) or not isinstance(self.page_size, int) or self.page_size < 1:
+            raise ServerArgsError(
+                f"--page-size must be an integer >= 1 (tokens per KV cache page), got {self.page_size!r}."
+            )
+        if self.max_total_tokens is not None and self.max_total_tokens < self.page_size:
+            raise ServerArgsError(
+                f"--max-total-tokens {self.max_total_tokens} is less than one page of --page-size {self.page_size}; "
+                "raise --max-total-tokens or lower --page-size."
+            )
         if self.context_length is not None and self.context_length < 1:
             raise ServerArgsError(f"--context-length must be >= 1, got {self.context_length}.")
         if self.max_running_requests < 1:

@@ -45,9 +45,14 @@ class Scheduler:
         )
         self.model_config.check_tp(server_args.tp_size)
         self.runner = ModelRunner(self.model_config, server_args, tp_rank, gpu_id, port_args.dist_init_method)
-        self.max_total_num_tokens = self.runner.max_total_num_tokens
-        self.max_req_input_len = min(self.model_config.context_len - 1, self.max_total_num_tokens - 1)
         self.allocator = self.runner.token_to_kv_pool_allocator
+        self.page_size = self.allocator.page_size
+        # The slots that can be handed out: whole pages, without the scratch page 0.
+        self.max_total_num_tokens = self.allocator.size
+        self.max_req_input_len = min(self.model_config.context_len - 1, self.max_total_num_tokens - 1)
+        # With pages: each request row's newest KV slot, kept on the CPU. A request's next token goes right after
+        # it while its page has room; reading it back from req_to_token would sync the device every step.
+        self.last_slot = [0] * self.runner.req_to_token_pool.size
         self.tree_cache = RadixCache(self.allocator, disable=server_args.disable_radix_cache)
         self.stop_checker = StopChecker(server_args.tokenizer_path, self.model_config)
         self.sampler = Sampler(server_args.random_seed, self.stop_checker.stop_ids_for)
@@ -130,6 +135,7 @@ class Scheduler:
                 return ForwardMode.EXTEND, reqs
         if self.running:
             self.reserve_decode_memory()
+        if self.running:  # retraction may have emptied it (the memory is held by a chunked prefill)
             return ForwardMode.DECODE, list(self.running)
         return None
 
@@ -150,6 +156,9 @@ class Scheduler:
         candidates = ([self.chunked_req] if self.chunked_req else []) + list(self.waiting)
         self.chunked_req = None
         admitted: list[Req] = []
+        # KV slots (whole pages) the admitted prefills take, plus one decode step of every request after them:
+        # the admitted requests allocate together in run_batch, so each one's check must count the others.
+        need = self.decode_need(self.running)
         for req in candidates:
             if budget <= 0 or len(self.running) + len(admitted) >= self.server_args.max_running_requests:
                 break
@@ -157,12 +166,15 @@ class Scheduler:
             if newly_placed and not self.place(req):
                 break
             n = min(req.remaining_prefill(), budget)
-            reserve = len(self.running) + len(admitted) + 1
-            if not self.ensure_free(n + reserve):
+            req_need = self.new_slots(req.kv_len, n) + self.new_slots(req.kv_len + n, 1)
+            if not self.ensure_free(need + req_need):
                 if newly_placed:
                     self.release(req)
                     req.reset_for_retract()
+                else:
+                    self.chunked_req = req  # keeps its KV and its place; tried again next step
                 break
+            need += req_need
             req.extend_len = n
             budget -= n
             admitted.append(req)
@@ -192,6 +204,18 @@ class Scheduler:
         self.tree_cache.inc_lock_ref(node)
         return True
 
+    def new_slots(self, held: int, n: int) -> int:
+        """Free slots that n more tokens of a request holding `held` take: the fresh pages they start, whole."""
+        if self.page_size == 1:
+            return n
+        return (_pages(held + n, self.page_size) - _pages(held, self.page_size)) * self.page_size
+
+    def decode_need(self, reqs: list[Req]) -> int:
+        """Free slots one decode step of reqs takes: a fresh page for each request whose last page is full."""
+        if self.page_size == 1:
+            return len(reqs)
+        return sum(self.new_slots(r.kv_len, 1) for r in reqs)
+
     def ensure_free(self, n: int) -> bool:
         short = n - self.allocator.available_size()
         if short > 0:
@@ -200,7 +224,7 @@ class Scheduler:
 
     def reserve_decode_memory(self) -> None:
         """Make room for one token per running request, retracting the newest requests if needed."""
-        while self.running and not self.ensure_free(len(self.running)):
+        while self.running and not self.ensure_free(self.decode_need(self.running)):
             victim = self.running.pop()
             self.release(victim)
             victim.reset_for_retract()
@@ -214,8 +238,11 @@ class Scheduler:
         if self.tree_cache.disable:
             self.allocator.free(slots[req.cached_len :])
         else:
-            done = self.tree_cache.insert(req.fill_ids[: req.kv_len], slots)
+            # Whole pages go into the cache; a partly written last page belongs to this request alone and is freed.
+            whole = self.tree_cache.page_aligned(req.kv_len)
+            done = self.tree_cache.insert(req.fill_ids[:whole], slots[:whole])
             self.allocator.free(slots[req.cached_len : done])
+            self.allocator.free(slots[whole:])
             self.tree_cache.dec_lock_ref(req.last_node)
         self.runner.req_to_token_pool.free(row)
         req.req_pool_idx = None
@@ -223,9 +250,7 @@ class Scheduler:
     # ---- running a batch ----------------------------------------------------------------------------
 
     def run_batch(self, mode: ForwardMode, reqs: list[Req]) -> None:
-        n_tokens = sum(r.extend_len for r in reqs) if mode.is_extend() else len(reqs)
-        out_cache_loc = self.allocator.alloc(n_tokens)
-        assert out_cache_loc is not None, "memory was reserved before scheduling"
+        out_cache_loc = self.alloc_kv_slots(mode, reqs)
         batch = build_forward_batch(reqs, mode, out_cache_loc, self.runner)
         output = self.runner.forward(batch)
         for req in reqs:
@@ -246,6 +271,25 @@ class Scheduler:
                 self.chunked_req = None
             self.release(req)
         self.send_outputs([r for r in reqs if r.finished or len(r.output_ids) > r.sent_len])
+
+    def alloc_kv_slots(self, mode: ForwardMode, reqs: list[Req]) -> torch.Tensor:
+        """One KV slot per new token, in batch order; with pages a request first fills its partly written page."""
+        if self.page_size == 1:
+            out = self.allocator.alloc(sum(r.extend_len for r in reqs) if mode.is_extend() else len(reqs))
+            assert out is not None, "memory was reserved before scheduling"
+            return out
+        rows = [r.req_pool_idx for r in reqs]
+        held = [r.kv_len for r in reqs]
+        last = [self.last_slot[row] for row in rows]
+        if mode.is_extend():
+            got = self.allocator.alloc_extend(held, [r.extend_len for r in reqs], last)
+        else:
+            got = self.allocator.alloc_decode(held, last)
+        assert got is not None, "memory was reserved before scheduling"
+        out, newest = got
+        for row, slot in zip(rows, newest):
+            self.last_slot[row] = slot
+        return out
 
     def sample_into(self, reqs: list[Req], logits: torch.Tensor, rows: list[int]) -> None:
         """Rank 0 samples one token per request and shares the choice, so every rank stays in step."""
@@ -287,3 +331,8 @@ class Scheduler:
             "max_total_num_tokens": self.max_total_num_tokens,
             "cached_tokens_total": self.cached_tokens_total,
         }
+
+
+def _pages(tokens: int, page_size: int) -> int:
+    """Pages that hold `tokens` tokens of one request (the last one possibly partly written)."""
+    return -(-tokens // page_size)

@@ -120,7 +120,7 @@ class ModelRunner:
         rows = self.server_args.max_running_requests + 8
         self.req_to_token_pool = ReqToTokenPool(rows, cfg.context_len + 8, self.device)
         self.token_to_kv_pool = MHATokenToKVPool(tokens, cfg.num_layers, kv_heads, cfg.head_dim, cfg.dtype, self.device)
-        self.token_to_kv_pool_allocator = TokenToKVPoolAllocator(tokens, self.device)
+        self.token_to_kv_pool_allocator = TokenToKVPoolAllocator(tokens, self.device, self.server_args.page_size)
         logger.info("TP%d KV cache: %d tokens (%.1f MB)", self.tp_rank, tokens, tokens * per_token / 1e6)
 
     def _tokens_that_fit(self, per_token: int) -> int:
