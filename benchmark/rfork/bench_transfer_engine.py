@@ -11,8 +11,9 @@ one long generation; its tokens/s across the client's transfer window (from the 
 after it) is compared with the same stream's rate before the client started.
 
 Seeds (SEEDS below): `cuda_graph` serves as a production seed does on CUDA (flashinfer, CUDA graphs); `eager` is
-torch_native without graphs (about 1300 kernel launches per decode step); the `_slice_*` variants raise Mooncake's
-TCP slice size (MC_TCP_SLICE_SIZE, 64 KiB by default), i.e. how much GPU memory its TCP server copies per cudaMemcpy.
+torch_native without graphs (about 1300 kernel launches per decode step). Our engines move 4 MiB per Mooncake TCP
+slice (MC_TCP_SLICE_SIZE: how much GPU memory its TCP transport copies per cudaMemcpy); the `_mooncake_slice`
+variants, and the raw read `tcp_mooncake_slice`, use Mooncake's own default of 64 KiB.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_nccl import param_shapes  # noqa: E402
 from common import drop_page_cache, ensure_checkpoint, launch, server_info, stamp, write_result  # noqa: E402
 
+from sglang.srt.remote_instance.mooncake_guard import TCP_SLICE_BYTES  # noqa: E402
 from sglang.srt.server_args import free_port  # noqa: E402
 from sglang.test.test_utils import config_only_copy  # noqa: E402
 
@@ -93,15 +95,21 @@ def _raw_client(gpu: int, protocol: str, shapes: list, info: mp.Queue, results: 
     results[protocol] = {"passes_s": [round(x, 3) for x in times], "data_ok": ok, "bytes": sum(lengths)}
 
 
-def raw_read(protocol: str, seed_gpu: int, client_gpu: int, shapes: list) -> dict:
-    """Mooncake's own best: one batch read of every tensor between two bare processes."""
+def raw_read(protocol: str, seed_gpu: int, client_gpu: int, shapes: list, env: dict[str, str]) -> dict:
+    """Mooncake's own best: one batch read of every tensor between two bare processes (env: for both of them)."""
     ctx = mp.get_context("spawn")
     info, done = ctx.Queue(), ctx.Event()
     results = ctx.Manager().dict()
     seed = ctx.Process(target=_raw_seed, args=(seed_gpu, protocol, shapes, info, done))
     client = ctx.Process(target=_raw_client, args=(client_gpu, protocol, shapes, info, results))
-    seed.start()
-    client.start()
+    saved = dict(os.environ)
+    os.environ.update({"MC_TCP_SLICE_SIZE": str(TCP_SLICE_BYTES), **env})  # the spawned processes inherit it
+    try:
+        seed.start()
+        client.start()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
     client.join(900)
     done.set()
     seed.join(60)
@@ -130,21 +138,27 @@ class TokenClock(threading.Thread):
             self.error = repr(e)
 
     def _stream(self) -> None:
+        """One generation after another (a fast seed finishes one before a slow fork ends), tokens counted on."""
         body = {
             "text": "Once upon a time",
-            "sampling_params": {"max_new_tokens": 7000, "temperature": 0, "ignore_eos": True},
+            "sampling_params": {"max_new_tokens": 4000, "temperature": 0, "ignore_eos": True},
             "stream": True,
         }
-        with requests.post(f"http://127.0.0.1:{self.port}/generate", json=body, stream=True, timeout=600) as r:
-            for line in r.iter_lines():
-                if self.stop.is_set():
-                    return
-                if line.startswith(b"data: {"):
-                    event = json.loads(line[6:])
-                    if "meta_info" not in event:
-                        self.error = str(event)[:300]
+        done = 0
+        while not self.stop.is_set():
+            last = 0
+            with requests.post(f"http://127.0.0.1:{self.port}/generate", json=body, stream=True, timeout=600) as r:
+                for line in r.iter_lines():
+                    if self.stop.is_set():
                         return
-                    self.events.append((time.time(), event["meta_info"]["completion_tokens"]))
+                    if line.startswith(b"data: {"):
+                        event = json.loads(line[6:])
+                        if "meta_info" not in event:
+                            self.error = str(event)[:300]
+                            return
+                        last = event["meta_info"]["completion_tokens"]
+                        self.events.append((time.time(), done + last))
+            done += last
 
     def rate_across(self, t0: float, t1: float) -> float | None:
         """Tokens per second from the last event at or before t0 to the first at or after t1: a window shorter
@@ -173,12 +187,15 @@ class SeedConfig:
 
 
 _EAGER = ["--attention-backend", "torch_native", "--disable-cuda-graph"]
+_MOONCAKE_SLICE = {"MC_TCP_SLICE_SIZE": "65536"}  # Mooncake's own default; ours is 4 MiB (mooncake_guard)
 SEEDS = {
     "cuda_graph": SeedConfig([], ("nvlink_intra", "tcp")),
-    "cuda_graph_slice_4mib": SeedConfig([], ("tcp",), {"MC_TCP_SLICE_SIZE": str(4 << 20)}),
+    "cuda_graph_mooncake_slice": SeedConfig([], ("tcp",), _MOONCAKE_SLICE),
     "eager": SeedConfig(_EAGER, ("tcp",)),
-    "eager_slice_4mib": SeedConfig(_EAGER, ("tcp",), {"MC_TCP_SLICE_SIZE": str(4 << 20)}),
+    "eager_mooncake_slice": SeedConfig(_EAGER, ("tcp",), _MOONCAKE_SLICE),
 }
+# Raw reads: each protocol with the slice size our engines use, TCP also with Mooncake's default.
+RAW = {"nvlink_intra": ("nvlink_intra", {}), "tcp": ("tcp", {}), "tcp_mooncake_slice": ("tcp", _MOONCAKE_SLICE)}
 
 
 def fork_during_stream(
@@ -279,9 +296,10 @@ def main() -> None:
     model_dir = ensure_checkpoint(Path(args.model_dir))
     shapes = param_shapes(model_dir)
     raw = {}
-    for p in args.protocols:
-        raw[p] = raw_read(p, args.seed_gpu, args.client_gpu, shapes)
-        print("raw", p, json.dumps(raw[p]), flush=True)  # partial results survive a cut-off run
+    for name, (protocol, env) in RAW.items():
+        if protocol in args.protocols:
+            raw[name] = {"env": env, **raw_read(protocol, args.seed_gpu, args.client_gpu, shapes, env)}
+            print("raw", name, json.dumps(raw[name]), flush=True)  # partial results survive a cut-off run
 
     # The first seed's load is the disk baseline: it reads the checkpoint right after the page cache is dropped.
     cold = drop_page_cache()
@@ -289,11 +307,13 @@ def main() -> None:
     client_dir = Path(config_only_copy(model_dir, "/tmp/llama8b-client"))
     seeds = {name: fork_from_seed(name, model_dir, client_dir, args, logs) for name in args.seeds.split(",")}
     disk = next(iter(seeds.values())).get("seed_weight_load_s")
-    for forks in seeds.values():
+    for name, forks in seeds.items():
         for p in args.protocols:
             fork = forks.get(p)
-            if fork and "gbps" in fork and "gbps" in raw[p]:
-                fork["fork_vs_raw"] = round(fork["gbps"] / raw[p]["gbps"], 3)
+            # Compared with the raw read that used the same slice size.
+            base = raw.get(p + ("_mooncake_slice" if SEEDS[name].env == _MOONCAKE_SLICE else ""), {})
+            if fork and "gbps" in fork and "gbps" in base:
+                fork["fork_vs_raw"] = round(fork["gbps"] / base["gbps"], 3)
                 if disk:
                     fork["fork_speedup_vs_disk"] = round(disk / fork["weight_load_s"], 2)
     write_result(

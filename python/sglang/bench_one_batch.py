@@ -315,6 +315,8 @@ def measure_runtime(server_args: ServerArgs, bench: BenchArgs) -> tuple[list[dic
         "vocab_size": runner.model_config.vocab_size,
         "attention_backend": server_args.attention_backend,
         "fused_kernels": fused_kernels.enabled(runner.device, runner.model_config.dtype),
+        "decode_tensor_cores": getattr(runner.attn_backend, "tensor_cores", None),
+        "page_size": server_args.page_size,
         "cuda_graph_batch_sizes": graphs.batch_sizes if graphs else [],
         "cuda_graph_capture_s": graphs.capture_seconds if graphs else None,
         "weight_bytes": runner.weight_bytes,

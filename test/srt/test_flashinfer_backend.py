@@ -27,13 +27,14 @@ TINY = TINY_BF16_LLAMA
 REPORT: dict[str, dict[str, float]] = {}
 
 
-def _runner(model_path: str, backend: str, cuda_graph: bool) -> ModelRunner:
+def _runner(model_path: str, backend: str, cuda_graph: bool, page_size: int = 1) -> ModelRunner:
     args = ServerArgs(
         model_path=model_path,
         device="cuda",
         dtype="bfloat16",
         attention_backend=backend,
         disable_cuda_graph=not cuda_graph,
+        page_size=page_size,
         cuda_graph_max_bs=16,
         max_total_tokens=16384,
         max_running_requests=NUM_PROMPTS,
@@ -85,14 +86,18 @@ def reference(model_path: str, prompts: list[list[int]]) -> tuple[list[list[int]
 
 
 @pytest.mark.parametrize(
-    "cuda_graph,tensor_cores", [(False, False), (True, False), (True, True)], ids=["eager", "cuda_graph", "graph_tc"]
+    "cuda_graph,tensor_cores,page_size",
+    [(False, False, 1), (True, False, 1), (True, True, 1), (False, True, 16), (True, True, 16)],
+    ids=["eager", "cuda_graph", "graph_tc", "eager_tc_page16", "graph_tc_page16"],
 )
 def test_greedy_tokens_and_logits_match_torch_native(
-    model_path, prompts, reference, cuda_graph: bool, tensor_cores: bool, monkeypatch: pytest.MonkeyPatch
+    model_path, prompts, reference, cuda_graph: bool, tensor_cores: bool, page_size: int, monkeypatch
 ) -> None:
+    """Same tokens and logits as torch_native (page size 1) with either decode kernel family and with pages of 16
+    slots: a wrong page index or page-length would move logits by their own size."""
     ref_tokens, ref_logits = reference
     monkeypatch.setenv("SGLANG_FLASHINFER_DECODE_TENSOR_CORES", "1" if tensor_cores else "0")
-    runner = _runner(model_path, "flashinfer", cuda_graph)
+    runner = _runner(model_path, "flashinfer", cuda_graph, page_size)
     assert (runner.cuda_graph_runner is not None) == cuda_graph
     tokens = _free_running(runner, prompts)
     logits = _teacher_forced_logits(runner, prompts, ref_tokens)
@@ -100,6 +105,7 @@ def test_greedy_tokens_and_logits_match_torch_native(
     max_diff = float((logits - ref_logits).abs().max())
     scale = float(ref_logits.abs().max())
     name = ("cuda_graph" if cuda_graph else "eager") + ("_tensor_core_decode" if tensor_cores else "")
+    name += f"_page{page_size}" if page_size > 1 else ""
     REPORT[name] = {
         "prompts": len(prompts),
         "tokens_per_prompt": DECODE_STEPS,

@@ -111,6 +111,8 @@ class ModelRunner:
             tokens = self.server_args.max_total_tokens
         else:
             tokens = self._tokens_that_fit(per_token)
+        page = self.server_args.page_size
+        tokens -= tokens % page  # whole pages
         if tokens < 16:
             raise RuntimeError(
                 f"Not enough memory for the KV cache ({tokens} tokens fit); "
@@ -119,8 +121,12 @@ class ModelRunner:
         self.max_total_num_tokens = tokens
         rows = self.server_args.max_running_requests + 8
         self.req_to_token_pool = ReqToTokenPool(rows, cfg.context_len + 8, self.device)
-        self.token_to_kv_pool = MHATokenToKVPool(tokens, cfg.num_layers, kv_heads, cfg.head_dim, cfg.dtype, self.device)
-        self.token_to_kv_pool_allocator = TokenToKVPoolAllocator(tokens, self.device, self.server_args.page_size)
+        # Page 0 holds the scratch slot 0 and is never handed out; the pool adds slot 0 to the size it is given, so
+        # the buffers are (tokens / page + 1) whole pages and the allocator hands out exactly `tokens` slots.
+        slots = tokens + page - 1
+        self.token_to_kv_pool = MHATokenToKVPool(slots, cfg.num_layers, kv_heads, cfg.head_dim, cfg.dtype, self.device)
+        self.token_to_kv_pool_allocator = TokenToKVPoolAllocator(slots, self.device, page)
+        assert self.token_to_kv_pool_allocator.size == tokens
         logger.info("TP%d KV cache: %d tokens (%.1f MB)", self.tp_rank, tokens, tokens * per_token / 1e6)
 
     def _tokens_that_fit(self, per_token: int) -> int:

@@ -113,6 +113,21 @@ def nic_device_for_gpu(gpu_id: int | None) -> str:
     return str(mapping.get(str(gpu_id), "")) if gpu_id is not None else ""
 
 
+# Bytes Mooncake's TCP transport moves per socket write, and for GPU memory per synchronous cudaMemcpy through a host
+# staging buffer. Its default, 64 KiB, means about 20k copies per second on each side; on an H200 a 16 GB fork over
+# TCP ran at 0.9 GB/s with it and 2.5 GB/s with 4 MiB. Set MC_TCP_SLICE_SIZE yourself to override.
+TCP_SLICE_BYTES = 4 << 20
+
+
+def use_large_tcp_slices() -> None:
+    """Make this process's Mooncake TCP transport copy TCP_SLICE_BYTES at a time unless the user chose a size.
+
+    Mooncake reads MC_TCP_SLICE_SIZE once, at its first TCP transfer, on the side that serves the read (the seed)
+    and on the side that receives it (the client), so both call this before their engine moves anything.
+    """
+    os.environ.setdefault("MC_TCP_SLICE_SIZE", str(TCP_SLICE_BYTES))
+
+
 @contextmanager
 def _transport_env(protocol: str) -> Iterator[None]:
     wanted = {"MC_INTRANODE_NVLINK": "1" if protocol == "nvlink_intra" else None}
@@ -166,6 +181,7 @@ class GuardedEngine:
         self.protocol = protocol
         before = _listening()
         engine = module.TransferEngine()
+        use_large_tcp_slices()
         with _transport_env(protocol):
             rc = engine.initialize(host, "P2PHANDSHAKE", protocol, device_name)
         if rc != 0:

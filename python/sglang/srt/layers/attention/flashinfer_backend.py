@@ -18,30 +18,20 @@ if TYPE_CHECKING:
 
 # Scratch space for split-KV partial results, shared by every wrapper (only one runs at a time).
 _WORKSPACE_BYTES = 256 << 20
-# Each pool slot is its own page: the allocator hands out single slots, so pages of one token fit it as is.
-_PAGE_SIZE = 1
 
 
-# Largest decode batch that FlashInfer's tensor-core kernels serve by default (GQA models only; see below).
-_TENSOR_CORE_DECODE_MAX_BS = 8
+def tensor_core_decode(num_qo_heads: int, num_kv_heads: int) -> bool:
+    """Whether decode uses FlashInfer's tensor-core (prefill) kernels instead of its CUDA-core decode kernels.
 
-
-def tensor_core_decode_max_bs(num_qo_heads: int, num_kv_heads: int) -> int:
-    """Decode batches up to this size use FlashInfer's tensor-core (prefill) kernels instead of its CUDA-core ones.
-
-    SGLANG_FLASHINFER_DECODE_TENSOR_CORES: "1" for every batch, "0" for none, unset or "auto" for the measured
-    default. With grouped-query attention (4 or more query heads per KV head) the tensor-core kernel shares each
-    KV load between the group's heads; on one H200 with a Llama-3-8B shape it cut a batch-1 decode step from 5.84 to
-    5.38 ms, while at batch 32 the step got slower (6.55 to 7.01 ms), so by default only small batches use it.
+    SGLANG_FLASHINFER_DECODE_TENSOR_CORES: "1" always, "0" never, unset or "auto" when there are 4 or more query
+    heads per KV head (grouped-query attention), where the tensor-core kernel shares each KV load across the group.
+    Measured on one H200, Llama-3-8B shape, CUDA graphs, 512-token prompts, median decode step in ms:
+    batch 1: 5.34 vs 5.69, 2: 5.74 vs 6.00, 4: 5.81 vs 6.19, 8: 6.00 vs 6.18, 16: 6.31 vs 6.27, 32: 6.55 vs 6.67.
     """
     choice = os.environ.get("SGLANG_FLASHINFER_DECODE_TENSOR_CORES", "auto")
     if choice not in ("0", "1", "auto"):
         raise ValueError(f"SGLANG_FLASHINFER_DECODE_TENSOR_CORES must be 0, 1 or auto, got {choice!r}")
-    if choice == "1":
-        return 1 << 30
-    if choice == "0" or num_qo_heads // num_kv_heads < 4:
-        return 0
-    return _TENSOR_CORE_DECODE_MAX_BS
+    return choice == "1" or (choice == "auto" and num_qo_heads // num_kv_heads >= 4)
 
 
 def _layer_geometry(model: torch.nn.Module) -> RadixAttention:
@@ -71,6 +61,9 @@ class FlashInferAttnBackend(AttentionBackend):
             )
         self.device = runner.device
         self.req_to_token = runner.req_to_token_pool.req_to_token
+        # The allocator keeps token j of every request at offset j % page_size of its page, so a request's pages are
+        # req_to_token[row, ::page_size] // page_size (see mem_cache/allocator.py).
+        self.page_size = runner.token_to_kv_pool_allocator.page_size
         layer = _layer_geometry(runner.model)
         self.num_qo_heads = layer.tp_q_head_num
         self.num_kv_heads = layer.tp_k_head_num
@@ -79,38 +72,42 @@ class FlashInferAttnBackend(AttentionBackend):
         self.q_dtype = runner.model_config.dtype
         self.kv_dtype = runner.token_to_kv_pool.get_key_buffer(0).dtype
         self.workspace = torch.zeros(_WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
-        self.tensor_core_max_bs = tensor_core_decode_max_bs(self.num_qo_heads, self.num_kv_heads)
+        self.tensor_cores = tensor_core_decode(self.num_qo_heads, self.num_kv_heads)
         self.prefill_wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD")
-        # Eager decode: one wrapper per kernel family, picked by batch size.
-        self.decode_wrappers = {
-            tc: flashinfer.BatchDecodeWithPagedKVCacheWrapper(self.workspace, "NHD", use_tensor_cores=tc)
-            for tc in (False, True)
-        }
+        self.decode_wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            self.workspace, "NHD", use_tensor_cores=self.tensor_cores
+        )
         self.graph_decode_wrappers: dict[int, flashinfer.BatchDecodeWithPagedKVCacheWrapper] = {}
         # The decode wrapper forward() runs; a graph wrapper while a CUDA graph is being captured.
-        self.active_decode_wrapper = self.decode_wrappers[False]
+        self.active_decode_wrapper = self.decode_wrapper
         self.max_graph_kv_tokens = 0
 
     # ---- per-batch planning ------------------------------------------------------------------------------
 
+    def _page_lens(self, seq_lens_cpu: list[int]) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+        """(pages per sequence, kv_indptr over pages, last_page_len), the latter two int32 on the host."""
+        size = self.page_size
+        pages = [(n + size - 1) // size for n in seq_lens_cpu]
+        indptr = torch.tensor([0, *itertools.accumulate(pages)], dtype=torch.int32)
+        last = torch.tensor([(n - 1) % size + 1 for n in seq_lens_cpu], dtype=torch.int32)
+        return pages, indptr, last
+
     def _kv_pages(
-        self, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, seq_lens_cpu: list[int]
+        self, req_pool_indices: torch.Tensor, seq_lens_cpu: list[int]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(kv_indptr on the host, kv page indices on the device, last_page_len on the host), int32.
 
-        Sequence i's pages are req_to_token[req_pool_indices[i], :seq_lens[i]], laid end to end; the gather
-        is sized from the host copy of the lengths so it never waits for the device.
+        Sequence i's pages are req_to_token[req_pool_indices[i], 0:seq_lens[i]:page_size] // page_size, laid end to
+        end; the gather is sized from the host lengths so it never waits for the device.
         """
-        bs = len(seq_lens_cpu)
-        lens = torch.tensor(seq_lens_cpu)
-        indptr = torch.zeros(bs + 1, dtype=torch.int32)
-        indptr[1:] = torch.cumsum(lens, 0)
+        pages, indptr, last = self._page_lens(seq_lens_cpu)
         total = int(indptr[-1])
-        owner = torch.repeat_interleave(torch.arange(bs, device=self.device), seq_lens, output_size=total)
-        starts = torch.cumsum(seq_lens, 0) - seq_lens
-        column = torch.arange(total, device=self.device) - starts[owner]
-        indices = self.req_to_token[req_pool_indices[owner], column].to(torch.int32)
-        return indptr, indices, torch.ones(bs, dtype=torch.int32)
+        counts = torch.tensor(pages, device=self.device)
+        owner = torch.repeat_interleave(torch.arange(len(pages), device=self.device), counts, output_size=total)
+        starts = torch.cumsum(counts, 0) - counts
+        column = (torch.arange(total, device=self.device) - starts[owner]) * self.page_size
+        indices = (self.req_to_token[req_pool_indices[owner], column] // self.page_size).to(torch.int32)
+        return indptr, indices, last
 
     def _plan_decode(
         self,
@@ -126,16 +123,14 @@ class FlashInferAttnBackend(AttentionBackend):
             self.num_qo_heads,
             self.num_kv_heads,
             self.head_dim,
-            _PAGE_SIZE,
+            self.page_size,
             q_data_type=self.q_dtype,
             kv_data_type=self.kv_dtype,
             sm_scale=self.sm_scale,
         )
 
     def _plan_prefill(self, forward_batch: ForwardBatch) -> None:
-        indptr, indices, last_page_len = self._kv_pages(
-            forward_batch.req_pool_indices, forward_batch.seq_lens, forward_batch.seq_lens_cpu
-        )
+        indptr, indices, last_page_len = self._kv_pages(forward_batch.req_pool_indices, forward_batch.seq_lens_cpu)
         qo_indptr = torch.zeros(forward_batch.batch_size + 1, dtype=torch.int32)
         qo_indptr[1:] = torch.cumsum(torch.tensor(forward_batch.extend_seq_lens_cpu), 0)
         # Causal masks align queries with the end of each sequence, so a cached prefix is attended in full.
@@ -147,7 +142,7 @@ class FlashInferAttnBackend(AttentionBackend):
             self.num_qo_heads,
             self.num_kv_heads,
             self.head_dim,
-            _PAGE_SIZE,
+            self.page_size,
             causal=True,
             sm_scale=self.sm_scale,
             q_data_type=self.q_dtype,
@@ -157,10 +152,10 @@ class FlashInferAttnBackend(AttentionBackend):
     def init_forward_metadata(self, forward_batch: ForwardBatch) -> None:
         """Plan the prefill or decode kernels for this batch; every layer reuses the plan."""
         if forward_batch.forward_mode.is_decode():
-            self.active_decode_wrapper = self.decode_wrappers[forward_batch.batch_size <= self.tensor_core_max_bs]
+            self.active_decode_wrapper = self.decode_wrapper
             self._plan_decode(
                 self.active_decode_wrapper,
-                *self._kv_pages(forward_batch.req_pool_indices, forward_batch.seq_lens, forward_batch.seq_lens_cpu),
+                *self._kv_pages(forward_batch.req_pool_indices, forward_batch.seq_lens_cpu),
             )
         else:
             self._plan_prefill(forward_batch)
@@ -174,15 +169,16 @@ class FlashInferAttnBackend(AttentionBackend):
         self.graph_indptr = torch.zeros(max_bs + 1, dtype=torch.int32, device=self.device)
         # One element more than any batch needs: prepare_graph_inputs parks the columns past a sequence's end there.
         self.graph_indices = torch.zeros(max_kv_tokens + 1, dtype=torch.int32, device=self.device)
-        self.graph_columns = torch.arange(self.req_to_token.shape[1], device=self.device)
-        self.ones_host = torch.ones(max_bs, dtype=torch.int32).pin_memory()
+        # Slot columns of each page's first token, and their page ordinals.
+        self.graph_page_columns = torch.arange(0, self.req_to_token.shape[1], self.page_size, device=self.device)
+        self.graph_page_ordinals = torch.arange(self.graph_page_columns.numel(), device=self.device)
         last_page_len = torch.ones(max_bs, dtype=torch.int32, device=self.device)
         for bs in batch_sizes:
             self.graph_decode_wrappers[bs] = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
                 self.workspace,
                 "NHD",
                 use_cuda_graph=True,
-                use_tensor_cores=bs <= self.tensor_core_max_bs,
+                use_tensor_cores=self.tensor_cores,
                 paged_kv_indptr_buffer=self.graph_indptr[: bs + 1],
                 paged_kv_indices_buffer=self.graph_indices,
                 paged_kv_last_page_len_buffer=last_page_len[:bs],
@@ -194,16 +190,16 @@ class FlashInferAttnBackend(AttentionBackend):
         Handing FlashInfer a view of its own indices buffer makes its copy a no-op (same memory, same layout).
         """
         lens = forward_batch.seq_lens_cpu
-        total = sum(lens)
-        if total > self.max_graph_kv_tokens:
+        if sum(lens) > self.max_graph_kv_tokens:
             raise RuntimeError(
-                f"decode batch holds {total} KV tokens, more than the {self.max_graph_kv_tokens} the CUDA graph "
+                f"decode batch holds {sum(lens)} KV tokens, more than the {self.max_graph_kv_tokens} the CUDA graph "
                 "buffers were sized for"
             )
+        _, indptr, last_page_len = self._page_lens(lens)
         # Pinned, so FlashInfer's copies of indptr and last_page_len into the graph buffers are true async copies.
-        indptr = torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32, pin_memory=True)
-        bs = forward_batch.batch_size
-        self._plan_decode(self.graph_decode_wrappers[bs], indptr, self.graph_indices[:total], self.ones_host[:bs])
+        indptr, last_page_len = indptr.pin_memory(), last_page_len.pin_memory()
+        wrapper = self.graph_decode_wrappers[forward_batch.batch_size]
+        self._plan_decode(wrapper, indptr, self.graph_indices[: int(indptr[-1])], last_page_len)
 
     def init_forward_metadata_capture(self, forward_batch: ForwardBatch) -> None:
         """Plan the graph wrapper of this batch size and make forward() record it."""
@@ -215,18 +211,24 @@ class FlashInferAttnBackend(AttentionBackend):
         self._plan_graph(forward_batch)
 
     def prepare_graph_inputs(self, forward_batch: ForwardBatch) -> None:
-        """Inside the graph: lay each sequence's slots end to end in the indices buffer, at its indptr offset.
+        """Inside the graph: lay each sequence's pages end to end in the indices buffer, at its indptr offset.
 
-        Fixed shapes ([bs, row width]) so it can be recorded: columns past a sequence's length are all written to
-        the spare last element. Doing this on the device replaces a handful of host-launched kernels per step.
+        Fixed shapes ([bs, pages per row]) so it can be recorded: the entries past a sequence's last page are all
+        written to the spare last element. Doing this on the device replaces a handful of host-launched kernels per
+        step.
         """
         bs = forward_batch.batch_size
-        slots = self.req_to_token.index_select(0, forward_batch.req_pool_indices)
-        columns = self.graph_columns.unsqueeze(0)
-        dest = self.graph_indptr[:bs].unsqueeze(1).to(torch.int64) + columns
-        spare = self.graph_indices.numel() - 1
-        dest = torch.where(columns < forward_batch.seq_lens.unsqueeze(1), dest, spare)
-        self.graph_indices.scatter_(0, dest.view(-1), slots.view(-1).to(torch.int32))
+        rows = self.req_to_token.index_select(0, forward_batch.req_pool_indices)
+        num_pages = forward_batch.seq_lens.unsqueeze(1)
+        if self.page_size == 1:  # a slot is a page: two kernels fewer per step
+            pages = rows
+        else:
+            pages = rows.index_select(1, self.graph_page_columns) // self.page_size
+            num_pages = (num_pages + self.page_size - 1) // self.page_size
+        ordinals = self.graph_page_ordinals.unsqueeze(0)
+        dest = self.graph_indptr[:bs].unsqueeze(1).to(torch.int64) + ordinals
+        dest = torch.where(ordinals < num_pages, dest, self.graph_indices.numel() - 1)
+        self.graph_indices.scatter_(0, dest.view(-1), pages.view(-1).to(torch.int32))
 
     # ---- the layers' call ------------------------------------------------------------------------------------
 
@@ -241,10 +243,11 @@ class FlashInferAttnBackend(AttentionBackend):
             k.view(num_tokens, layer.tp_k_head_num, layer.head_dim),
             v.view(num_tokens, layer.tp_v_head_num, layer.head_dim),
         )
-        # [slots, heads, dim] seen as [pages, page_size=1, heads, dim] (FlashInfer's NHD paged layout).
+        # [slots, heads, dim] seen as [pages, page_size, heads, dim] (FlashInfer's NHD paged layout; the strides
+        # between slots are kept, K and V being interleaved slot by slot).
         kv_cache = (
-            pool.get_key_buffer(layer.layer_id).unsqueeze(1),
-            pool.get_value_buffer(layer.layer_id).unsqueeze(1),
+            pool.get_key_buffer(layer.layer_id).unflatten(0, (-1, self.page_size)),
+            pool.get_value_buffer(layer.layer_id).unflatten(0, (-1, self.page_size)),
         )
         query = q.view(num_tokens, layer.tp_q_head_num, layer.head_dim)
         if forward_batch.forward_mode.is_decode():
