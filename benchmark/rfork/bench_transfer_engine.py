@@ -264,6 +264,7 @@ def fork_from_seed(name: str, model_dir: Path, client_dir: Path, args: argparse.
     seed_args = [
         *common,
         *config.args,
+        *(["--load-format", "dummy"] if args.seed_dummy_weights else []),
         "--base-gpu-id",
         str(args.seed_gpu),
         "--remote-instance-weight-loader-start-seed-via-transfer-engine",
@@ -291,13 +292,16 @@ def main() -> None:
     parser.add_argument("--protocols", default="nvlink_intra,tcp")
     parser.add_argument("--seeds", default=",".join(SEEDS), help=f"seed configurations to fork from: {list(SEEDS)}")
     parser.add_argument("--result-name", default="rfork_transfer_engine_h200x2.json")
+    parser.add_argument("--seed-dummy-weights", action="store_true", help="seed with --load-format dummy")
+    parser.add_argument("--skip-raw", action="store_true", help="no raw Mooncake baseline")
     args = parser.parse_args()
     args.protocols = args.protocols.split(",")
-    model_dir = ensure_checkpoint(Path(args.model_dir))
+    # Dummy seed weights skip the 16 GB checkpoint (and so the disk baseline): for a quick look at one seed setting.
+    model_dir = Path(args.model_dir) if args.seed_dummy_weights else ensure_checkpoint(Path(args.model_dir))
     shapes = param_shapes(model_dir)
     raw = {}
     for name, (protocol, env) in RAW.items():
-        if protocol in args.protocols:
+        if protocol in args.protocols and not args.skip_raw:
             raw[name] = {"env": env, **raw_read(protocol, args.seed_gpu, args.client_gpu, shapes, env)}
             print("raw", name, json.dumps(raw[name]), flush=True)  # partial results survive a cut-off run
 
@@ -306,7 +310,7 @@ def main() -> None:
     logs = Path(os.environ.get("OUT", "/tmp"))
     client_dir = Path(config_only_copy(model_dir, "/tmp/llama8b-client"))
     seeds = {name: fork_from_seed(name, model_dir, client_dir, args, logs) for name in args.seeds.split(",")}
-    disk = next(iter(seeds.values())).get("seed_weight_load_s")
+    disk = None if args.seed_dummy_weights else next(iter(seeds.values())).get("seed_weight_load_s")
     for name, forks in seeds.items():
         for p in args.protocols:
             fork = forks.get(p)
@@ -318,7 +322,7 @@ def main() -> None:
                     fork["fork_speedup_vs_disk"] = round(disk / fork["weight_load_s"], 2)
     write_result(
         {
-            **stamp(f"python benchmark/rfork/bench_transfer_engine.py --seeds {args.seeds}"),
+            **stamp(" ".join(["python benchmark/rfork/bench_transfer_engine.py", *sys.argv[1:]])),
             "model": "Llama-3-8B-shaped, bf16, random weights; clients: torch_native, no CUDA graphs",
             "disk_weight_load_s": disk,
             "disk_page_cache_dropped": cold,
