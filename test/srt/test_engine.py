@@ -178,6 +178,20 @@ def test_huge_weight_reads_need_truncate_size(tiny_model_dir):
         assert eng.generate("still serving", {"max_new_tokens": 2})["meta_info"]["completion_tokens"] == 2
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_request_longer_than_the_kv_pool_stops_with_a_reason(tiny_model_dir, page_size):
+    """A generation that outgrows the whole KV cache ends with an abort that says why, instead of being retracted
+    and prefilled again forever; the engine keeps serving."""
+    with sglang.Engine(model_path=tiny_model_dir("llama"), max_total_tokens=64, page_size=page_size) as eng:
+        out = eng.generate(input_ids=list(range(3, 33)), sampling_params={**GREEDY, "max_new_tokens": 200})
+        reason = out["meta_info"]["finish_reason"]
+        assert reason["type"] == "abort" and "raise --max-total-tokens" in reason["message"], reason
+        # It ran until the pool was full: 30 prompt tokens plus outputs fill the 64 (or 4 x 16) slots.
+        assert 30 + out["meta_info"]["completion_tokens"] >= 62
+        assert eng.generate("still serving", {"max_new_tokens": 2})["meta_info"]["completion_tokens"] == 2
+
+
 def test_n_choices_per_prompt(engine):
     params = {"temperature": 1.0, "max_new_tokens": 8, "ignore_eos": True, "seed": 3, "n": 3}
     outs = engine.generate("Many choices", params)

@@ -223,13 +223,35 @@ class Scheduler:
         return self.allocator.available_size() >= n
 
     def reserve_decode_memory(self) -> None:
-        """Make room for one token per running request, retracting the newest requests if needed."""
+        """Make room for one token per running request, retracting the newest requests if needed.
+
+        A request that would not fit even alone in the whole pool (prompt plus outputs so far plus the next token)
+        is finished instead: retracting it would only prefill it again and retract it again, forever.
+        """
         while self.running and not self.ensure_free(self.decode_need(self.running)):
             victim = self.running.pop()
             self.release(victim)
-            victim.reset_for_retract()
-            self.waiting.appendleft(victim)
-            logger.warning("KV cache full: request %s retracted and will be prefilled again", victim.rid)
+            if self.fits_alone(victim):
+                victim.reset_for_retract()
+                self.waiting.appendleft(victim)
+                logger.warning("KV cache full: request %s retracted and will be prefilled again", victim.rid)
+                continue
+            tokens = len(victim.fill_ids)
+            victim.finished_reason = {
+                "type": "abort",
+                "message": f"the KV cache holds {self.max_total_num_tokens} tokens, too few for this request's "
+                f"{tokens} tokens and the next one; raise --max-total-tokens (or --mem-fraction-static) or lower "
+                "max_new_tokens",
+            }
+            logger.warning(
+                "KV cache full: request %s stopped after %d tokens, too long for the pool", victim.rid, tokens
+            )
+            self.send_outputs([victim])
+
+    def fits_alone(self, req: Req) -> bool:
+        """Whether req's tokens so far and one more fit in the pool when nothing else holds any of it."""
+        held = len(req.fill_ids)
+        return self.new_slots(0, held) + self.new_slots(held, 1) <= self.max_total_num_tokens
 
     def release(self, req: Req) -> None:
         """Return req's KV row; its computed tokens go into the radix cache (or back to the allocator)."""
