@@ -138,6 +138,21 @@ def test_free_returns_whole_pages() -> None:
     assert sorted(allocator.free_pages.tolist()) == [1, 2, 3, 4, 5]
 
 
+@pytest.mark.parametrize("page_size", [1, 4])
+def test_a_page_freed_twice_is_not_handed_out_twice(page_size: int, caplog) -> None:
+    """A double free is logged and ignored: the page must not reach two requests through the free list."""
+    allocator = TokenToKVPoolAllocator(6 * 4 - 1, CPU, page_size=page_size)
+    slots = allocator.alloc(4)
+    allocator.free(slots)
+    free_before = sorted(allocator.free_pages.tolist())
+    with caplog.at_level(logging.ERROR, logger="sglang.srt.mem_cache.allocator"):
+        allocator.free(slots)
+    assert "double free" in caplog.text
+    assert sorted(allocator.free_pages.tolist()) == free_before
+    taken = allocator.alloc(allocator.size)
+    assert taken is not None and len(set(taken.tolist())) == allocator.size  # every slot exactly once
+
+
 def test_page_size_one_is_the_plain_slot_allocator() -> None:
     allocator = TokenToKVPoolAllocator(8, CPU)
     assert (allocator.page_size, allocator.size) == (1, 8)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 class TokenToKVPoolAllocator:
@@ -36,6 +39,9 @@ class TokenToKVPoolAllocator:
         self.size = num_pages * page_size  # slots that can be handed out
         self.device = device
         self.free_pages = torch.arange(1, num_pages + 1, dtype=torch.int64)
+        # Which pages are handed out: a page freed twice would be handed to two requests, which would then read
+        # each other's keys and values without any error, so free() checks against this.
+        self.handed_out = torch.zeros(num_pages + 1, dtype=torch.bool)
 
     def available_size(self) -> int:
         """Free slots (always whole pages)."""
@@ -47,6 +53,7 @@ class TokenToKVPoolAllocator:
             if n > self.free_pages.numel():
                 return None
             out, self.free_pages = self.free_pages[:n], self.free_pages[n:]
+            self.handed_out[out] = True
             return out
         got = self.alloc_extend([0], [n], [0])
         return None if got is None else got[0]
@@ -68,6 +75,7 @@ class TokenToKVPoolAllocator:
         if num_new > self.free_pages.numel():
             return None
         pages, self.free_pages = self.free_pages[:num_new], self.free_pages[num_new:]
+        self.handed_out[pages] = True
         page_ids = pages.tolist()
         # Tensor work per page, Python work per request, nothing per token: a prefill batch has thousands of tokens.
         # Every fresh page is used whole except a request's last one, which holds what is left of its tokens.
@@ -98,8 +106,9 @@ class TokenToKVPoolAllocator:
         starts_page = [i for i, held in enumerate(prefix_lens) if held % size == 0]
         if len(starts_page) > self.free_pages.numel():
             return None
-        pages = self.free_pages[: len(starts_page)].tolist()
-        self.free_pages = self.free_pages[len(starts_page) :]
+        taken, self.free_pages = self.free_pages[: len(starts_page)], self.free_pages[len(starts_page) :]
+        self.handed_out[taken] = True
+        pages = taken.tolist()
         newest = [slot + 1 for slot in last_slots]
         for i, page in zip(starts_page, pages):
             newest[i] = page * size
@@ -111,6 +120,12 @@ class TokenToKVPoolAllocator:
             pages = slots.to("cpu", torch.int64)
             if self.page_size > 1:
                 pages = torch.unique(pages // self.page_size)
+            held = self.handed_out[pages]
+            if not bool(held.all()):
+                # A bookkeeping bug upstream of here; keep the free list right rather than hand a page out twice.
+                logger.error("KV pages %s freed but not handed out (double free?); ignored", pages[~held].tolist()[:8])
+                pages = pages[held].unique()
+            self.handed_out[pages] = False
             self.free_pages = torch.cat([self.free_pages, pages])
 
 
