@@ -98,36 +98,22 @@ def build_forward_batch(
         seq_lens.append(req.kv_len + n)
     num_tokens = len(ids)
     graphs = getattr(runner, "cuda_graph_runner", None)
+    host_inputs = None
     if decode and graphs is not None and graphs.takes(len(reqs), return_full_logits):
         # No device work here: the graph runner copies these five rows to the device in one go, and its graph
-        # writes the new slots into req_to_token.
-        host = torch.tensor([ids, positions, rows, seq_lens, out_cache_loc.tolist()], dtype=torch.int64)
-        ids_t, positions_t, req_pool_indices_t, seq_lens_t, loc_t = host.unbind(0)
-        return ForwardBatch(
-            forward_mode=mode,
-            batch_size=len(reqs),
-            input_ids=ids_t,
-            positions=positions_t,
-            req_pool_indices=req_pool_indices_t,
-            seq_lens=seq_lens_t,
-            out_cache_loc=loc_t,
-            seq_lens_cpu=seq_lens,
-            extend_prefix_lens_cpu=prefix_lens,
-            extend_seq_lens_cpu=extend_lens,
-            req_to_token_pool=runner.req_to_token_pool,
-            token_to_kv_pool=runner.token_to_kv_pool,
-            attn_backend=runner.attn_backend,
-            host_inputs=host,
+        # writes the new slots into req_to_token (in decode, a token's row is its request's row).
+        host_inputs = torch.tensor([ids, positions, rows, seq_lens, out_cache_loc.tolist()], dtype=torch.int64)
+        ids_t, positions_t, req_pool_indices_t, seq_lens_t, out_cache_loc = host_inputs.unbind(0)
+    else:
+        # Every integer input in one host tensor and one copy to the device: each separate small host-to-device
+        # copy costs a launch and a staging copy, several per decode step otherwise.
+        host = torch.tensor(ids + positions + rows + [r.req_pool_idx for r in reqs] + seq_lens, dtype=torch.int64)
+        packed = torch.cat([host, out_cache_loc.to(torch.int64)]).to(device, non_blocking=True)
+        ids_t, positions_t, rows_t, req_pool_indices_t, seq_lens_t, out_cache_loc = packed.split(
+            [num_tokens, num_tokens, num_tokens, len(reqs), len(reqs), num_tokens]
         )
-    # Every integer input in one host tensor and one copy to the device: each separate small host-to-device copy
-    # costs a launch and a staging copy, several per decode step otherwise.
-    host = torch.tensor(ids + positions + rows + [r.req_pool_idx for r in reqs] + seq_lens, dtype=torch.int64)
-    packed = torch.cat([host, out_cache_loc.to(torch.int64)]).to(device, non_blocking=True)
-    ids_t, positions_t, rows_t, req_pool_indices_t, seq_lens_t, out_cache_loc = packed.split(
-        [num_tokens, num_tokens, num_tokens, len(reqs), len(reqs), num_tokens]
-    )
-    # One scatter for the whole batch: on a GPU, a copy per request would cost a launch and a sync each.
-    req_to_token[rows_t, positions_t] = out_cache_loc
+        # One scatter for the whole batch: on a GPU, a copy per request would cost a launch and a sync each.
+        req_to_token[rows_t, positions_t] = out_cache_loc
     return ForwardBatch(
         forward_mode=mode,
         batch_size=len(reqs),
@@ -143,4 +129,5 @@ def build_forward_batch(
         req_to_token_pool=runner.req_to_token_pool,
         token_to_kv_pool=runner.token_to_kv_pool,
         attn_backend=runner.attn_backend,
+        host_inputs=host_inputs,
     )
