@@ -8,7 +8,6 @@ The Mooncake backend has its own script, bench_transfer_engine.py.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from common import (  # noqa: E402
     drop_page_cache,
     ensure_checkpoint,
     launch,
+    log_dir,
     server_info,
     stamp,
     write_result,
@@ -85,7 +85,7 @@ def main() -> None:
 
     cold = drop_page_cache()
     common = ["--attention-backend", "torch_native", "--disable-cuda-graph", "--max-total-tokens", "65536"]
-    logs = Path(os.environ.get("OUT", "/tmp"))
+    logs = log_dir()
     seed_port, client_port = free_port(), free_port()
     seed_args = [*common, "--base-gpu-id", str(args.seed_gpu)]
     seed = launch(model_dir, seed_port, seed_args, logs / "seed.log")

@@ -33,7 +33,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_nccl import param_shapes  # noqa: E402
-from common import drop_page_cache, ensure_checkpoint, launch, server_info, stamp, write_result  # noqa: E402
+from common import drop_page_cache, ensure_checkpoint, launch, log_dir, server_info, stamp, write_result  # noqa: E402
 
 from sglang.srt.remote_instance.mooncake_guard import TCP_SLICE_BYTES  # noqa: E402
 from sglang.srt.server_args import free_port  # noqa: E402
@@ -308,7 +308,7 @@ def main() -> None:
 
     # The first seed's load is the disk baseline: it reads the checkpoint right after the page cache is dropped.
     cold = drop_page_cache()
-    logs = Path(os.environ.get("OUT", "/tmp"))
+    logs = log_dir()
     client_dir = Path(config_only_copy(model_dir, "/tmp/llama8b-client"))
     seeds = {name: fork_from_seed(name, model_dir, client_dir, args, logs) for name in args.seeds.split(",")}
     disk = None if args.seed_dummy_weights else next(iter(seeds.values())).get("seed_weight_load_s")

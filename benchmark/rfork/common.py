@@ -89,6 +89,17 @@ def drop_page_cache() -> bool:
         return False
 
 
+def log_dir() -> Path:
+    """Where server logs go: $BENCH_LOG_DIR, else /tmp/rfork_bench_logs.
+
+    Not $OUT: the lent GPU machine returns only so many files from $OUT, and a run's result file once stayed behind
+    because its server logs came first. A server that fails to start raises with its log's tail anyway.
+    """
+    path = Path(os.environ.get("BENCH_LOG_DIR") or "/tmp/rfork_bench_logs")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def launch(
     model_dir: Path, port: int, args: list[str], log: Path, timeout: float = 900, env: dict | None = None
 ) -> subprocess.Popen:
