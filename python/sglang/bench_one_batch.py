@@ -27,7 +27,7 @@ import torch
 from sglang.srt.configs.model_config import ModelConfig
 from sglang.srt.layers import fused_kernels
 from sglang.srt.layers.logits_processor import LogitsProcessorOutput
-from sglang.srt.managers.schedule_batch import Req, build_forward_batch
+from sglang.srt.managers.schedule_batch import Req, alloc_kv_slots, build_forward_batch
 from sglang.srt.model_executor.forward_batch_info import ForwardMode
 from sglang.srt.model_executor.model_runner import ModelRunner
 from sglang.srt.sampling.sampling_params import SamplingParams
@@ -74,7 +74,6 @@ class BatchDriver:
     def __init__(self, runner: ModelRunner) -> None:
         self.runner = runner
         self.reqs: list[Req] = []
-        self.last_slots: dict[int, int] = {}  # request row -> its newest KV slot (read when its page has room)
 
     def start(self, prompts: list[list[int]]) -> None:
         """Give each prompt a request row; nothing is computed yet."""
@@ -86,25 +85,8 @@ class BatchDriver:
                 raise RuntimeError(f"{len(prompts)} prompts need more request rows than --max-running-requests")
             self.reqs.append(req)
 
-    def _alloc(self, mode: ForwardMode, num_tokens: int) -> torch.Tensor | None:
-        """Slots of the batch's new tokens, as the scheduler takes them: each request continues its own page."""
-        allocator = self.runner.token_to_kv_pool_allocator
-        if allocator.page_size == 1:
-            return allocator.alloc(num_tokens)
-        rows = [r.req_pool_idx for r in self.reqs]
-        held = [r.kv_len for r in self.reqs]
-        last = [self.last_slots.get(row, 0) for row in rows]
-        if mode.is_extend():
-            got = allocator.alloc_extend(held, [r.extend_len for r in self.reqs], last)
-        else:
-            got = allocator.alloc_decode(held, last)
-        if got is None:
-            return None
-        self.last_slots.update(zip(rows, got[1]))
-        return got[0]
-
     def _run(self, mode: ForwardMode, num_tokens: int, full_logits: bool) -> LogitsProcessorOutput:
-        slots = self._alloc(mode, num_tokens)
+        slots = alloc_kv_slots(self.reqs, mode, self.runner)
         if slots is None:
             raise RuntimeError(f"KV pool too small for {num_tokens} more tokens; raise --max-total-tokens")
         batch = build_forward_batch(self.reqs, mode, slots, self.runner, return_full_logits=full_logits)
@@ -133,7 +115,6 @@ class BatchDriver:
             self.runner.token_to_kv_pool_allocator.free(pool.req_to_token[req.req_pool_idx, : req.kv_len])
             pool.free(req.req_pool_idx)
         self.reqs = []
-        self.last_slots = {}
 
 
 def greedy(out: LogitsProcessorOutput) -> list[int]:

@@ -68,6 +68,28 @@ class Req:
         self.last_node = None
 
 
+def alloc_kv_slots(reqs: list[Req], mode: ForwardMode, runner: Any) -> torch.Tensor | None:
+    """One KV slot per new token of the batch, in batch order (CPU int64), or None, taking nothing, if the pool is
+    short. With pages, each request first fills its partly written last page, then takes fresh ones."""
+    allocator = runner.token_to_kv_pool_allocator
+    if allocator.page_size == 1:
+        return allocator.alloc(sum(r.extend_len for r in reqs) if mode.is_extend() else len(reqs))
+    newest_slot = runner.req_to_token_pool.newest_slot
+    rows = [r.req_pool_idx for r in reqs]
+    held = [r.kv_len for r in reqs]
+    last = [newest_slot[row] for row in rows]
+    if mode.is_extend():
+        got = allocator.alloc_extend(held, [r.extend_len for r in reqs], last)
+    else:
+        got = allocator.alloc_decode(held, last)
+    if got is None:
+        return None
+    slots, newest = got
+    for row, slot in zip(rows, newest):
+        newest_slot[row] = slot
+    return slots
+
+
 def build_forward_batch(
     reqs: list[Req], mode: ForwardMode, out_cache_loc: torch.Tensor, runner: Any, return_full_logits: bool = False
 ) -> ForwardBatch:

@@ -20,7 +20,7 @@ from sglang.srt.managers.io_struct import (
     RpcReqOutput,
     TokenizedGenerateReqInput,
 )
-from sglang.srt.managers.schedule_batch import Req, build_forward_batch
+from sglang.srt.managers.schedule_batch import Req, alloc_kv_slots, build_forward_batch
 from sglang.srt.managers.stop_checker import StopChecker
 from sglang.srt.mem_cache.radix_cache import RadixCache
 from sglang.srt.model_executor.forward_batch_info import ForwardMode
@@ -50,9 +50,6 @@ class Scheduler:
         # The slots that can be handed out: whole pages, without the scratch page 0.
         self.max_total_num_tokens = self.allocator.size
         self.max_req_input_len = min(self.model_config.context_len - 1, self.max_total_num_tokens - 1)
-        # With pages: each request row's newest KV slot, kept on the CPU. A request's next token goes right after
-        # it while its page has room; reading it back from req_to_token would sync the device every step.
-        self.last_slot = [0] * self.runner.req_to_token_pool.size
         self.tree_cache = RadixCache(self.allocator, disable=server_args.disable_radix_cache)
         self.stop_checker = StopChecker(server_args.tokenizer_path, self.model_config)
         self.sampler = Sampler(server_args.random_seed, self.stop_checker.stop_ids_for)
@@ -272,7 +269,8 @@ class Scheduler:
     # ---- running a batch ----------------------------------------------------------------------------
 
     def run_batch(self, mode: ForwardMode, reqs: list[Req]) -> None:
-        out_cache_loc = self.alloc_kv_slots(mode, reqs)
+        out_cache_loc = alloc_kv_slots(reqs, mode, self.runner)
+        assert out_cache_loc is not None, "memory was reserved before scheduling"
         batch = build_forward_batch(reqs, mode, out_cache_loc, self.runner)
         output = self.runner.forward(batch)
         for req in reqs:
@@ -293,25 +291,6 @@ class Scheduler:
                 self.chunked_req = None
             self.release(req)
         self.send_outputs([r for r in reqs if r.finished or len(r.output_ids) > r.sent_len])
-
-    def alloc_kv_slots(self, mode: ForwardMode, reqs: list[Req]) -> torch.Tensor:
-        """One KV slot per new token, in batch order; with pages a request first fills its partly written page."""
-        if self.page_size == 1:
-            out = self.allocator.alloc(sum(r.extend_len for r in reqs) if mode.is_extend() else len(reqs))
-            assert out is not None, "memory was reserved before scheduling"
-            return out
-        rows = [r.req_pool_idx for r in reqs]
-        held = [r.kv_len for r in reqs]
-        last = [self.last_slot[row] for row in rows]
-        if mode.is_extend():
-            got = self.allocator.alloc_extend(held, [r.extend_len for r in reqs], last)
-        else:
-            got = self.allocator.alloc_decode(held, last)
-        assert got is not None, "memory was reserved before scheduling"
-        out, newest = got
-        for row, slot in zip(rows, newest):
-            self.last_slot[row] = slot
-        return out
 
     def sample_into(self, reqs: list[Req], logits: torch.Tensor, rows: list[int]) -> None:
         """Rank 0 samples one token per request and shares the choice, so every rank stays in step."""

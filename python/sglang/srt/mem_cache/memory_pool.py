@@ -15,6 +15,9 @@ class ReqToTokenPool:
         self.size = size
         self.scratch_row = size
         self.req_to_token = torch.zeros((size + 1, max_context_len), dtype=torch.int64, device=device)
+        # Each row's newest KV slot, on the host: with pages, a request's next token goes right after it while its
+        # page has room, and reading it back from req_to_token would wait for the device.
+        self.newest_slot = [0] * (size + 1)
         self.free_slots = list(range(size))
 
     def alloc(self) -> int | None:
