@@ -9,10 +9,14 @@
 #   4. batch 1 and 32 with FlashInfer's CUDA-core decode kernels (SGLANG_FLASHINFER_DECODE_TENSOR_CORES=0);
 #   5. batch 1 and 32 with --page-size 16;
 #   6. host cost of a decode step through the real Scheduler on the tiny model of step 1 (CUDA graphs, same
-#      kernels), with the model and with a null model, so the scheduler's share of the step is known.
+#      kernels), with the model and with a null model, so the scheduler's share of the step is known;
+#   7. a server of the step-2 model (its defaults) and bench_serving at concurrency 1 (16 prompts) and 32 (256),
+#      512 tokens in, 128 out: what a client sees, next to step 2's decode step;
+#   8. test_cuda_engine.py (float32 greedy vs HF on CUDA, the 8B-shaped model generating through the Engine).
 # Usage, from the repo root after `source .device/env.sh`:  OUT=<dir> [STEPS="0 1 2"] bash benchmark/serving/run_h200_session.sh
 # Results: $OUT/*.json and $OUT/*.log (benchmark/results/ keeps the published ones). Every step has its own timeout;
-# all steps together stay under 9 min 30 s (100 + 140 + 170 + 70 + 70 + 70 s, plus seconds for the model config).
+# steps 0-6 together stay under 9 min 30 s (100 + 140 + 170 + 70 + 70 + 70 s, plus seconds for the model config);
+# 7 and 8 take up to 200 and 120 s more, so pick steps to fit one 10-minute call.
 set -u
 OUT=${OUT:?set OUT to the directory that receives the results}
 STEPS=" ${STEPS:-0 1 2 3 4 5 6} "
@@ -64,6 +68,25 @@ if want 6 host cost of a decode step, Scheduler, model vs null model; then
     timeout 40 python benchmark/serving/profile_decode_host.py --model-path "$TINY" --device cuda --dtype bfloat16 \
         --batch-size 1 32 --input-len 512 --steps 100 --output "$OUT/decode_host.json" 2>"$OUT/decode_host.log" \
         | tail -n 20
+fi
+
+if want 7 server + bench_serving at concurrency 1 and 32; then
+    PORT=30000
+    python -m sglang.launch_server "${COMMON[@]}" --port $PORT >"$OUT/server.log" 2>&1 &
+    SERVER=$!
+    for _ in $(seq 120); do curl -sf localhost:$PORT/health >/dev/null && break; kill -0 $SERVER || break; sleep 1; done
+    for c in 1 32; do
+        n=$((c == 1 ? 16 : 256))
+        timeout 80 python -m sglang.bench_serving --port $PORT --num-prompts $n --random-input-len 512 \
+            --random-output-len 128 --max-concurrency $c --output-file "$OUT/bench_serving_c$c.json" >/dev/null
+    done
+    kill -INT $SERVER
+    for _ in $(seq 30); do kill -0 $SERVER 2>/dev/null || break; sleep 1; done
+fi
+
+if want 8 pytest test_cuda_engine.py; then
+    timeout 120 python -m pytest -q -p no:cacheprovider test/srt/test_cuda_engine.py test/srt/test_decode_batch.py \
+        2>&1 | tail -n 5
 fi
 
 ls -la "$OUT"
