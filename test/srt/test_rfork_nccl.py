@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -302,3 +303,41 @@ def test_stray_send_does_not_end_someone_elses_fork(seed):
         requests.post(
             f"{seed.base_url}/remote_instance_fork_lease/release", json={"lease_id": lease.json()["lease_id"]}
         )
+
+
+def test_client_that_never_joins_does_not_stall_seed(seed):
+    """The seed waits for a client's group on a thread of its own: a client that asks for a fork and then never
+    joins costs the seed nothing while it waits, and the call fails with the seed's timeout (20 s here)."""
+    port = find_free_port()
+    lease = requests.post(f"{seed.base_url}/remote_instance_fork_lease", json={"ports": str(port)}).json()["lease_id"]
+    body = {
+        "master_address": "127.0.0.1",
+        "ports": str(port),
+        "group_name": "send_weights_127.0.0.9",
+        "lease_id": lease,
+        "send_weights": True,
+    }
+    answer: dict = {}
+    started = time.monotonic()
+
+    def ask() -> None:
+        r = requests.post(f"{seed.base_url}/init_weights_send_group_for_remote_instance", json=body, timeout=60)
+        answer.update(status=r.status_code, body=r.json(), seconds=time.monotonic() - started)
+
+    asker = threading.Thread(target=ask)
+    asker.start()
+    time.sleep(1.0)  # the seed is now listening for a client that will never come
+    latencies = []
+    for _ in range(3):
+        t0 = time.monotonic()
+        assert len(_greedy(seed.base_url)) == GREEDY["max_new_tokens"]
+        latencies.append(time.monotonic() - t0)
+    assert "status" not in answer, "the fork call ended before the seed's timeout"
+    assert max(latencies) < 5.0, latencies  # before, the first of these waited out the 20 s timeout
+    asker.join(60)
+    assert answer["status"] == 400 and "Failed to init group and send weights" in answer["body"]["message"]
+    assert 15 < answer["seconds"] < 40, answer
+    # The slot is free again for the next client.
+    again = requests.post(f"{seed.base_url}/remote_instance_fork_lease", json={"ports": str(find_free_port())})
+    assert again.status_code == 200
+    requests.post(f"{seed.base_url}/remote_instance_fork_lease/release", json={"lease_id": again.json()["lease_id"]})

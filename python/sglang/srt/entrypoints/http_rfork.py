@@ -183,7 +183,7 @@ def add_rfork_routes(app: FastAPI) -> None:
         except RuntimeError as e:
             s.release(lease.lease_id)
             what = "init group and send weights" if req.send_weights else "init group"
-            return _fail(f"Failed to {what}: {e}.")
+            return _fail(f"Failed to {what}: {str(e).rstrip('.')}.")
         if req.send_weights:
             s.release(lease.lease_id)
             return {"success": True, "message": "Succeeded to init group and send weights through nccl."}
@@ -203,7 +203,7 @@ def add_rfork_routes(app: FastAPI) -> None:
         try:
             await tm.rpc("send_weights_to_remote_instance", timeout=None, **req.model_dump(exclude={"lease_id"}))
         except RuntimeError as e:
-            return _fail(f"Failed to send weights: {e}.")
+            return _fail(f"Failed to send weights: {str(e).rstrip('.')}.")
         finally:
             s.release(lease.lease_id)
         return {"success": True, "message": "Succeeded to send weights through nccl."}

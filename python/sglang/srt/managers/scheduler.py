@@ -32,6 +32,8 @@ logger = logging.getLogger(__name__)
 # How long an idle rank 0 waits for a request before it wakes the other ranks anyway (keeps their
 # blocking broadcast far from the process-group timeout without spinning two CPU cores).
 _IDLE_POLL_MS = 500
+# The same while a control call runs in the background: its answer goes out at most this late.
+_DEFERRED_POLL_MS = 5
 
 
 class Scheduler:
@@ -58,6 +60,7 @@ class Scheduler:
         self.chunked_req: Req | None = None
         self.cached_tokens_total = 0
         self.shutting_down = False
+        self.pending_rpcs = scheduler_rpc.PendingRpcs()
         if tp_rank == 0:
             ctx = zmq.Context(2)
             self.recv_sock = ctx.socket(zmq.PULL)
@@ -72,6 +75,9 @@ class Scheduler:
         while not self.shutting_down:
             for msg in self.recv_requests():
                 self.process_input(msg)
+            if self.pending_rpcs:
+                for rid, answer in self.pending_rpcs.collect(self):
+                    self.reply_rpc(rid, answer)
             step = self.get_next_batch()
             if step is not None:
                 self.run_batch(*step)
@@ -80,7 +86,7 @@ class Scheduler:
         msgs: list[Any] = []
         if self.tp_rank == 0:
             busy = bool(self.waiting or self.running or self.chunked_req)
-            if busy or self.recv_sock.poll(_IDLE_POLL_MS):
+            if busy or self.recv_sock.poll(_DEFERRED_POLL_MS if self.pending_rpcs else _IDLE_POLL_MS):
                 while True:
                     try:
                         msgs.append(self.recv_sock.recv_pyobj(zmq.NOBLOCK))
@@ -105,10 +111,17 @@ class Scheduler:
             self.handle_rpc(msg)
 
     def handle_rpc(self, msg: RpcReqInput) -> None:
-        result = scheduler_rpc.run(self, msg.method, msg.params)
-        results = gather_pyobj(result, dst=0)
+        answer = scheduler_rpc.run(self, msg.method, msg.params)
+        if isinstance(answer, scheduler_rpc.Deferred):
+            # Its work (an R-Fork send, say) runs on another thread; the loop answers once it is done everywhere.
+            self.pending_rpcs.add(msg.rid, answer)
+        else:
+            self.reply_rpc(msg.rid, answer)
+
+    def reply_rpc(self, rid: str, answer: dict[str, Any]) -> None:
+        results = gather_pyobj(answer, dst=0)
         if self.tp_rank == 0:
-            self.send_sock.send_pyobj(RpcReqOutput(rid=msg.rid, results=results))
+            self.send_sock.send_pyobj(RpcReqOutput(rid=rid, results=results))
 
     def abort(self, rid: str) -> None:
         for req in list(self.waiting):

@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+import torch
+
+from sglang.srt.distributed.parallel_state import all_gather_pyobj
 
 if TYPE_CHECKING:
     from sglang.srt.managers.scheduler import Scheduler
@@ -27,17 +34,77 @@ def register_rpc(name: str) -> Callable[[RpcHandler], RpcHandler]:
     return wrap
 
 
-def run(scheduler: Scheduler, method: str, params: dict[str, Any]) -> dict[str, Any]:
-    """Run a handler; the answer is {"ok": True, "value": ...} or {"ok": False, "error": message}."""
+@dataclass
+class Deferred:
+    """A handler's answer that is not ready yet: its work runs on another thread (waiting for a peer, moving
+    weights) while the scheduler goes on serving. The caller gets the answer once every TP rank's is done."""
+
+    method: str
+    future: Future
+
+
+def in_background(method: str, work: Callable[[], Any], device: torch.device) -> Deferred:
+    """Run work() on a new thread bound to device (CUDA's current device is per thread) and defer the answer."""
+    future: Future = Future()
+
+    def body() -> None:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        try:
+            future.set_result(work())
+        except BaseException as e:  # handed to the caller as the call's error
+            future.set_exception(e)
+
+    threading.Thread(target=body, name=f"rpc-{method}", daemon=True).start()
+    return Deferred(method, future)
+
+
+def run(scheduler: Scheduler, method: str, params: dict[str, Any]) -> dict[str, Any] | Deferred:
+    """Run a handler; the answer is {"ok": True, "value": ...}, {"ok": False, "error": message}, or a Deferred
+    whose future ends in one of those (see PendingRpcs)."""
     _load_plugins()
     handler = RPC_HANDLERS.get(method)
     if handler is None:
         return {"ok": False, "error": f"unknown control method {method!r}"}
     try:
-        return {"ok": True, "value": handler(scheduler, **params)}
+        value = handler(scheduler, **params)
     except Exception as e:  # a bad control call must never take the scheduler down
-        logger.warning("control call %s failed on TP%d: %s", method, scheduler.tp_rank, e)
-        return {"ok": False, "error": f"{type(e).__name__}: {e}"}
+        return _failed(scheduler, method, e)
+    return value if isinstance(value, Deferred) else {"ok": True, "value": value}
+
+
+def _failed(scheduler: Scheduler, method: str, e: BaseException) -> dict[str, Any]:
+    logger.warning("control call %s failed on TP%d: %s", method, scheduler.tp_rank, e)
+    return {"ok": False, "error": f"{type(e).__name__}: {e}"}
+
+
+class PendingRpcs:
+    """Deferred answers by request id. Every TP rank defers the same calls in the same order (they handle control
+    calls in lockstep), so the ranks agree on which are finished with one all-gather of their finished ids."""
+
+    def __init__(self) -> None:
+        self.pending: dict[str, Deferred] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.pending)
+
+    def add(self, rid: str, deferred: Deferred) -> None:
+        self.pending[rid] = deferred
+
+    def collect(self, scheduler: Scheduler) -> list[tuple[str, dict[str, Any]]]:
+        """(rid, answer) of each call finished on every rank. A collective: every rank calls it in the same step."""
+        done = {rid for rid, d in self.pending.items() if d.future.done()}
+        everyone = all_gather_pyobj(done)
+        ready = [rid for rid in self.pending if all(rid in ranks_done for ranks_done in everyone)]
+        answers = []
+        for rid in ready:
+            deferred = self.pending.pop(rid)
+            error = deferred.future.exception()
+            if error is None:
+                answers.append((rid, {"ok": True, "value": deferred.future.result()}))
+            else:
+                answers.append((rid, _failed(scheduler, deferred.method, error)))
+        return answers
 
 
 def _load_plugins() -> None:

@@ -1,12 +1,16 @@
-"""Seed side of the NCCL backend: open a pair group per TP rank on request, broadcast every weight, tear down."""
+"""Seed side of the NCCL backend: open a pair group per TP rank on request, broadcast every weight, tear down.
+
+Waiting for the client and broadcasting run on a thread of their own (the calls answer through a Deferred): on the
+scheduler thread, a client that stalls would stop the seed serving for up to the whole fork timeout."""
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import TYPE_CHECKING
 
-from sglang.srt.managers.scheduler_rpc import register_rpc
+from sglang.srt.managers.scheduler_rpc import Deferred, in_background, register_rpc
 from sglang.srt.remote_instance.manifest import weight_tensors
 from sglang.srt.remote_instance.pair_group import PairGroup, open_pair_group
 
@@ -15,8 +19,15 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# Open groups by "<group_name>_<port>_<tp_rank>" (upstream's key), per scheduler process.
+# Open groups by "<group_name>_<port>_<tp_rank>" (upstream's key), per scheduler process; the fork threads and the
+# scheduler thread both touch it.
 _GROUPS: dict[str, PairGroup] = {}
+_GROUPS_LOCK = threading.Lock()
+
+
+def _take(key: str) -> PairGroup | None:
+    with _GROUPS_LOCK:
+        return _GROUPS.pop(key, None)
 
 
 def _key(scheduler: Scheduler, group_name: str, ports: str) -> tuple[str, int]:
@@ -44,22 +55,28 @@ def init_group(
     backend: str = "nccl",
     timeout: float | None = None,
     send_weights: bool = False,
-) -> str:
+) -> Deferred:
     """Listen on this rank's port until the matching client rank joins (bounded by the seed's timeout); with
     send_weights (ours), go straight on to the broadcast, saving the client a round trip to the seed."""
     if world_size != 2 or group_rank != 0:
         raise ValueError(f"only seed rank 0 of a 2-member group is supported (got rank {group_rank}/{world_size})")
     key, port = _key(scheduler, group_name, ports)
-    stale = _GROUPS.pop(key, None)
+    stale = _take(key)
     if stale is not None:
         stale.close_later()
-    start = time.perf_counter()
-    group = open_pair_group(master_address, port, 0, key, scheduler.runner.device, _timeout(scheduler, timeout))
-    logger.info("TP%d R-Fork group %s ready in %.3f s", scheduler.tp_rank, key, time.perf_counter() - start)
-    if send_weights:
-        return _send(scheduler, key, group, timeout)
-    _GROUPS[key] = group
-    return f"group {key} ready"
+    device = scheduler.runner.device
+
+    def work() -> str:
+        start = time.perf_counter()
+        group = open_pair_group(master_address, port, 0, key, device, _timeout(scheduler, timeout))
+        logger.info("TP%d R-Fork group %s ready in %.3f s", scheduler.tp_rank, key, time.perf_counter() - start)
+        if send_weights:
+            return _send(scheduler, key, group, timeout)
+        with _GROUPS_LOCK:
+            _GROUPS[key] = group
+        return f"group {key} ready"
+
+    return in_background("init_weights_send_group_for_remote_instance", work, device)
 
 
 @register_rpc("send_weights_to_remote_instance")
@@ -69,13 +86,14 @@ def send_weights(
     ports: str,
     group_name: str = "weight_send_group",
     timeout: float | None = None,
-) -> str:
+) -> Deferred:
     """Broadcast every parameter in manifest order over the group, then tear the group down."""
     key, _ = _key(scheduler, group_name, ports)
-    group = _GROUPS.pop(key, None)
+    group = _take(key)
     if group is None:
         raise KeyError(f"no group {key}; call /init_weights_send_group_for_remote_instance first")
-    return _send(scheduler, key, group, timeout)
+    device = scheduler.runner.device
+    return in_background("send_weights_to_remote_instance", lambda: _send(scheduler, key, group, timeout), device)
 
 
 def _send(scheduler: Scheduler, key: str, group: PairGroup, timeout: float | None) -> str:
@@ -103,7 +121,7 @@ def _send(scheduler: Scheduler, key: str, group: PairGroup, timeout: float | Non
 def destroy_group(scheduler: Scheduler, ports: str, group_name: str = "weight_send_group") -> bool:
     """Drop a group whose client never asked for the weights (called when its lease expires)."""
     key, _ = _key(scheduler, group_name, ports)
-    group = _GROUPS.pop(key, None)
+    group = _take(key)
     if group is not None:
         group.close_later()
     return group is not None
