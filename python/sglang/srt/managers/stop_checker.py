@@ -6,6 +6,8 @@ import json
 import os
 from typing import TYPE_CHECKING, Any
 
+from sglang.srt.managers.detokenizer import tail_text
+
 if TYPE_CHECKING:
     from sglang.srt.configs.model_config import ModelConfig
     from sglang.srt.managers.schedule_batch import Req
@@ -33,7 +35,13 @@ class StopChecker:
             req.finished_reason = {"type": "stop", "matched": last}
             return
         if params.stop and len(req.output_ids) >= params.min_new_tokens:
-            text = self.tokenizer.decode(req.output_ids, skip_special_tokens=params.skip_special_tokens)
+            if len(req.output_ids) <= max(params.min_new_tokens, 1):
+                # The first check also sees stop strings made before min_new_tokens allowed stopping.
+                text = self.tokenizer.decode(req.output_ids, skip_special_tokens=params.skip_special_tokens)
+            else:
+                # Later ones need only the end: decoding the whole output every step costs O(length) per token.
+                longest = max(len(s) for s in params.stop)
+                text = tail_text(self.tokenizer, req.output_ids, longest, params.skip_special_tokens)
             for s in params.stop:
                 if s and s in text:
                     req.finished_reason = {"type": "stop", "matched": s}

@@ -14,6 +14,7 @@ import zmq
 import zmq.asyncio
 
 from sglang.srt.configs.model_config import ModelConfig
+from sglang.srt.managers.detokenizer import IncrementalDetokenizer
 from sglang.srt.managers.io_struct import (
     AbortReq,
     BatchTokenIDOut,
@@ -32,16 +33,19 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class ReqState:
-    """What the main process knows of one in-flight request."""
+    """What the main process knows of one in-flight request. Outputs are built when the caller reads them, not
+    as tokens arrive: a caller that falls behind gets one output covering everything new, and a request that does
+    not stream is decoded once, at its end."""
 
     rid: str
     stop: list[str]
-    skip_special_tokens: bool
     prompt_tokens: int
+    detokenizer: IncrementalDetokenizer
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[tuple[float, int]] = field(default_factory=list)
     top_logprobs: list[list[tuple[float, int]]] = field(default_factory=list)
-    pending: list[dict[str, Any]] = field(default_factory=list)
+    cached_tokens: int = 0
+    finish_reason: dict[str, Any] | None = None
     finished: bool = False
     event: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -137,26 +141,22 @@ class TokenizerManager:
         if self.dead_reason:
             raise RuntimeError(self.dead_reason)
         params = req.sampling_params
-        state = ReqState(req.rid, params.stop, params.skip_special_tokens, len(req.input_ids))
+        detokenizer = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
+        state = ReqState(req.rid, params.stop, len(req.input_ids), detokenizer)
         self.rid_to_state[req.rid] = state
         self.send_sock.send_pyobj(req)
         try:
             while True:
                 await state.event.wait()
                 state.event.clear()
-                outs, state.pending = state.pending, []
-                # Decide from what was taken, not from state.finished: while we were suspended in a yield
-                # more outputs (the final one among them) may have arrived and wait in state.pending.
-                done = bool(outs) and outs[-1]["meta_info"]["finish_reason"] is not None
+                done = state.finished
                 if done:
                     # Forget the request before handing out the last answer: a caller that stops iterating
                     # here must not leave its state behind.
                     self.rid_to_state.pop(req.rid, None)
-                if stream:
-                    for out in outs:
-                        yield out
-                elif done:
-                    yield outs[-1]
+                if stream or done:
+                    # Built now, from everything received so far (nothing can arrive while this runs).
+                    yield self._output(state, incremental=stream)
                 if done:
                     return
         finally:
@@ -197,8 +197,9 @@ class TokenizerManager:
         """A scheduler died: fail everything in flight and every later call with reason."""
         self.dead_reason = reason
         for state in self.rid_to_state.values():
-            state.pending.append(self._output(state, {"type": "abort", "message": reason}, 0))
-            state.finished = True
+            if not state.finished:
+                state.finish_reason = {"type": "abort", "message": reason}
+                state.finished = True
             state.event.set()
         for fut in self.rpc_waiters.values():
             if not fut.done():
@@ -239,16 +240,19 @@ class TokenizerManager:
                 new_ids = msg.new_token_ids[i]
                 state.logprobs.extend(zip(msg.new_token_logprobs[i], new_ids))
                 state.top_logprobs.extend(msg.new_top_logprobs[i])
-            reason = msg.finished_reasons[i]
-            state.pending.append(self._output(state, reason, msg.cached_tokens[i]))
-            state.finished = reason is not None
+            state.cached_tokens = msg.cached_tokens[i]
+            state.finish_reason = msg.finished_reasons[i]
+            state.finished = state.finish_reason is not None
             state.event.set()
 
-    def _output(self, state: ReqState, reason: dict[str, Any] | None, cached: int) -> dict[str, Any]:
-        text = self.tokenizer.decode(state.output_ids, skip_special_tokens=state.skip_special_tokens)
-        if reason is None:
-            text = text.rstrip("\ufffd")  # hold back a character whose bytes are not all here yet
-        elif reason.get("type") == "stop" and isinstance(reason.get("matched"), str):
+    def _output(self, state: ReqState, incremental: bool) -> dict[str, Any]:
+        reason, cached = state.finish_reason, state.cached_tokens
+        if incremental:
+            # A stream: only the newest ids are decoded (a character whose bytes are not all here is held back).
+            text = state.detokenizer.text(state.output_ids, final=reason is not None)
+        else:
+            text = state.detokenizer.decode(state.output_ids)  # once per request
+        if reason is not None and reason.get("type") == "stop" and isinstance(reason.get("matched"), str):
             text = text[: text.find(reason["matched"])] if reason["matched"] in text else text
         if reason is not None and reason.get("type") == "length":
             reason = {**reason, "length": len(state.output_ids)}
