@@ -21,11 +21,12 @@ class SampleOutput:
 
 
 class Sampler:
-    """Samples one token per request; rows with a seed use their own generator so results do not
-    depend on what else is in the batch."""
+    """Samples one token per request, on the logits' device, with one device-to-host copy per batch. Rows with a
+    seed draw from their own generator, so their tokens do not depend on what else is in the batch."""
 
     def __init__(self, seed: int, stop_ids_for: callable) -> None:
-        self.generator = torch.Generator().manual_seed(seed)
+        self.seed = seed
+        self.generators: dict[torch.device, torch.Generator] = {}
         self.stop_ids_for = stop_ids_for
 
     def __call__(self, logits: torch.Tensor, reqs: list[Req]) -> SampleOutput:
@@ -35,17 +36,12 @@ class Sampler:
             logits = logits.clone()
             for i, req in enumerate(reqs):
                 _apply_penalties(logits[i], req, self.stop_ids_for(req))
-        ids: list[int] = []
-        # One argmax and one device-to-host copy for the whole batch, not one per greedy row.
-        greedy = logits.argmax(dim=-1).tolist() if any(r.sampling_params.is_greedy for r in reqs) else []
-        for i, req in enumerate(reqs):
-            params = req.sampling_params
-            if params.is_greedy:
-                ids.append(greedy[i])
-                continue
-            probs = _filtered_probs(logits[i] / params.temperature, params.top_k, params.top_p, params.min_p)
-            gen = req.generator or self.generator
-            ids.append(int(torch.multinomial(probs.cpu(), 1, generator=gen)))
+        chosen = logits.argmax(dim=-1)  # the answer for greedy rows
+        sampled = [i for i, r in enumerate(reqs) if not r.sampling_params.is_greedy]
+        if sampled:
+            rows = sampled if len(sampled) < len(reqs) else slice(None)
+            chosen[rows] = self._sample(logits[rows], [reqs[i] for i in sampled])
+        ids: list[int] = chosen.tolist()
         logprobs: list[float | None] = [None] * len(reqs)
         tops: list[list[tuple[float, int]] | None] = [None] * len(reqs)
         if any(r.return_logprob for r in reqs):
@@ -58,6 +54,36 @@ class Sampler:
                     vals, idx = torch.topk(lsm[i], req.top_logprobs_num)
                     tops[i] = [(float(v), int(t)) for v, t in zip(vals.tolist(), idx.tolist())]
         return SampleOutput(ids, logprobs, tops)
+
+    def _sample(self, logits: torch.Tensor, reqs: list[Req]) -> torch.Tensor:
+        """One token per row of logits [n, vocab], all rows at once, with each request's temperature and filters:
+        one uniform draw per row, located in the row's cumulative probabilities (what torch.multinomial does for a
+        single sample, batched and without a host copy)."""
+        params = [r.sampling_params for r in reqs]
+        device = logits.device
+        temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32).to(device, non_blocking=True)
+        probs = torch.softmax(logits / temperature[:, None], dim=-1)
+        order = None
+        if any(p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0 for p in params):
+            probs, order = _filtered_sorted(probs, params)
+        draws = torch.rand(len(reqs), 1, device=device, generator=self._generator(device))
+        for row, req in enumerate(reqs):
+            seed = req.sampling_params.seed
+            if seed is not None:
+                if req.generator is None or req.generator.device != device:
+                    req.generator = torch.Generator(device=device).manual_seed(seed)
+                draws[row] = torch.rand(1, device=device, generator=req.generator)
+        cum = probs.cumsum(dim=-1)
+        pick = torch.searchsorted(cum, draws * cum[:, -1:], right=True).clamp_max_(probs.shape[-1] - 1)
+        # Rounding can put a draw at the very top of a row, past its last possible token: take the likeliest then.
+        pick = torch.where(probs.gather(1, pick) > 0, pick, probs.argmax(dim=-1, keepdim=True))
+        return (pick if order is None else order.gather(1, pick)).squeeze(1)
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        # One per device, seeded with --random-seed (only rank 0 samples; the others take its choice).
+        if device not in self.generators:
+            self.generators[device] = torch.Generator(device=device).manual_seed(self.seed)
+        return self.generators[device]
 
 
 def _apply_penalties(row: torch.Tensor, req: Req, stop_ids: set[int]) -> None:
@@ -75,18 +101,27 @@ def _apply_penalties(row: torch.Tensor, req: Req, stop_ids: set[int]) -> None:
         row[torch.tensor(sorted(stop_ids), dtype=torch.int64, device=row.device)] = float("-inf")
 
 
-def _filtered_probs(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
-    probs = torch.softmax(logits, dim=-1)
-    if top_k > 0 and top_k < probs.numel():
-        kth = torch.topk(probs, top_k).values[-1]
-        probs = torch.where(probs >= kth, probs, torch.zeros_like(probs))
-    if top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        cum = torch.cumsum(sorted_probs, 0)
-        # Keep the smallest prefix whose mass reaches top_p (the first token always survives).
-        drop = (cum - sorted_probs) > top_p * cum[-1]
-        sorted_probs[drop] = 0
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-    if min_p > 0:
-        probs = torch.where(probs >= min_p * probs.max(), probs, torch.zeros_like(probs))
-    return probs / probs.sum()
+# Largest top_k served from torch.topk instead of a sort of the whole vocabulary.
+TOPK_INSTEAD_OF_SORT = 1024
+
+
+def _filtered_sorted(probs: torch.Tensor, params: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's probabilities from high to low with top-k, then top-p (of what top-k kept), then min-p (against
+    the top one) applied, and the tokens in that order. The top token always survives; rows need not sum to 1."""
+    device = probs.device
+    vocab = probs.shape[-1]
+    top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+    if max(top_k) <= TOPK_INSTEAD_OF_SORT:
+        sorted_probs, order = torch.topk(probs, max(top_k), dim=-1)  # every row has a small top_k
+    else:
+        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+    knobs = torch.tensor([[k, p.top_p, p.min_p] for k, p in zip(top_k, params)], dtype=torch.float32)
+    knobs = knobs.to(device, non_blocking=True)
+    top_k_t, top_p, min_p = knobs[:, 0:1], knobs[:, 1:2], knobs[:, 2:3]
+    rank = torch.arange(sorted_probs.shape[-1], device=device, dtype=torch.float32)
+    sorted_probs = sorted_probs.masked_fill(rank >= top_k_t, 0.0)
+    cum = sorted_probs.cumsum(dim=-1)
+    # Keep the smallest prefix whose mass reaches top_p: a token goes if what comes before it already exceeds it.
+    sorted_probs = sorted_probs.masked_fill(cum - sorted_probs > top_p * cum[:, -1:], 0.0)
+    sorted_probs = sorted_probs.masked_fill(sorted_probs < min_p * sorted_probs[:, :1], 0.0)
+    return sorted_probs, order

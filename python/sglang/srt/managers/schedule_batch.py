@@ -30,7 +30,7 @@ class Req:
     last_node: TreeNode | None = None
     finished_reason: dict[str, Any] | None = None
     extend_len: int = 0  # tokens computed in the current extend pass
-    generator: torch.Generator | None = None
+    generator: torch.Generator | None = None  # a seeded request's own, made by the Sampler on the logits' device
     new_logprobs: list[float] = field(default_factory=list)
     new_top_logprobs: list[list[tuple[float, int]]] = field(default_factory=list)
     sent_len: int = 0  # output tokens already sent to the TokenizerManager
@@ -44,8 +44,6 @@ class Req:
             return_logprob=recv.return_logprob,
             top_logprobs_num=recv.top_logprobs_num,
         )
-        if recv.sampling_params.seed is not None:
-            req.generator = torch.Generator().manual_seed(recv.sampling_params.seed)
         return req
 
     @property
