@@ -84,3 +84,20 @@ def test_a_seeded_request_draws_the_same_whatever_shares_its_batch(device):
     assert draws([0, 1, 2, 3], 2) == alone
     assert draws([2, 4], 0) == alone
     assert len(set(alone)) > 1  # the row really is sampled, step after step
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_logprobs_of_each_row(device):
+    logits = torch.randn(4, 300, device=device)
+    reqs = _reqs(4, temperature=0.0)
+    for req, (want, k) in zip(reqs, [(True, 0), (False, 0), (True, 5), (True, 2)]):
+        req.return_logprob, req.top_logprobs_num = want, k
+    out = Sampler(0, lambda req: set())(logits, reqs)
+    lsm = torch.log_softmax(logits.float(), dim=-1).cpu()
+    assert out.logprobs[1] is None and out.top_logprobs[1] is None and out.top_logprobs[0] is None
+    for i in (0, 2, 3):
+        assert out.logprobs[i] == pytest.approx(float(lsm[i, out.token_ids[i]]), abs=1e-5)
+    for i, k in ((2, 5), (3, 2)):
+        vals, ids = lsm[i].topk(k)
+        assert [t for _, t in out.top_logprobs[i]] == ids.tolist()
+        assert [v for v, _ in out.top_logprobs[i]] == pytest.approx(vals.tolist(), abs=1e-5)

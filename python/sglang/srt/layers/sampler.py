@@ -45,14 +45,21 @@ class Sampler:
         logprobs: list[float | None] = [None] * len(reqs)
         tops: list[list[tuple[float, int]] | None] = [None] * len(reqs)
         if any(r.return_logprob for r in reqs):
+            # Whole-batch gathers and one top-k, then one host copy each: per row, every float() would sync.
             lsm = torch.log_softmax(raw, dim=-1)
+            chosen_logprobs = lsm.gather(1, chosen[:, None]).squeeze(1).tolist()
+            k = max(r.top_logprobs_num for r in reqs if r.return_logprob)
+            top_vals, top_ids = [], []
+            if k:
+                vals, idx = lsm.topk(k, dim=-1)
+                top_vals, top_ids = vals.tolist(), idx.tolist()
             for i, req in enumerate(reqs):
                 if not req.return_logprob:
                     continue
-                logprobs[i] = float(lsm[i, ids[i]])
+                logprobs[i] = chosen_logprobs[i]
                 if req.top_logprobs_num:
-                    vals, idx = torch.topk(lsm[i], req.top_logprobs_num)
-                    tops[i] = [(float(v), int(t)) for v, t in zip(vals.tolist(), idx.tolist())]
+                    n = req.top_logprobs_num
+                    tops[i] = list(zip(top_vals[i][:n], top_ids[i][:n]))
         return SampleOutput(ids, logprobs, tops)
 
     def _sample(self, logits: torch.Tensor, reqs: list[Req]) -> torch.Tensor:
