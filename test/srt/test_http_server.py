@@ -122,9 +122,7 @@ def test_generate_text_input_ids_batch_and_stream(http, model_path):
     batch_ids = post(http, "/generate", {"input_ids": ids, "sampling_params": GREEDY}).json()
     assert [o["text"] for o in batch_ids] == [o["text"] for o in single]
 
-    resp = post(
-        http, "/generate", {"text": prompts[1], "sampling_params": GREEDY, "stream": True}, stream=True
-    )
+    resp = post(http, "/generate", {"text": prompts[1], "sampling_params": GREEDY, "stream": True}, stream=True)
     assert resp.headers["content-type"].startswith("text/event-stream")
     events = sse_events(resp)
     assert len(events) == GREEDY["max_new_tokens"]
@@ -151,14 +149,10 @@ def test_generate_logprobs(http):
 
 def test_concurrent_streams(http):
     prompts = [f"Request number {i} says" for i in range(32)]
-    expected = [
-        o["text"] for o in post(http, "/generate", {"text": prompts, "sampling_params": GREEDY}).json()
-    ]
+    expected = [o["text"] for o in post(http, "/generate", {"text": prompts, "sampling_params": GREEDY}).json()]
 
     def stream(prompt: str) -> str:
-        resp = post(
-            http, "/generate", {"text": prompt, "sampling_params": GREEDY, "stream": True}, stream=True
-        )
+        resp = post(http, "/generate", {"text": prompt, "sampling_params": GREEDY, "stream": True}, stream=True)
         events = sse_events(resp)
         assert events[-1]["meta_info"]["finish_reason"]["type"] == "length"
         return events[-1]["text"]
@@ -242,9 +236,7 @@ def test_generate_bad_input_is_400_naming_the_field(http, body, param):
 
 
 def test_malformed_json_is_400(http):
-    resp = http.post(
-        http.base_url + "/generate", data=b'{"text": "hi",', headers={"Content-Type": "application/json"}
-    )
+    resp = http.post(http.base_url + "/generate", data=b'{"text": "hi",', headers={"Content-Type": "application/json"})
     assert resp.status_code == 400
     assert "Malformed JSON" in resp.json()["error"]["message"]
 
@@ -312,9 +304,7 @@ def tp2_server(model_path: str):
 def test_get_weights_by_name_tp2_is_rank0_shard(tp2_server, model_path):
     with safe_open(os.path.join(model_path, "model.safetensors"), "pt") as f:
         full = f.get_tensor(DOWN_PROJ)
-    got = torch.tensor(
-        requests.post(f"{tp2_server.base_url}/get_weights_by_name", json={"name": DOWN_PROJ}).json()
-    )
+    got = torch.tensor(requests.post(f"{tp2_server.base_url}/get_weights_by_name", json={"name": DOWN_PROJ}).json())
     assert torch.equal(got, full[:, : full.shape[1] // 2])  # down_proj is row-parallel: split along its input
 
 
@@ -353,3 +343,30 @@ def test_sigterm_under_load_leaves_no_process(tp2_server):
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind((url.hostname, url.port))
         s.listen()
+
+
+def test_stream_interval_and_incremental_streaming_output(model_path):
+    """--stream-interval 3 sends the first token at once and then three at a time; --incremental-streaming-output makes
+    each /generate chunk hold only what is new. The OpenAI routes still stream correct deltas."""
+    proc = popen_launch_server(model_path, other_args=["--stream-interval", "3", "--incremental-streaming-output"])
+    try:
+        url = proc.base_url
+        params = {"temperature": 0, "max_new_tokens": 10, "ignore_eos": True}
+        whole = requests.post(f"{url}/generate", json={"text": "Count with me", "sampling_params": params}).json()
+        with requests.post(
+            f"{url}/generate", json={"text": "Count with me", "sampling_params": params, "stream": True}, stream=True
+        ) as r:
+            chunks = sse_events(r)
+        assert [t for c in chunks for t in c["output_ids"]] == whole["output_ids"]
+        assert "".join(c["text"] for c in chunks) == whole["text"]
+        # 1 + 3 + 3 + 3 tokens; a reader that falls behind may get two of them merged, never more chunks.
+        assert all(c["output_ids"] for c in chunks) and len(chunks) <= 4
+        assert len(chunks[0]["output_ids"]) in (1, 4)
+        assert chunks[-1]["meta_info"]["completion_tokens"] == 10
+        body = {"model": model_path, "prompt": "Count with me", "max_tokens": 10, "temperature": 0, "ignore_eos": True}
+        full = requests.post(f"{url}/v1/completions", json=body).json()["choices"][0]["text"]
+        with requests.post(f"{url}/v1/completions", json={**body, "stream": True}, stream=True) as r:
+            pieces = [e["choices"][0]["text"] for e in sse_events(r) if e.get("choices")]
+        assert "".join(pieces) == full == whole["text"]
+    finally:
+        kill_process_tree(proc.pid)

@@ -70,6 +70,16 @@ class ServerArgs:
         default=1,
     )
     max_running_requests: int | None = _opt("Maximum number of requests in a batch.")
+    stream_interval: int = _opt(
+        "Send a request's new tokens to the HTTP process every this many decode steps (its first token and its end "
+        "at once): fewer, larger stream chunks, less work for the HTTP process at high concurrency.",
+        default=1,
+    )
+    incremental_streaming_output: bool = _opt(
+        "Each chunk of a streamed /generate (and Engine) output holds only what is new since the previous chunk "
+        "(text, output_ids, logprobs) instead of everything so far. The OpenAI routes stream deltas either way.",
+        default=False,
+    )
     chunked_prefill_size: int | None = _opt("Maximum tokens prefilled in one forward pass (-1 disables chunking).")
     attention_backend: str | None = _opt("Attention kernels.", choices=ATTENTION_BACKENDS)
     disable_radix_cache: bool = _opt("Disable the radix prefix cache.", default=False)
@@ -200,6 +210,8 @@ class ServerArgs:
             raise ServerArgsError(f"--context-length must be >= 1, got {self.context_length}.")
         if self.max_running_requests < 1:
             raise ServerArgsError(f"--max-running-requests must be >= 1, got {self.max_running_requests}.")
+        if self.stream_interval < 1:
+            raise ServerArgsError(f"--stream-interval must be >= 1, got {self.stream_interval}.")
         if self.device == "cuda" and not _cuda_available():
             raise ServerArgsError("--device cuda was requested but CUDA is not available; use --device cpu.")
         if self.attention_backend == "flashinfer" and self.device != "cuda":

@@ -113,7 +113,8 @@ def _add_native_routes(app: FastAPI) -> None:
     async def generate(req: GenerateRequest, request: Request) -> Response:
         tm = _tm(request)
         obj = with_rids(GenerateReqInput(**req.model_dump()))
-        first, rest = await start_generation(request, tm, obj, "text" if req.text is not None else "input_ids")
+        prompt_param = "text" if req.text is not None else "input_ids"
+        first, rest = await start_generation(request, tm, obj, prompt_param, cumulative=None)
         if not req.stream:
             return JSONResponse(first)
 

@@ -303,7 +303,7 @@ class Scheduler:
             if req is self.chunked_req:
                 self.chunked_req = None
             self.release(req)
-        self.send_outputs([r for r in reqs if r.finished or len(r.output_ids) > r.sent_len])
+        self.send_outputs([r for r in reqs if self.output_due(r)])
 
     def sample_into(self, reqs: list[Req], logits: torch.Tensor, rows: list[int]) -> None:
         """Rank 0 samples one token per request and shares the choice, so every rank stays in step."""
@@ -317,6 +317,11 @@ class Scheduler:
                 req.new_logprobs.append(sample.logprobs[j])
                 req.new_top_logprobs.append(sample.top_logprobs[j] or [])
             self.stop_checker.check(req, self.model_config.context_len)
+
+    def output_due(self, req: Req) -> bool:
+        """Whether req's new tokens go out now: at its end, its first token, or every --stream-interval tokens."""
+        new = len(req.output_ids) - req.sent_len
+        return req.finished or (new > 0 and (req.sent_len == 0 or new >= self.server_args.stream_interval))
 
     def send_outputs(self, reqs: list[Req]) -> None:
         if self.tp_rank != 0 or not reqs:

@@ -45,9 +45,31 @@ class ReqState:
     logprobs: list[tuple[float, int]] = field(default_factory=list)
     top_logprobs: list[list[tuple[float, int]]] = field(default_factory=list)
     cached_tokens: int = 0
+    sent: OutputCursor = field(default_factory=lambda: OutputCursor())  # what earlier chunks held (delta streams)
     finish_reason: dict[str, Any] | None = None
     finished: bool = False
     event: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@dataclass
+class OutputCursor:
+    """How much of a request's text, ids and logprobs earlier chunks of a delta stream already carried."""
+
+    text: int = 0
+    ids: int = 0
+    logprobs: int = 0
+
+    def cut(self, out: dict[str, Any]) -> dict[str, Any]:
+        """out (cumulative) reduced to what is new since the last cut. Text already sent is not taken back: where a
+        stop string turned out to begin in it, that beginning has been sent."""
+        text, ids, meta = out["text"], out["output_ids"], out["meta_info"]
+        out["text"], self.text = text[self.text :], max(self.text, len(text))
+        out["output_ids"], self.ids = ids[self.ids :], len(ids)
+        if "output_token_logprobs" in meta:
+            start, self.logprobs = self.logprobs, len(meta["output_token_logprobs"])
+            meta["output_token_logprobs"] = meta["output_token_logprobs"][start:]
+            meta["output_top_logprobs"] = meta["output_top_logprobs"][start:]
+        return out
 
 
 class TokenizerManager:
@@ -75,11 +97,17 @@ class TokenizerManager:
 
     # ---- generation ---------------------------------------------------------------------------
 
-    async def generate_request(self, obj: GenerateReqInput) -> AsyncIterator[dict[str, Any] | list[dict[str, Any]]]:
-        """Yield outputs for obj: one final dict (or list for a batch), or cumulative dicts when streaming."""
+    async def generate_request(
+        self, obj: GenerateReqInput, cumulative: bool | None = None
+    ) -> AsyncIterator[dict[str, Any] | list[dict[str, Any]]]:
+        """Yield outputs for obj: one final dict (or list for a batch), or, when streaming, dicts holding everything
+        so far (cumulative; by default unless --incremental-streaming-output) or only what is new."""
         self._ensure_loop()
+        if cumulative is None:
+            cumulative = not self.server_args.incremental_streaming_output
         parts = obj.split()
-        prepared = [self._tokenize(p) for p in parts]  # validate the whole batch before sending any of it
+        # Validate the whole batch before sending any of it.
+        prepared = [(*self._tokenize(p), cumulative) for p in parts]
         if not obj.is_batch() and len(prepared) == 1:
             async for out in self._run_one(*prepared[0]):
                 yield out
@@ -137,7 +165,9 @@ class TokenizerManager:
         req = TokenizedGenerateReqInput(rid, ids, params, obj.return_logprob, obj.top_logprobs_num)
         return req, obj.stream
 
-    async def _run_one(self, req: TokenizedGenerateReqInput, stream: bool) -> AsyncIterator[dict[str, Any]]:
+    async def _run_one(
+        self, req: TokenizedGenerateReqInput, stream: bool, cumulative: bool
+    ) -> AsyncIterator[dict[str, Any]]:
         if self.dead_reason:
             raise RuntimeError(self.dead_reason)
         params = req.sampling_params
@@ -156,7 +186,8 @@ class TokenizerManager:
                     self.rid_to_state.pop(req.rid, None)
                 if stream or done:
                     # Built now, from everything received so far (nothing can arrive while this runs).
-                    yield self._output(state, incremental=stream)
+                    out = self._output(state, incremental=stream)
+                    yield out if cumulative or not stream else state.sent.cut(out)
                 if done:
                     return
         finally:

@@ -34,13 +34,17 @@ async def start_generation(
     obj: GenerateReqInput,
     prompt_param: str,
     rename: Callable[[str], str] = lambda field: f"sampling_params.{field}",
+    cumulative: bool | None = True,
 ) -> tuple[Any, AsyncIterator[Any]]:
     """Run obj up to its first output (the whole answer unless streaming) and return it with the rest.
 
     Bad input therefore becomes a 400 before any byte of a stream is sent. If the client disconnects
     while we wait, the request is aborted and ClientDisconnected is raised.
+
+    Streamed outputs are cumulative by default: the OpenAI routes make their own deltas, holding back what may be
+    the beginning of a stop string; /generate passes None (the server's --incremental-streaming-output).
     """
-    gen = tm.generate_request(obj)
+    gen = tm.generate_request(obj, cumulative)
     step = asyncio.ensure_future(anext(gen))
     watcher = asyncio.ensure_future(_wait_for_disconnect(request))
     try:
