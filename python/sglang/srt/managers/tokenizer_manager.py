@@ -32,26 +32,6 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class ReqState:
-    """What the main process knows of one in-flight request. Outputs are built when the caller reads them, not
-    as tokens arrive: a caller that falls behind gets one output covering everything new, and a request that does
-    not stream is decoded once, at its end."""
-
-    rid: str
-    stop: list[str]
-    prompt_tokens: int
-    detokenizer: IncrementalDetokenizer
-    output_ids: list[int] = field(default_factory=list)
-    logprobs: list[tuple[float, int]] = field(default_factory=list)
-    top_logprobs: list[list[tuple[float, int]]] = field(default_factory=list)
-    cached_tokens: int = 0
-    sent: OutputCursor = field(default_factory=lambda: OutputCursor())  # what earlier chunks held (delta streams)
-    finish_reason: dict[str, Any] | None = None
-    finished: bool = False
-    event: asyncio.Event = field(default_factory=asyncio.Event)
-
-
-@dataclass
 class OutputCursor:
     """How much of a request's text, ids and logprobs earlier chunks of a delta stream already carried."""
 
@@ -70,6 +50,28 @@ class OutputCursor:
             meta["output_token_logprobs"] = meta["output_token_logprobs"][start:]
             meta["output_top_logprobs"] = meta["output_top_logprobs"][start:]
         return out
+
+
+@dataclass
+class ReqState:
+    """What the main process knows of one in-flight request. Outputs are built when the caller reads them, not
+    as tokens arrive: a caller that falls behind gets one output covering everything new, and a request that does
+    not stream is decoded once, at its end."""
+
+    rid: str
+    prompt_tokens: int
+    detokenizer: IncrementalDetokenizer
+    output_ids: list[int] = field(default_factory=list)
+    logprobs: list[tuple[float, int]] = field(default_factory=list)
+    top_logprobs: list[list[tuple[float, int]]] = field(default_factory=list)
+    cached_tokens: int = 0
+    sent: OutputCursor = field(default_factory=OutputCursor)  # what earlier chunks held (delta streams)
+    finish_reason: dict[str, Any] | None = None
+    event: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
 
 
 class TokenizerManager:
@@ -172,7 +174,7 @@ class TokenizerManager:
             raise RuntimeError(self.dead_reason)
         params = req.sampling_params
         detokenizer = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
-        state = ReqState(req.rid, params.stop, len(req.input_ids), detokenizer)
+        state = ReqState(req.rid, len(req.input_ids), detokenizer)
         self.rid_to_state[req.rid] = state
         self.send_sock.send_pyobj(req)
         try:
@@ -230,7 +232,6 @@ class TokenizerManager:
         for state in self.rid_to_state.values():
             if not state.finished:
                 state.finish_reason = {"type": "abort", "message": reason}
-                state.finished = True
             state.event.set()
         for fut in self.rpc_waiters.values():
             if not fut.done():
@@ -273,7 +274,6 @@ class TokenizerManager:
                 state.top_logprobs.extend(msg.new_top_logprobs[i])
             state.cached_tokens = msg.cached_tokens[i]
             state.finish_reason = msg.finished_reasons[i]
-            state.finished = state.finish_reason is not None
             state.event.set()
 
     def _output(self, state: ReqState, incremental: bool) -> dict[str, Any]:
