@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import statistics
 import time
 from functools import partial
 
 import torch
 
-from sglang.bench_one_batch import machine_name
+from sglang.bench_one_batch import emit_report, machine_name
 from sglang.srt.layers.sampler import Sampler
 from sglang.srt.managers.schedule_batch import Req
 from sglang.srt.sampling.sampling_params import SamplingParams
@@ -86,11 +85,7 @@ def main() -> None:
         "vocab": VOCAB,
         "results": rows,
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.output:
-        with open(args.output, "w") as f:
-            f.write(text + "\n")
+    emit_report(report, args.output)
 
 
 if __name__ == "__main__":

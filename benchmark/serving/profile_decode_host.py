@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import json
 import pstats
 import statistics
 import time
@@ -23,6 +22,7 @@ from typing import Any
 import torch
 import zmq
 
+from sglang.bench_one_batch import emit_report
 from sglang.srt.layers.logits_processor import LogitsProcessorOutput
 from sglang.srt.managers.io_struct import TokenizedGenerateReqInput
 from sglang.srt.managers.scheduler import Scheduler
@@ -132,11 +132,7 @@ def main() -> None:
             stop_batch(scheduler, sink)
         rows.append(row)
     report = {"device": args.device, "model_path": args.model_path, "steps": args.steps, "results": rows}
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.output:
-        with open(args.output, "w") as f:
-            f.write(text + "\n")
+    emit_report(report, args.output)
 
 
 if __name__ == "__main__":

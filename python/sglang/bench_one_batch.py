@@ -172,6 +172,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def emit_report(report: dict[str, Any], path: str | None) -> None:
+    """Print a benchmark's JSON report and, when path is given, write the same text there."""
+    text = json.dumps(report, indent=2)
+    print(text)
+    if path:
+        with open(path, "w") as f:
+            f.write(text + "\n")
+
+
 def machine_name(device: str) -> str:
     """GPU model and count, or the CPU and its cores."""
     if device == "cuda":
@@ -348,11 +357,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         server_args.max_total_tokens = max(bench.batch_size) * longest + 64
     server_args.max_running_requests = max(server_args.max_running_requests, *bench.batch_size)
     report = run(server_args, bench, " ".join(["python -m sglang.bench_one_batch", *argv]))
-    text = json.dumps(report, indent=2)
-    print(text)
-    if bench.result_filename:
-        with open(bench.result_filename, "w") as f:
-            f.write(text + "\n")
+    emit_report(report, bench.result_filename)
     return report
 
 

@@ -205,7 +205,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the benchmark against a live server and print (and optionally write) the JSON report."""
-    from sglang.bench_one_batch import machine_name
+    from sglang.bench_one_batch import emit_report, machine_name
 
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
@@ -233,11 +233,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "server": {key: server.get(key) for key in _SERVER_FIELDS},
         **metrics,
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.output_file:
-        with open(args.output_file, "w") as f:
-            f.write(text + "\n")
+    emit_report(report, args.output_file)
     return report
 
 

@@ -9,6 +9,7 @@ import torch
 
 if TYPE_CHECKING:
     from sglang.srt.managers.schedule_batch import Req
+    from sglang.srt.sampling.sampling_params import SamplingParams
 
 
 @dataclass
@@ -112,7 +113,7 @@ def _apply_penalties(row: torch.Tensor, req: Req, stop_ids: set[int]) -> None:
 TOPK_INSTEAD_OF_SORT = 1024
 
 
-def _filtered_sorted(probs: torch.Tensor, params: list) -> tuple[torch.Tensor, torch.Tensor]:
+def _filtered_sorted(probs: torch.Tensor, params: list[SamplingParams]) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's probabilities from high to low with top-k, then top-p (of what top-k kept), then min-p (against
     the top one) applied, and the tokens in that order. The top token always survives; rows need not sum to 1."""
     device = probs.device
