@@ -30,7 +30,7 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=c
 python benchmark/serving/make_llama3_8b_dummy.py "$MODEL"
 
 if want 0 FlashInfer JIT warm-up; then
-    MAX_JOBS=${MAX_JOBS:-16} timeout 100 python -m sglang.srt.layers.fused_kernels 2>&1 | tail -n 3
+    MAX_JOBS=${MAX_JOBS:-16} timeout 100 python -m sglang.srt.layers.attention.kernel_build --model-path "$MODEL" 2>&1 | tail -n 3
 fi
 
 if want 1 pytest test_fused_kernels.py test_flashinfer_backend.py; then

@@ -20,6 +20,9 @@ REMOTE_BACKENDS = ("nccl", "transfer_engine")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
+MISSING_MODEL_PATH = "--model-path is required: pass the directory of an HF model."
+
+
 class ServerArgsError(ValueError):
     """Raised when the server arguments are inconsistent; the message says what to change."""
 
@@ -184,7 +187,7 @@ class ServerArgs:
     def validate(self) -> None:
         """Check everything that can be checked without loading the model; raise ServerArgsError."""
         if not self.model_path:
-            raise ServerArgsError("--model-path is required: pass the directory of an HF model.")
+            raise ServerArgsError(MISSING_MODEL_PATH)
         if self.tp_size < 1:
             raise ServerArgsError(f"--tp-size must be >= 1, got {self.tp_size}.")
         if self.nnodes < 1 or not 0 <= self.node_rank < self.nnodes:
@@ -329,14 +332,27 @@ class _Parser(argparse.ArgumentParser):
         raise ServerArgsError(f"{message} (see python -m sglang.launch_server --help)")
 
 
-def prepare_server_args(argv: list[str]) -> ServerArgs:
-    """Parse a launcher command line into ServerArgs."""
+def parse_cli(argv: list[str]) -> argparse.Namespace:
+    """Parse a launcher command line without resolving it (cheap: no torch, no file system)."""
     parser = _Parser(
         prog="python -m sglang.launch_server",
         usage="python -m sglang.launch_server --model-path PATH [options]  (see --help)",
     )
     ServerArgs.add_cli_args(parser)
-    return ServerArgs.from_cli_args(parser.parse_args(argv))
+    return parser.parse_args(argv)
+
+
+def prepare_server_args(argv: list[str]) -> ServerArgs:
+    """Parse a launcher command line into ServerArgs."""
+    return ServerArgs.from_cli_args(parse_cli(argv))
+
+
+def rank_gpu_hints(args: argparse.Namespace) -> list[int | None]:
+    """Per local TP rank of an unresolved command line, the GPU it will most likely use (None when --device cpu)."""
+    nnodes = max(1, args.nnodes or 1)
+    per_node = max(1, (args.tp_size or 1) // nnodes)
+    base = args.base_gpu_id or 0
+    return [None if args.device == "cpu" else base + i for i in range(per_node)]
 
 
 @dataclass(frozen=True)

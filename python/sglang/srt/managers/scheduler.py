@@ -9,6 +9,7 @@ from typing import Any
 import torch
 import zmq
 
+from sglang.srt import startup_timeline
 from sglang.srt.configs.model_config import ModelConfig
 from sglang.srt.distributed.parallel_state import broadcast_pyobj, gather_pyobj
 from sglang.srt.layers.sampler import Sampler
@@ -42,10 +43,11 @@ class Scheduler:
     def __init__(self, server_args: ServerArgs, port_args: PortArgs, tp_rank: int, gpu_id: int) -> None:
         self.server_args = server_args
         self.tp_rank = tp_rank
-        self.model_config = ModelConfig.from_path(
-            server_args.model_path, server_args.dtype, server_args.context_length, server_args.device
-        )
-        self.model_config.check_tp(server_args.tp_size)
+        with startup_timeline.phase("model config"):
+            self.model_config = ModelConfig.from_path(
+                server_args.model_path, server_args.dtype, server_args.context_length, server_args.device
+            )
+            self.model_config.check_tp(server_args.tp_size)
         self.runner = ModelRunner(self.model_config, server_args, tp_rank, gpu_id, port_args.dist_init_method)
         self.allocator = self.runner.token_to_kv_pool_allocator
         self.page_size = self.allocator.page_size
@@ -53,7 +55,8 @@ class Scheduler:
         self.max_total_num_tokens = self.allocator.size
         self.max_req_input_len = min(self.model_config.context_len - 1, self.max_total_num_tokens - 1)
         self.tree_cache = RadixCache(self.allocator, disable=server_args.disable_radix_cache)
-        self.stop_checker = StopChecker(server_args.tokenizer_path, self.model_config)
+        with startup_timeline.phase("stop checker (tokenizer)"):
+            self.stop_checker = StopChecker(server_args.tokenizer_path, self.model_config)
         self.sampler = Sampler(server_args.random_seed, self.stop_checker.stop_ids_for)
         self.waiting: deque[Req] = deque()
         self.running: list[Req] = []

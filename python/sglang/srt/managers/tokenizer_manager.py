@@ -77,7 +77,9 @@ class ReqState:
 class TokenizerManager:
     """Routes generate and control requests to the schedulers and their answers back to callers."""
 
-    def __init__(self, server_args: ServerArgs, port_args: PortArgs, scheduler_info: dict[str, Any]) -> None:
+    def __init__(
+        self, server_args: ServerArgs, port_args: PortArgs, scheduler_info: dict[str, Any] | None = None
+    ) -> None:
         from transformers import AutoTokenizer
 
         self.server_args = server_args
@@ -85,8 +87,11 @@ class TokenizerManager:
             server_args.model_path, server_args.dtype, server_args.context_length, server_args.device
         )
         self.tokenizer = AutoTokenizer.from_pretrained(server_args.tokenizer_path)
-        self.scheduler_info = scheduler_info
-        self.max_req_input_len: int = scheduler_info["max_req_input_len"]
+        self.scheduler_info: dict[str, Any] = {}
+        self.max_req_input_len = 0
+        self.startup_timeline: dict[str, Any] | None = None
+        if scheduler_info is not None:
+            self.attach_schedulers(scheduler_info)
         ctx = zmq.asyncio.Context(2)
         self.send_sock = ctx.socket(zmq.PUSH)
         self.send_sock.connect(port_args.scheduler_input_ipc_name)
@@ -310,9 +315,18 @@ class TokenizerManager:
             "context_length": self.model_config.context_len,
         }
 
+    def attach_schedulers(self, scheduler_info: dict[str, Any]) -> None:
+        """Take what rank 0 reported once it has started (this manager is built while the ranks load)."""
+        self.scheduler_info = scheduler_info
+        self.max_req_input_len = scheduler_info["max_req_input_len"]
+
     def server_info(self) -> dict[str, Any]:
-        """Static part of /get_server_info: the arguments and what the schedulers reported at start."""
-        return {**dataclasses.asdict(self.server_args), **self.scheduler_info}
+        """Static part of /get_server_info: the arguments, what the schedulers reported and the start-up timeline."""
+        return {
+            **dataclasses.asdict(self.server_args),
+            **self.scheduler_info,
+            "startup_timeline": self.startup_timeline,
+        }
 
 
 async def last_output(gen: AsyncIterator[Any]) -> Any:
