@@ -116,7 +116,8 @@ EXTRAS: dict[str, str] = {
 }
 
 SAMPLING_PARAMS: dict[str, str] = {
-    "max_new_tokens": "Most tokens to generate.",
+    "max_new_tokens": "Most tokens to generate; `null` means no limit of its own (a stop condition or the "
+    "context length ends the output: prompt plus output never exceed it).",
     "temperature": "Softmax temperature; 0 means greedy.",
     "top_p": "Nucleus sampling: smallest set of tokens whose probabilities add up to this.",
     "top_k": "Sample among the k most likely tokens; -1 disables.",

@@ -17,6 +17,7 @@ DTYPES = ("auto", "float32", "float16", "bfloat16", "half", "float", "bf16", "fp
 DEVICES = ("cpu", "cuda")
 ATTENTION_BACKENDS = ("torch_native", "flashinfer")
 REMOTE_BACKENDS = ("nccl", "transfer_engine")
+SAMPLING_DEFAULTS = ("model", "openai")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
@@ -44,6 +45,13 @@ class ServerArgs:
     context_length: int | None = _opt("Maximum context length; defaults to the model's.")
     served_model_name: str | None = _opt("Model name reported by the OpenAI API; defaults to --model-path.")
     load_format: str = _opt("How weights are loaded.", default="auto", choices=LOAD_FORMATS)
+    sampling_defaults: str = _opt(
+        "Where the sampling values of fields a request leaves out come from: 'model' reads temperature, top_p, "
+        "top_k, min_p and repetition_penalty from the model's generation_config.json; 'openai' uses the constants "
+        "of the sampling-parameter table (temperature 1, top_p 1, ...). A request's own values always win.",
+        default="model",
+        choices=SAMPLING_DEFAULTS,
+    )
 
     # HTTP server
     host: str = _opt("Host the HTTP server binds to.", default="127.0.0.1")

@@ -290,7 +290,8 @@ class Scheduler:
             req.kv_len += req.extend_len if mode.is_extend() else 1
         prefilled = [r for r in reqs if r.remaining_prefill() == 0 and not r.finished]
         for req in prefilled:
-            if req.sampling_params.max_new_tokens <= len(req.output_ids):
+            limit = req.sampling_params.max_new_tokens
+            if limit is not None and limit <= len(req.output_ids):
                 req.finished_reason = {"type": "length", "matched": None}  # asked for no tokens
         rows = [i for i, r in enumerate(reqs) if r in prefilled and not r.finished]
         if rows:

@@ -46,7 +46,8 @@ class StopChecker:
                 if s and s in text:
                     req.finished_reason = {"type": "stop", "matched": s}
                     return
-        if len(req.output_ids) >= params.max_new_tokens or len(req.fill_ids) >= context_len:
+        limit = params.max_new_tokens
+        if (limit is not None and len(req.output_ids) >= limit) or len(req.fill_ids) >= context_len:
             req.finished_reason = {"type": "length", "matched": None}
 
     @property

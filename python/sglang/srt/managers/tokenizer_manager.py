@@ -25,6 +25,7 @@ from sglang.srt.managers.io_struct import (
     TokenizedGenerateReqInput,
     new_rid,
 )
+from sglang.srt.sampling.sampling_defaults import load_sampling_defaults
 from sglang.srt.sampling.sampling_params import SamplingParams
 from sglang.srt.server_args import PortArgs, ServerArgs
 
@@ -85,6 +86,7 @@ class TokenizerManager:
             server_args.model_path, server_args.dtype, server_args.context_length, server_args.device
         )
         self.tokenizer = AutoTokenizer.from_pretrained(server_args.tokenizer_path)
+        self.sampling_defaults = load_sampling_defaults(server_args.sampling_defaults, server_args.model_path)
         self.scheduler_info = scheduler_info
         self.max_req_input_len: int = scheduler_info["max_req_input_len"]
         ctx = zmq.asyncio.Context(2)
@@ -140,7 +142,7 @@ class TokenizerManager:
                 t.cancel()
 
     def _tokenize(self, obj: GenerateReqInput) -> tuple[TokenizedGenerateReqInput, bool]:
-        params = SamplingParams.from_dict(obj.sampling_params)
+        params = SamplingParams.from_dict(obj.sampling_params, self.sampling_defaults)
         if obj.input_ids is not None:
             ids = list(obj.input_ids)
             vocab = self.model_config.vocab_size

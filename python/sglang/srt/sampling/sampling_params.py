@@ -19,7 +19,8 @@ class SamplingParamsError(ValueError):
 class SamplingParams:
     """Per-request sampling settings (names follow upstream SGLang's `sampling_params`)."""
 
-    max_new_tokens: int = 128
+    # None: no limit of its own; the request ends at a stop condition or the context length.
+    max_new_tokens: int | None = 128
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1
@@ -36,9 +37,11 @@ class SamplingParams:
     n: int = 1
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any] | None) -> SamplingParams:
-        """Build from a request dict; unknown keys and wrong types are errors naming the key."""
-        data = dict(data or {})
+    def from_dict(cls, data: dict[str, Any] | None, defaults: dict[str, Any] | None = None) -> SamplingParams:
+        """Build from a request dict; unknown keys and wrong types are errors naming the key. defaults (the
+        server's, e.g. the model's generation_config.json) fill the keys the request leaves out or sets to null."""
+        given = {k: v for k, v in (data or {}).items() if v is not None or k in _NULLABLE_KEYS}
+        data = {**(defaults or {}), **given}
         names = {f.name: f for f in dataclasses.fields(cls)}
         kwargs: dict[str, Any] = {}
         for key, value in data.items():
@@ -47,6 +50,8 @@ class SamplingParams:
                     continue
                 raise SamplingParamsError(key, f"unknown sampling parameter; known: {', '.join(sorted(names))}")
             if value is None:
+                if key in _NULLABLE_KEYS:
+                    kwargs[key] = None
                 continue
             kwargs[key] = _coerce(key, value, names[key].type)
         params = cls(**kwargs)
@@ -56,7 +61,7 @@ class SamplingParams:
     def validate(self) -> None:
         """Raise SamplingParamsError for the first out-of-range field."""
         checks = (
-            ("max_new_tokens", self.max_new_tokens >= 0, "must be >= 0"),
+            ("max_new_tokens", self.max_new_tokens is None or self.max_new_tokens >= 0, "must be >= 0 or null"),
             ("temperature", self.temperature >= 0, "must be >= 0"),
             ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
             ("top_k", self.top_k == -1 or self.top_k >= 1, "must be -1 (disabled) or >= 1"),
@@ -79,6 +84,9 @@ class SamplingParams:
     def has_penalties(self) -> bool:
         return self.frequency_penalty != 0 or self.presence_penalty != 0 or self.repetition_penalty != 1
 
+
+# Keys where an explicit null means something other than "use the default": max_new_tokens null is no limit.
+_NULLABLE_KEYS = {"max_new_tokens"}
 
 # Accepted for compatibility with upstream clients; they have no effect here.
 _IGNORED_KEYS = {"spaces_between_special_tokens", "no_stop_trim", "json_schema", "regex", "ebnf", "logit_bias"}

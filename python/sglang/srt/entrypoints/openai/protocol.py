@@ -91,8 +91,8 @@ class SamplingRequest(_Strict):
             "seed",
         )
         params = {name: getattr(self, name) for name in names if getattr(self, name) is not None}
-        if self.max_tokens is not None:
-            params["max_new_tokens"] = self.max_tokens
+        # Always set: a missing (None) limit means "until a stop condition or the context length", as upstream.
+        params["max_new_tokens"] = self.max_tokens
         if self.min_tokens is not None:
             params["min_new_tokens"] = self.min_tokens
         return params
@@ -149,7 +149,7 @@ class ChatCompletionRequest(SamplingRequest):
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
 
     def sampling_params(self) -> dict[str, Any]:
-        """As for completions; max_completion_tokens is the newer name of max_tokens."""
+        """As for completions; max_completion_tokens is the newer name of max_tokens and wins over it."""
         params = super().sampling_params()
         if self.max_completion_tokens is not None:
             params["max_new_tokens"] = self.max_completion_tokens
