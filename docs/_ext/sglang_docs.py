@@ -132,6 +132,11 @@ SAMPLING_PARAMS: dict[str, str] = {
     "skip_special_tokens": "Leave special tokens out of the returned text.",
     "seed": "Per-request random seed, for reproducible sampling.",
     "n": "Number of samples per prompt (1-64); with n > 1 the answer is a list; sample j uses seed + j.",
+    "logit_bias": "Token id (a string) to a value in [-100, 100] added to that token's logit before sampling "
+    "(-100 all but bans it, 100 all but forces it).",
+    "json_schema": "Structured output: the text must be JSON matching this JSON Schema (a string, or an object).",
+    "regex": "Structured output: the text must match this regular expression.",
+    "ebnf": "Structured output: the text must match this EBNF grammar (rule `root` first).",
 }
 
 

@@ -1,11 +1,16 @@
 """What SGLang and vLLM users expect of the API, through a real server and the `openai` client: answers that run
-to a stop condition or the context limit, sampling defaults from generation_config.json."""
+to a stop condition or the context limit, sampling defaults from generation_config.json, requests with the fields
+clients routinely send, --chat-template."""
 
 from __future__ import annotations
+
+import re
+from pathlib import Path
 
 import openai
 import pytest
 import requests
+from transformers import AutoTokenizer
 
 import sglang
 from sglang.test.test_utils import kill_process_tree, popen_launch_server
@@ -16,6 +21,13 @@ CONTEXT = 160
 GENERATION_DEFAULTS = {"temperature": 0.6, "top_p": 0.95, "top_k": 1}
 MESSAGES = [{"role": "user", "content": "Tell me a long story."}]
 PROMPT = "Once upon a time there was"
+# A Qwen3-style template: enable_thinking=False (through chat_template_kwargs) adds an empty think block.
+THINKING_TEMPLATE = (
+    "{%- for m in messages %}{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and not enable_thinking %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    "{%- endif %}"
+)
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +37,16 @@ def model_path(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 @pytest.fixture(scope="module")
-def server(model_path: str):
-    proc = popen_launch_server(model_path, other_args=["--context-length", str(CONTEXT)])
+def template_file(tmp_path_factory: pytest.TempPathFactory) -> str:
+    path = tmp_path_factory.mktemp("templates") / "thinking.jinja"
+    path.write_text(THINKING_TEMPLATE)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def server(model_path: str, template_file: str):
+    args = ["--context-length", str(CONTEXT), "--chat-template", template_file]
+    proc = popen_launch_server(model_path, other_args=args)
     yield proc
     kill_process_tree(proc.pid)
 
@@ -84,3 +104,89 @@ def test_sampling_defaults_openai_ignores_generation_config(model_path):
         greedy = engine.generate(PROMPT, {"temperature": 0, "max_new_tokens": 24, "ignore_eos": True})["text"]
         out = engine.generate(PROMPT, {"max_new_tokens": 24, "ignore_eos": True, "seed": 1})["text"]
     assert out != greedy
+
+
+def _chat(client, model_path: str, **kwargs):
+    return client.chat.completions.create(model=model_path, messages=MESSAGES, temperature=0, max_tokens=6, **kwargs)
+
+
+def test_chat_template_file_and_kwargs(client, model_path):
+    plain = _chat(client, model_path)
+    no_think = _chat(client, model_path, extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    think_block = len(tokenizer.encode("<think>\n\n</think>\n\n", add_special_tokens=False))
+    assert no_think.usage.prompt_tokens == plain.usage.prompt_tokens + think_block
+    with pytest.raises(openai.BadRequestError) as e:
+        _chat(client, model_path, extra_body={"chat_template_kwargs": {"tokenize": True}})
+    assert e.value.body["param"] == "chat_template_kwargs"
+
+
+def test_routine_fields_are_accepted_and_change_nothing(client, model_path):
+    plain = _chat(client, model_path).choices[0].message.content
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+    busy = _chat(
+        client,
+        model_path,
+        user="u-1",
+        metadata={"k": "v"},
+        store=False,
+        tools=[tool],
+        tool_choice="none",
+        parallel_tool_calls=False,
+        response_format={"type": "text"},
+    )
+    assert busy.choices[0].message.content == plain
+
+
+@pytest.mark.parametrize(
+    "extra, param",
+    [
+        ({"tool_choice": "required", "tools": [{"type": "function", "function": {"name": "f"}}]}, "tool_choice"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice"),
+        ({"modalities": ["text", "audio"]}, "modalities"),
+    ],
+)
+def test_fields_that_cannot_be_honoured_are_a_400_naming_them(client, model_path, extra, param):
+    with pytest.raises(openai.BadRequestError) as e:
+        _chat(client, model_path, extra_body=extra)
+    assert e.value.body["param"] == param and param in e.value.body["message"]
+
+
+def test_unknown_fields_are_ignored_with_one_warning(server, client, model_path):
+    plain = _chat(client, model_path).choices[0].message.content
+    for _ in range(2):
+        reply = _chat(client, model_path, extra_body={"frobnicate_level": 3, "stream_options": None})
+        assert reply.choices[0].message.content == plain
+    log = Path(server.log_path).read_text()
+    assert len(re.findall(r"unknown request field 'frobnicate_level'", log)) == 1, log[-2000:]
+
+
+def test_logit_bias(server, client, model_path):
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    forced = tokenizer.encode(" story", add_special_tokens=False)[0]
+    out = client.completions.create(
+        model=model_path, prompt=PROMPT, temperature=0, max_tokens=4, logit_bias={str(forced): 100}
+    )
+    assert tokenizer.encode(out.choices[0].text, add_special_tokens=False) == [forced] * 4
+    greedy = _generate(server, PROMPT, {"temperature": 0, "max_new_tokens": 1})["output_ids"][0]
+    banned = _generate(server, PROMPT, {"temperature": 0, "max_new_tokens": 1, "logit_bias": {str(greedy): -100}})
+    assert banned["output_ids"][0] != greedy
+    resp = requests.post(
+        f"{server.base_url}/generate",
+        json={"text": PROMPT, "sampling_params": {"logit_bias": {"999999": 5}}},
+        timeout=30,
+    )
+    assert resp.status_code == 400 and "logit_bias" in resp.json()["error"]["message"]
+
+
+def test_echo(client, model_path):
+    kwargs = dict(model=model_path, prompt=PROMPT, temperature=0, max_tokens=5)
+    plain = client.completions.create(**kwargs).choices[0].text
+    echoed = client.completions.create(echo=True, **kwargs).choices[0].text
+    assert echoed == PROMPT + plain
+    streamed = "".join(c.choices[0].text for c in client.completions.create(echo=True, stream=True, **kwargs))
+    assert streamed == PROMPT + plain
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(echo=True, logprobs=1, **kwargs)
+    assert e.value.body["param"] == "echo"

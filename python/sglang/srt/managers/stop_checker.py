@@ -18,7 +18,7 @@ class StopChecker:
 
     def __init__(self, tokenizer_path: str, model_config: ModelConfig) -> None:
         self.tokenizer_path = tokenizer_path
-        self.eos_ids = _eos_ids(model_config)
+        self.eos_ids = eos_token_ids(model_config)
         self._tokenizer: Any = None
 
     def stop_ids_for(self, req: Req) -> set[int]:
@@ -60,7 +60,8 @@ class StopChecker:
         return self._tokenizer
 
 
-def _eos_ids(model_config: ModelConfig) -> set[int]:
+def eos_token_ids(model_config: ModelConfig) -> set[int]:
+    """The model's end-of-sequence ids: config.json's and generation_config.json's."""
     ids: set[int] = set()
     for source in (getattr(model_config.hf_config, "eos_token_id", None), _generation_eos(model_config.model_path)):
         if isinstance(source, int):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +36,12 @@ class SamplingParams:
     skip_special_tokens: bool = True
     seed: int | None = None
     n: int = 1
+    # OpenAI's logit_bias: token id (as a string, JSON object keys being strings) -> value added to its logit.
+    logit_bias: dict[str, float] | None = None
+    # Structured output (at most one): the output must match this JSON schema, regex or EBNF grammar.
+    json_schema: str | None = None
+    regex: str | None = None
+    ebnf: str | None = None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None, defaults: dict[str, Any] | None = None) -> SamplingParams:
@@ -53,6 +60,8 @@ class SamplingParams:
                 if key in _NULLABLE_KEYS:
                     kwargs[key] = None
                 continue
+            if key == "json_schema" and isinstance(value, dict):
+                value = json.dumps(value)  # upstream takes a string; a schema object means the same
             kwargs[key] = _coerce(key, value, names[key].type)
         params = cls(**kwargs)
         params.validate()
@@ -75,6 +84,17 @@ class SamplingParams:
         for name, ok, message in checks:
             if not ok:
                 raise SamplingParamsError(name, f"{message}, got {getattr(self, name)!r}")
+        for token, bias in (self.logit_bias or {}).items():
+            if not token.isdigit():
+                raise SamplingParamsError("logit_bias", f"keys are token ids, got {token!r}")
+            if not -100 <= bias <= 100:
+                raise SamplingParamsError("logit_bias", f"values must be in [-100, 100], got {bias!r} for {token}")
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Raise SamplingParamsError if logit_bias names a token outside the vocabulary."""
+        bad = [t for t in self.logit_bias or {} if int(t) >= vocab_size]
+        if bad:
+            raise SamplingParamsError("logit_bias", f"token id {bad[0]} is not in the vocabulary [0, {vocab_size})")
 
     @property
     def is_greedy(self) -> bool:
@@ -89,7 +109,7 @@ class SamplingParams:
 _NULLABLE_KEYS = {"max_new_tokens"}
 
 # Accepted for compatibility with upstream clients; they have no effect here.
-_IGNORED_KEYS = {"spaces_between_special_tokens", "no_stop_trim", "json_schema", "regex", "ebnf", "logit_bias"}
+_IGNORED_KEYS = {"spaces_between_special_tokens", "no_stop_trim"}
 
 
 def _coerce(key: str, value: Any, annotation: str) -> Any:
@@ -112,6 +132,16 @@ def _coerce(key: str, value: Any, annotation: str) -> Any:
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise TypeError
             return value
+        if text.startswith("str"):
+            if not isinstance(value, str):
+                raise TypeError
+            return value
+        if text.startswith("dict[str, float]"):
+            if not isinstance(value, dict) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value.values()
+            ):
+                raise TypeError
+            return {str(k): float(v) for k, v in value.items()}
         if text.startswith("list[int]"):
             if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
                 raise TypeError
