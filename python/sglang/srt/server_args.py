@@ -40,7 +40,13 @@ class ServerArgs:
     """Every knob of a server or an offline Engine; field names are upstream SGLang's flag names."""
 
     # Model and tokenizer
-    model_path: str = _opt("Path of the HF model directory (config, tokenizer, weights).", default=None)
+    model_path: str = _opt(
+        "Path of the HF model directory (config, tokenizer, weights), or a Hugging Face Hub id (ORG/NAME), "
+        "resolved through the Hub cache (downloaded when missing; cache only with HF_HUB_OFFLINE=1).",
+        default=None,
+    )
+    revision: str | None = _opt("Hub revision (branch, tag or commit) of a --model-path Hub id; defaults to main.")
+    download_dir: str | None = _opt("Hugging Face cache directory for Hub ids; defaults to the Hub's (HF_HUB_CACHE).")
     tokenizer_path: str | None = _opt("Path of the tokenizer; defaults to --model-path.")
     trust_remote_code: bool = _opt("Allow custom model code from the hub (kept for compatibility).", default=False)
     dtype: str = _opt("Data type of weights and activations.", default="auto", choices=DTYPES)
@@ -180,10 +186,19 @@ class ServerArgs:
         self.load_format = "auto"
 
     def _fill_defaults(self) -> None:
+        if self.served_model_name is None:
+            self.served_model_name = self.model_path  # a Hub id stays the name clients use
+        if self.model_path:
+            from sglang.srt.model_loader.hub import HubResolveError, resolve_model_path
+
+            try:
+                self.model_path = resolve_model_path(
+                    self.model_path, self.revision, self.download_dir, self.load_format
+                )
+            except HubResolveError as e:
+                raise ServerArgsError(str(e)) from None
         if self.tokenizer_path is None:
             self.tokenizer_path = self.model_path
-        if self.served_model_name is None:
-            self.served_model_name = self.model_path
         if self.device is None:
             self.device = "cuda" if _cuda_available() else "cpu"
         if self.attention_backend is None:
