@@ -190,3 +190,37 @@ def test_echo(client, model_path):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(echo=True, logprobs=1, **kwargs)
     assert e.value.body["param"] == "echo"
+
+
+def test_model_card_by_id(server, client, model_path):
+    assert client.models.retrieve(model_path).id == model_path
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("no-such-model")
+
+
+def test_tokenize_and_detokenize(server, model_path):
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    url = server.base_url
+    one = requests.post(f"{url}/tokenize", json={"prompt": PROMPT}, timeout=10).json()
+    assert one == {"tokens": tokenizer.encode(PROMPT), "count": len(tokenizer.encode(PROMPT)), "max_model_len": CONTEXT}
+    many = requests.post(f"{url}/tokenize", json={"prompt": [PROMPT, "Hi"], "add_special_tokens": False}, timeout=10)
+    ids = [tokenizer.encode(t, add_special_tokens=False) for t in (PROMPT, "Hi")]
+    assert many.json()["tokens"] == ids
+    text = requests.post(f"{url}/detokenize", json={"tokens": ids[0]}, timeout=10).json()["text"]
+    assert text == tokenizer.decode(ids[0]) and PROMPT in text
+    assert requests.post(f"{url}/detokenize", json={"tokens": ids}, timeout=10).json()["text"][1] == "Hi"
+    bad = requests.post(f"{url}/detokenize", json={"tokens": [10**9]}, timeout=10)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+
+
+def test_get_load(server):
+    load = requests.get(f"{server.base_url}/get_load", timeout=10).json()
+    assert len(load) == 1 and load[0]["num_reqs"] == 0 and load[0]["max_total_num_tokens"] > 0
+
+
+def test_chat_template_names(model_path):
+    from sglang.srt.server_args import ServerArgs, ServerArgsError
+
+    assert ServerArgs(model_path=model_path, chat_template="chatml", device="cpu").chat_template == "chatml"
+    with pytest.raises(ServerArgsError, match="neither a file nor a built-in template"):
+        ServerArgs(model_path=model_path, chat_template="no-such-template", device="cpu")
