@@ -77,7 +77,7 @@ if want 7 server + bench_serving at concurrency 1 and 32; then
     for _ in $(seq 120); do curl -sf localhost:$PORT/health >/dev/null && break; kill -0 $SERVER || break; sleep 1; done
     for c in 1 32; do
         n=$((c == 1 ? 16 : 256))
-        timeout 80 python -m sglang.bench_serving --port $PORT --num-prompts $n --random-input-len 512 \
+        timeout 80 python -m sglang.bench_serving --backend sglang-oai --port $PORT --num-prompts $n --random-input-len 512 \
             --random-output-len 128 --max-concurrency $c --output-file "$OUT/bench_serving_c$c.json" >/dev/null
     done
     kill -INT $SERVER
