@@ -76,7 +76,7 @@ class ModelRunner:
         self.load_model()
         # Any instance may become a seed: checksum the weights now (before the KV pool takes the memory
         # the temporaries need), so a first fork does not wait for it.
-        from sglang.srt.remote_instance.seed_rpc import cached_checksums
+        from sglang.srt.remote_instance.manifest_seed import cached_checksums
 
         with startup.phase("weight checksums"):
             cached_checksums(self)
