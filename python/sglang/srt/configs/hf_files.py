@@ -69,15 +69,17 @@ def load_hf_config(model_path: str) -> HFConfig:
 
 def load_tokenizer(tokenizer_path: str) -> Any:
     """The tokenizer tokenizer_config.json names (the class AutoTokenizer would pick), loaded from its files."""
-    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+    import transformers
 
     name = None
     config_file = os.path.join(tokenizer_path, "tokenizer_config.json")
     if os.path.isfile(config_file):
         with open(config_file) as f:
             name = json.load(f).get("tokenizer_class")
-    cls = tokenizer_class_from_name(name) if isinstance(name, str) else None
-    if cls is None:
+    # transformers' top level imports only the module that defines the named class; its tokenization_auto module
+    # would import auto_factory and, with it, the model stack (11 s on the H200 image).
+    cls = getattr(transformers, name, None) if isinstance(name, str) and name.isidentifier() else None
+    if cls is None or not hasattr(cls, "from_pretrained"):
         # No class named (or one this transformers does not know): let AutoTokenizer decide, at its price.
         from transformers import AutoTokenizer
 

@@ -104,9 +104,7 @@ def _import_stack(gpu_hint: int | None) -> None:
             import flashinfer  # noqa: F401
         except ImportError:
             pass  # the rank then fails with a clear error when it builds the flashinfer backend
-    # transformers loads its modules lazily; this is what a rank's stop checker uses to load its tokenizer.
-    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name  # noqa: F401
-
+    # Not transformers: a rank loads its tokenizer only when a request has stop strings or a grammar.
     import sglang.srt.managers.scheduler  # noqa: F401
     from sglang.srt.models.registry import ModelRegistry
 
