@@ -112,6 +112,11 @@ class ServerArgs:
     remote_instance_weight_loader_disable_verify: bool = _opt(
         "R-Fork (ours): skip the per-tensor checksum check after a fork.", default=False
     )
+    remote_instance_weight_loader_refuse_unverified: bool = _opt(
+        "R-Fork (ours): refuse to fork from a seed that publishes no manifest or checksums (an upstream SGLang "
+        "seed) instead of forking over upstream's protocol with a warning that names what was not verified.",
+        default=False,
+    )
 
     def __post_init__(self) -> None:
         self._fill_defaults()
