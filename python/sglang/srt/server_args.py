@@ -40,7 +40,12 @@ class ServerArgs:
     model_path: str = _opt("Path of the HF model directory (config, tokenizer, weights).", default=None)
     tokenizer_path: str | None = _opt("Path of the tokenizer; defaults to --model-path.")
     trust_remote_code: bool = _opt("Allow custom model code from the hub (kept for compatibility).", default=False)
-    dtype: str = _opt("Data type of weights and activations.", default="auto", choices=DTYPES)
+    dtype: str = _opt(
+        "Data type of weights and activations. auto: the checkpoint's, except that float32 checkpoints run in "
+        "float16 (bfloat16 for Gemma) on GPUs, as upstream SGLang; on CPU always float32.",
+        default="auto",
+        choices=DTYPES,
+    )
     context_length: int | None = _opt("Maximum context length; defaults to the model's.")
     served_model_name: str | None = _opt("Model name reported by the OpenAI API; defaults to --model-path.")
     load_format: str = _opt("How weights are loaded.", default="auto", choices=LOAD_FORMATS)
