@@ -14,6 +14,8 @@ import zmq
 import zmq.asyncio
 
 from sglang.srt.configs.model_config import ModelConfig
+from sglang.srt.constrained.grammar_backend import compile_request_grammar, create_grammar_backend
+from sglang.srt.entrypoints.openai.chat_templates import resolve_chat_template
 from sglang.srt.managers.detokenizer import IncrementalDetokenizer
 from sglang.srt.managers.io_struct import (
     AbortReq,
@@ -25,6 +27,8 @@ from sglang.srt.managers.io_struct import (
     TokenizedGenerateReqInput,
     new_rid,
 )
+from sglang.srt.managers.stop_checker import eos_token_ids
+from sglang.srt.sampling.sampling_defaults import load_sampling_defaults
 from sglang.srt.sampling.sampling_params import SamplingParams
 from sglang.srt.server_args import PortArgs, ServerArgs
 
@@ -77,7 +81,9 @@ class ReqState:
 class TokenizerManager:
     """Routes generate and control requests to the schedulers and their answers back to callers."""
 
-    def __init__(self, server_args: ServerArgs, port_args: PortArgs, scheduler_info: dict[str, Any]) -> None:
+    def __init__(
+        self, server_args: ServerArgs, port_args: PortArgs, scheduler_info: dict[str, Any] | None = None
+    ) -> None:
         from transformers import AutoTokenizer
 
         self.server_args = server_args
@@ -85,8 +91,20 @@ class TokenizerManager:
             server_args.model_path, server_args.dtype, server_args.context_length, server_args.device
         )
         self.tokenizer = AutoTokenizer.from_pretrained(server_args.tokenizer_path)
-        self.scheduler_info = scheduler_info
-        self.max_req_input_len: int = scheduler_info["max_req_input_len"]
+        if server_args.chat_template is not None:
+            self.tokenizer.chat_template = resolve_chat_template(server_args.chat_template)
+        self.sampling_defaults = load_sampling_defaults(server_args.sampling_defaults, server_args.model_path)
+        self.grammar_backend = create_grammar_backend(
+            server_args.grammar_backend,
+            lambda: self.tokenizer,
+            self.model_config.vocab_size,
+            eos_token_ids(self.model_config),
+        )
+        self.scheduler_info: dict[str, Any] = {}
+        self.max_req_input_len = 0
+        self.startup_timeline: dict[str, Any] | None = None
+        if scheduler_info is not None:
+            self.attach_schedulers(scheduler_info)
         ctx = zmq.asyncio.Context(2)
         self.send_sock = ctx.socket(zmq.PUSH)
         self.send_sock.connect(port_args.scheduler_input_ipc_name)
@@ -140,7 +158,10 @@ class TokenizerManager:
                 t.cancel()
 
     def _tokenize(self, obj: GenerateReqInput) -> tuple[TokenizedGenerateReqInput, bool]:
-        params = SamplingParams.from_dict(obj.sampling_params)
+        params = SamplingParams.from_dict(obj.sampling_params, self.sampling_defaults)
+        params.check_vocab(self.model_config.vocab_size)
+        # Compiled here, so a bad schema is a 400 before anything is queued and the scheduler never compiles.
+        grammar = compile_request_grammar(self.grammar_backend, params)
         if obj.input_ids is not None:
             ids = list(obj.input_ids)
             vocab = self.model_config.vocab_size
@@ -164,7 +185,7 @@ class TokenizerManager:
         rid = obj.rid if isinstance(obj.rid, str) else new_rid()
         if rid in self.rid_to_state:
             raise InvalidRequestError("rid", f"request id {rid!r} is already in use.")
-        req = TokenizedGenerateReqInput(rid, ids, params, obj.return_logprob, obj.top_logprobs_num)
+        req = TokenizedGenerateReqInput(rid, ids, params, obj.return_logprob, obj.top_logprobs_num, grammar)
         return req, obj.stream
 
     async def _run_one(
@@ -310,9 +331,18 @@ class TokenizerManager:
             "context_length": self.model_config.context_len,
         }
 
+    def attach_schedulers(self, scheduler_info: dict[str, Any]) -> None:
+        """Take what rank 0 reported once it has started (this manager is built while the ranks load)."""
+        self.scheduler_info = scheduler_info
+        self.max_req_input_len = scheduler_info["max_req_input_len"]
+
     def server_info(self) -> dict[str, Any]:
-        """Static part of /get_server_info: the arguments and what the schedulers reported at start."""
-        return {**dataclasses.asdict(self.server_args), **self.scheduler_info}
+        """Static part of /get_server_info: the arguments, what the schedulers reported and the start-up timeline."""
+        return {
+            **dataclasses.asdict(self.server_args),
+            **self.scheduler_info,
+            "startup_timeline": self.startup_timeline,
+        }
 
 
 async def last_output(gen: AsyncIterator[Any]) -> Any:
