@@ -163,7 +163,7 @@ def test_seed_without_the_seed_flag(tiny_model_dir, tmp_path):
     model_dir = tiny_model_dir("llama")
     plain = popen_launch_server(model_dir, other_args=["--max-total-tokens", "4096"], env=ENV)
     try:
-        # Whatever answers on its bootstrap port (another instance's, with the default 6789), it says it does not publish.
+        # Whatever answers on its bootstrap port (another instance's, default 6789), it says it does not publish.
         resp = requests.get(f"{plain.base_url}{INFO}", params={"rank": 0}, timeout=10)
         assert resp.status_code == 400
         assert resp.json()["error"]["message"].startswith("This instance does not publish TransferEngine info")
