@@ -108,6 +108,12 @@ RFORK_FLAGS: dict[str, tuple[str, str, str]] = {
         "both",
         "Skip comparing the per-tensor checksums after the transfer (the manifest check still runs).",
     ),
+    "remote_instance_weight_loader_refuse_unverified": (
+        "client",
+        "both",
+        "Refuse a seed that publishes no manifest or checksums (an upstream SGLang seed) instead of forking "
+        "over upstream's protocol with a warning naming what was not verified.",
+    ),
     "api_key": ("seed", "both", "Guards every endpoint but `/health`, the R-Fork ones included."),
 }
 

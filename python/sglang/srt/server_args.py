@@ -52,7 +52,12 @@ class ServerArgs:
     download_dir: str | None = _opt("Hugging Face cache directory for Hub ids; defaults to the Hub's (HF_HUB_CACHE).")
     tokenizer_path: str | None = _opt("Path of the tokenizer; defaults to --model-path.")
     trust_remote_code: bool = _opt("Allow custom model code from the hub (kept for compatibility).", default=False)
-    dtype: str = _opt("Data type of weights and activations.", default="auto", choices=DTYPES)
+    dtype: str = _opt(
+        "Data type of weights and activations. auto: the checkpoint's, except that float32 checkpoints run in "
+        "float16 (bfloat16 for Gemma) on GPUs, as upstream SGLang; on CPU always float32.",
+        default="auto",
+        choices=DTYPES,
+    )
     context_length: int | None = _opt("Maximum context length; defaults to the model's.")
     chat_template: str | None = _opt(
         "Chat template for /v1/chat/completions instead of the tokenizer's: a Jinja file, or a built-in name "
@@ -140,6 +145,11 @@ class ServerArgs:
     )
     remote_instance_weight_loader_disable_verify: bool = _opt(
         "R-Fork (ours): skip the per-tensor checksum check after a fork.", default=False
+    )
+    remote_instance_weight_loader_refuse_unverified: bool = _opt(
+        "R-Fork (ours): refuse to fork from a seed that publishes no manifest or checksums (an upstream SGLang "
+        "seed) instead of forking over upstream's protocol with a warning that names what was not verified.",
+        default=False,
     )
 
     def __post_init__(self) -> None:

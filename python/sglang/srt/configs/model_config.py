@@ -110,7 +110,13 @@ def _resolve_dtype(dtype: str, hf_config: Any, device: str) -> torch.dtype:
             cfg = _DTYPE_NAMES.get(cfg, torch.float32)
         cfg = cfg or torch.float32
         # CPU kernels for half precision are slow and imprecise; keep CPU runs in float32 by default.
-        return torch.float32 if device == "cpu" else cfg
+        if device == "cpu":
+            return torch.float32
+        if cfg == torch.float32:
+            # As upstream SGLang (and so as its R-Fork peers expect): float32 checkpoints are served in half
+            # precision, bfloat16 for Gemma (float16 overflows it), float16 otherwise.
+            return torch.bfloat16 if "gemma" in str(getattr(hf_config, "model_type", "")) else torch.float16
+        return cfg
     if dtype not in _DTYPE_NAMES:
         raise ModelConfigError(f"Unsupported --dtype {dtype!r}; use one of {', '.join(_DTYPE_NAMES)}.")
     return _DTYPE_NAMES[dtype]

@@ -41,10 +41,12 @@ class ForkContext:
 
 @dataclass
 class RemoteManifest:
-    """The seed's view of this rank: its tensor specs and (if it publishes them) checksums."""
+    """The seed's view of this rank: its tensor specs and checksums, as far as it publishes them (an upstream
+    seed publishes neither; `unverified` then says what this fork cannot check)."""
 
-    specs: list[TensorSpec]
+    specs: list[TensorSpec] | None
     checksums: dict[str, str] | None = None
+    unverified: str | None = None
 
 
 class RemoteWeightBackend(ABC):
@@ -111,6 +113,16 @@ class RemoteInstanceModelLoader(BaseModelLoader):
         def check_manifest() -> None:
             nonlocal remote
             remote = backend.fetch_manifest(ctx)
+            if remote.unverified:
+                if cfg.refuse_unverified:
+                    raise RemoteInstanceError(
+                        ctx.seed.name,
+                        "manifest",
+                        f"{remote.unverified}; refusing to fork (--remote-instance-weight-loader-refuse-unverified)",
+                    )
+                logger.warning("TP%d: %s; forking over upstream's protocol anyway", ctx.tp_rank, remote.unverified)
+            if remote.specs is None:
+                return
             diffs = diff_manifests(build_manifest(model), remote.specs)
             if diffs:
                 raise RemoteInstanceError(

@@ -49,6 +49,8 @@ class LlamaAttention(nn.Module):
         num_heads = config.num_attention_heads
         num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
         self.head_dim = head_dim_of(config)
+        # Before the projections: registration order is parameter order, which an NCCL fork sends by position.
+        self.add_qk_norms(config)
         qkv_bias, o_bias = self.projection_biases(config)
         self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, num_heads, num_kv_heads, bias=qkv_bias)
         self.o_proj = RowParallelLinear(num_heads * self.head_dim, config.hidden_size, bias=o_bias)
@@ -57,6 +59,9 @@ class LlamaAttention(nn.Module):
         self.attn = RadixAttention(
             self.qkv_proj.num_heads, self.head_dim, self.head_dim**-0.5, self.qkv_proj.num_kv_heads, layer_id
         )
+
+    def add_qk_norms(self, config: PretrainedConfig) -> None:
+        """Hook for per-head q/k norm modules; Llama has none."""
 
     @staticmethod
     def projection_biases(config: PretrainedConfig) -> tuple[bool, bool]:
