@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -173,3 +174,31 @@ def test_torch_experts_equal_dense_reference() -> None:
     w2 = torch.randn(experts, hidden, inter, generator=gen) / inter**0.5
     weights, ids = select_experts(torch.randn(tokens, experts, generator=gen), 3, True)
     torch.testing.assert_close(torch_experts(x, w13, w2, weights, ids), dense_reference(x, w13, w2, weights, ids))
+
+
+TRITON_CHECK = """
+import torch
+from sglang.srt.layers.moe.fused_moe_triton import triton_experts
+from sglang.srt.layers.moe.topk import select_experts
+from sglang.srt.layers.moe.torch_experts import torch_experts
+gen = torch.Generator().manual_seed(0)
+for tokens, experts, top_k, hidden, inter in [(1, 16, 4, 64, 48), (37, 8, 2, 96, 40), (5, 4, 4, 32, 32)]:
+    x = torch.randn(tokens, hidden, generator=gen)
+    w13 = torch.randn(experts, 2 * inter, hidden, generator=gen) / hidden**0.5
+    w2 = torch.randn(experts, hidden, inter, generator=gen) / inter**0.5
+    weights, ids = select_experts(torch.randn(tokens, experts, generator=gen), top_k, True)
+    torch.testing.assert_close(triton_experts(x, w13, w2, weights, ids), torch_experts(x, w13, w2, weights, ids))
+print("fused == torch")
+"""
+
+
+def test_triton_kernels_in_the_interpreter_equal_torch() -> None:
+    # Triton's interpreter runs the real kernel source on the CPU: routing alignment, padding blocks, masks
+    # and the weighted second GEMM are checked here; tile shapes and speed only on the GPU (test_moe_cuda.py).
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run([sys.executable, "-c", TRITON_CHECK], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "fused == torch" in result.stdout, result.stderr[-3000:]
