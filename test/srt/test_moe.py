@@ -182,7 +182,9 @@ from sglang.srt.layers.moe.fused_moe_triton import triton_experts
 from sglang.srt.layers.moe.topk import select_experts
 from sglang.srt.layers.moe.torch_experts import torch_experts
 gen = torch.Generator().manual_seed(0)
-for tokens, experts, top_k, hidden, inter in [(1, 16, 4, 64, 48), (37, 8, 2, 96, 40), (5, 4, 4, 32, 32)]:
+# (1, 16, 4) and (8, 4, 4) take the per-route GEMV kernel (up to 32 routes), the others the sorted grouped GEMM.
+for tokens, experts, top_k, hidden, inter in [(1, 16, 4, 64, 48), (8, 4, 4, 32, 32), (9, 16, 4, 64, 48),
+                                              (37, 8, 2, 96, 40)]:
     x = torch.randn(tokens, hidden, generator=gen)
     w13 = torch.randn(experts, 2 * inter, hidden, generator=gen) / hidden**0.5
     w2 = torch.randn(experts, hidden, inter, generator=gen) / inter**0.5
@@ -193,8 +195,8 @@ print("fused == torch")
 
 
 def test_triton_kernels_in_the_interpreter_equal_torch() -> None:
-    # Triton's interpreter runs the real kernel source on the CPU: routing alignment, padding blocks, masks
-    # and the weighted second GEMM are checked here; tile shapes and speed only on the GPU (test_moe_cuda.py).
+    # Triton's interpreter runs the real kernel source on the CPU: both kernels, routing alignment, padding
+    # blocks, masks and the route weights are checked here; tile shapes and speed only on the GPU (test_moe_cuda.py).
     import subprocess
     import sys
 
@@ -202,3 +204,16 @@ def test_triton_kernels_in_the_interpreter_equal_torch() -> None:
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     result = subprocess.run([sys.executable, "-c", TRITON_CHECK], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and "fused == torch" in result.stdout, result.stderr[-3000:]
+
+
+def test_tp_size_must_divide_the_expert_intermediate_size(models: dict[str, str], tmp_path: Path) -> None:
+    import json
+
+    from sglang.srt.configs.model_config import ModelConfigError
+
+    config = json.loads((Path(models["moe"]) / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "moe_intermediate_size": 33}))
+    model_config = ModelConfig.from_path(str(tmp_path), "float32", None, "cpu")
+    model_config.check_tp(1)
+    with pytest.raises(ModelConfigError, match="--tp-size 2 does not divide the model's moe_intermediate_size 33"):
+        model_config.check_tp(2)

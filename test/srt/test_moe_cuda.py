@@ -38,9 +38,10 @@ def _assert_close(ours: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> 
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-@pytest.mark.parametrize(("shape", "tokens"), [("small", 1), ("small", 7), ("small", 300), ("small", 2048),
-                                               ("qwen3_30b_a3b", 1), ("qwen3_30b_a3b", 32),
-                                               ("qwen3_30b_a3b", 512)])  # fmt: skip
+# Up to 32 routes (tokens x top_k) take the per-route GEMV kernel, more the sorted grouped GEMM.
+@pytest.mark.parametrize(("shape", "tokens"), [("small", 1), ("small", 8), ("small", 9), ("small", 300),
+                                               ("small", 2048), ("qwen3_30b_a3b", 1), ("qwen3_30b_a3b", 4),
+                                               ("qwen3_30b_a3b", 32), ("qwen3_30b_a3b", 512)])  # fmt: skip
 def test_fused_matches_torch(shape: str, tokens: int, dtype: torch.dtype) -> None:
     from sglang.srt.layers.moe.fused_moe_triton import triton_experts
 
@@ -49,10 +50,11 @@ def test_fused_matches_torch(shape: str, tokens: int, dtype: torch.dtype) -> Non
     _assert_close(triton_experts(x, w13, w2, weights, ids), torch_experts(x, w13, w2, weights, ids), dtype)
 
 
-def test_fused_moe_replays_in_a_cuda_graph_with_new_routing() -> None:
+@pytest.mark.parametrize("tokens", [2, 32])  # the GEMV path, then the sorted one
+def test_fused_moe_replays_in_a_cuda_graph_with_new_routing(tokens: int) -> None:
     from sglang.srt.layers.moe.fused_moe_triton import triton_experts
 
-    x, w13, w2, logits, top_k = _inputs("small", 32, torch.bfloat16)
+    x, w13, w2, logits, top_k = _inputs("small", tokens, torch.bfloat16)
 
     def step() -> torch.Tensor:
         weights, ids = select_experts(logits, top_k, renormalize=True)
@@ -65,7 +67,7 @@ def test_fused_moe_replays_in_a_cuda_graph_with_new_routing() -> None:
     with torch.cuda.graph(graph):
         out = step()
     for seed in (1, 2):
-        new_x, _, _, new_logits, _ = _inputs("small", 32, torch.bfloat16, seed=seed)
+        new_x, _, _, new_logits, _ = _inputs("small", tokens, torch.bfloat16, seed=seed)
         x.copy_(new_x)
         logits.copy_(new_logits)
         graph.replay()

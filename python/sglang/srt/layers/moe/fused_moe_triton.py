@@ -1,4 +1,7 @@
-"""Fused MoE on CUDA: routes sorted by expert on the device, then two grouped GEMMs written in Triton.
+"""Fused MoE on CUDA: two grouped GEMMs written in Triton over the routes (token, chosen expert).
+
+Decode of a few tokens runs one matrix-vector product per route; larger batches first sort the routes by
+expert on the device into blocks, so that each block is one matrix product against one expert's weights.
 
 Every shape here depends only on the number of tokens, never on how they were routed, and nothing is read
 back to the host, so a decode step with this path can be captured in a CUDA graph and replayed for any
@@ -176,6 +179,82 @@ def grouped_gemm(
     )
 
 
+@triton.jit
+def _route_gemv_kernel(
+    a_ptr,
+    b_ptr,
+    c_ptr,
+    route_weight_ptr,
+    topk_ids_ptr,
+    N,
+    K,
+    stride_am,
+    stride_be,
+    stride_bn,
+    stride_cm,
+    A_ROWS_PER_ROUTE: tl.constexpr,
+    MUL_ROUTE_WEIGHT: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    # C[route, n-slice] = A[row(route), :] @ B[expert(route), n-slice, :]^T; rows are contiguous in K.
+    route = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    expert = tl.load(topk_ids_ptr + route).to(tl.int64)
+    a_row = (route // A_ROWS_PER_ROUTE).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    b_rows = b_ptr + expert * stride_be + offs_n[:, None].to(tl.int64) * stride_bn
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k_start in range(0, K, BLOCK_K):
+        k = k_start + offs_k
+        k_ok = k < K
+        a = tl.load(a_ptr + a_row * stride_am + k, mask=k_ok, other=0.0).to(tl.float32)
+        b = tl.load(b_rows + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(b * a[None, :], axis=1)
+    if MUL_ROUTE_WEIGHT:
+        acc = acc * tl.load(route_weight_ptr + route)
+    tl.store(c_ptr + route * stride_cm + offs_n, acc.to(c_ptr.dtype.element_ty), mask=n_ok)
+
+
+# Up to this many routes (a decode step of a few tokens), each route is its own matrix-vector product: no
+# sorting at all, which would otherwise cost some twenty small kernels per layer, more than the products.
+GEMV_MAX_ROUTES = 32
+_GEMV_BLOCK_N, _GEMV_BLOCK_K = 32, 256
+
+
+def route_gemv(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    out: torch.Tensor,
+    topk_ids: torch.Tensor,
+    a_rows_per_route: int,
+    route_weights: torch.Tensor | None = None,
+) -> None:
+    """out[route] = a[route // a_rows_per_route] @ b[topk_ids.flat[route]]^T, one program per route and slice."""
+    num_routes, n = out.shape
+    grid = (num_routes, triton.cdiv(n, _GEMV_BLOCK_N))
+    _route_gemv_kernel[grid](
+        a,
+        b,
+        out,
+        route_weights if route_weights is not None else out,
+        topk_ids,
+        n,
+        b.shape[2],
+        a.stride(0),
+        b.stride(0),
+        b.stride(1),
+        out.stride(0),
+        A_ROWS_PER_ROUTE=a_rows_per_route,
+        MUL_ROUTE_WEIGHT=route_weights is not None,
+        BLOCK_N=_GEMV_BLOCK_N,
+        BLOCK_K=_GEMV_BLOCK_K,
+        num_warps=4,
+    )
+
+
 _act = SiluAndMul()
 
 
@@ -189,13 +268,19 @@ def triton_experts(
     """The same result as torch_experts, from two grouped GEMMs over the routes sorted by expert."""
     num_tokens, top_k = topk_ids.shape
     num_routes, num_experts = num_tokens * top_k, w13.shape[0]
-    config = block_config(num_routes, num_experts)
-    blocks = align_routes(topk_ids, num_experts, config.block_m)
-    x = hidden_states.contiguous()
+    # Both kernels index the weights' last dimension with stride 1.
+    x, w13, w2 = hidden_states.contiguous(), w13.contiguous(), w2.contiguous()
+    route_weights = topk_weights.flatten().contiguous()
     gate_up = torch.empty(num_routes, w13.shape[1], dtype=x.dtype, device=x.device)
-    grouped_gemm(x, w13, gate_up, blocks, config, a_rows_per_route=top_k)
-    act = _act(gate_up)
     down = torch.empty(num_routes, w2.shape[1], dtype=x.dtype, device=x.device)
-    grouped_gemm(act, w2, down, blocks, config, a_rows_per_route=1, route_weights=topk_weights.flatten())
+    if num_routes <= GEMV_MAX_ROUTES:
+        ids = topk_ids.flatten().contiguous()
+        route_gemv(x, w13, gate_up, ids, a_rows_per_route=top_k)
+        route_gemv(_act(gate_up), w2, down, ids, a_rows_per_route=1, route_weights=route_weights)
+    else:
+        config = block_config(num_routes, num_experts)
+        blocks = align_routes(topk_ids, num_experts, config.block_m)
+        grouped_gemm(x, w13, gate_up, blocks, config, a_rows_per_route=top_k)
+        grouped_gemm(_act(gate_up), w2, down, blocks, config, a_rows_per_route=1, route_weights=route_weights)
     # Each token's top_k weighted expert outputs are adjacent rows; their sum is the block's output.
     return down.view(num_tokens, top_k, -1).sum(dim=1)
