@@ -40,6 +40,7 @@ PAGES = [
     "basic_usage/offline_engine.md",
     "advanced_features/rfork.md",
     "advanced_features/server_arguments.md",
+    "references/supported_models.md",
     "references/benchmarks.md",
     "developer_guide/architecture.md",
     "developer_guide/contributing.md",

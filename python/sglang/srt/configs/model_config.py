@@ -97,6 +97,13 @@ class ModelConfig:
             raise ModelConfigError(
                 f"--tp-size {tp_size} and the model's {self.num_kv_heads} KV heads do not divide each other."
             )
+        # Experts are split along their intermediate dimension (no expert parallelism).
+        moe_intermediate = getattr(self.hf_config, "moe_intermediate_size", None)
+        if moe_intermediate and moe_intermediate % tp_size:
+            raise ModelConfigError(
+                f"--tp-size {tp_size} does not divide the model's moe_intermediate_size {moe_intermediate}: "
+                "every expert is split across the TP ranks along it; use a TP size that divides it."
+            )
 
     def num_kv_heads_per_rank(self, tp_size: int) -> int:
         """KV heads held by one TP rank (replicated when tp_size exceeds the KV head count)."""
