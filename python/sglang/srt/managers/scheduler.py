@@ -22,6 +22,7 @@ from sglang.srt.managers.io_struct import (
     RpcReqOutput,
     TokenizedGenerateReqInput,
 )
+from sglang.srt.managers.profiler import RankProfiler
 from sglang.srt.managers.schedule_batch import Req, alloc_kv_slots, build_forward_batch
 from sglang.srt.managers.stop_checker import StopChecker
 from sglang.srt.mem_cache.radix_cache import RadixCache
@@ -72,6 +73,7 @@ class Scheduler:
         self.cached_tokens_total = 0
         self.shutting_down = False
         self.pending_rpcs = scheduler_rpc.PendingRpcs()
+        self.profiler = RankProfiler(tp_rank, self.runner.device)
         if tp_rank == 0:
             ctx = zmq.Context(2)
             self.recv_sock = ctx.socket(zmq.PULL)
@@ -321,6 +323,7 @@ class Scheduler:
                 self.chunked_req = None
             self.release(req)
         self.send_outputs([r for r in reqs if self.output_due(r)])
+        self.profiler.on_step()
         if self.tp_rank == 0:
             self.batch_stats.on_batch(mode, reqs)
 
