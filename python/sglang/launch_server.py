@@ -105,8 +105,17 @@ async def _serve(server_args: ServerArgs, handle: Any, sock: socket.socket) -> i
     debug = server_args.log_level == "debug"
     timeline = startup_timeline.current()
     http_started = time.time()
+    app = create_app(tm, server_args.api_key)
+
+    def close_timeline() -> None:
+        # The app's startup hook runs before uvicorn answers its first request, so whoever sees /health 200
+        # also sees the finished timeline in /get_server_info.
+        timeline.add("HTTP server", http_started, time.time())
+        handle.mark_ready()
+
+    app.router.on_startup.append(close_timeline)
     config = uvicorn.Config(
-        create_app(tm, server_args.api_key),
+        app,
         log_config=None,  # keep our log format
         log_level="debug" if debug else "warning",
         access_log=debug,
@@ -133,8 +142,6 @@ async def _serve(server_args: ServerArgs, handle: Any, sock: socket.socket) -> i
         while not server.started and not serving.done():
             await asyncio.sleep(0.05)
         if server.started:
-            timeline.add("HTTP server", http_started, time.time())
-            handle.mark_ready()
             logger.info("The server is ready to serve at %s (model %s)", server_args.url(), server_args.model_path)
         await serving
     finally:

@@ -36,11 +36,23 @@ class Phase:
         return self.end - self.start
 
 
-def process_start_time(pid: int | None = None) -> float:
-    """When the OS started this process: the launch instant, so interpreter start-up and imports count too."""
-    import psutil
+def process_start_time() -> float:
+    """When the OS started this process, as a Unix time: the launch instant, so interpreter start-up counts too.
 
-    return psutil.Process(pid or os.getpid()).create_time()
+    On Linux the process's age comes from /proc (start in clock ticks since boot, against /proc/uptime), which is
+    exact to 10 ms; psutil's create_time adds the boot time rounded to whole seconds, up to a second off.
+    """
+    try:
+        with open("/proc/self/stat") as f:
+            # Field 22 (starttime) counted after the ")" that ends the command name, which may itself hold spaces.
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return time.time() - (uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        import psutil
+
+        return psutil.Process(os.getpid()).create_time()
 
 
 class StartupTimeline:

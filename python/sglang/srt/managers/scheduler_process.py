@@ -113,6 +113,6 @@ def _import_stack(gpu_hint: int | None) -> None:
         # Creating the CUDA context takes a second or more; the rank's own set_device later finds it made.
         if gpu_hint < torch.cuda.device_count():
             torch.cuda.set_device(gpu_hint)
-            torch.cuda.init()
+            torch.zeros(1, device=f"cuda:{gpu_hint}")
     except RuntimeError:
         pass  # no usable GPU: the launcher resolves --device to cpu
