@@ -12,7 +12,8 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from sglang.test.test_utils import kill_process_tree, popen_launch_server
+from sglang.srt.metrics import rfork_progress
+from sglang.test.test_utils import config_only_copy, find_free_port, kill_process_tree, popen_launch_server
 
 KEY = "observability-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -44,18 +45,21 @@ def server(tiny_model_dir):
     kill_process_tree(proc.pid)
 
 
-def scrape(url: str) -> dict[str, float]:
-    """Every sample of /metrics by name (labels checked to be the model's), parsed by prometheus_client."""
+def scrape(url: str, model_name: str = "tiny-observed") -> dict[str, float]:
+    """Every sample of /metrics (histogram buckets left out) by name and its labels other than model_name,
+    e.g. `sglang:rfork_seed_requests_total{status=200,step=manifest}`, parsed by prometheus_client."""
     resp = requests.get(f"{url}/metrics", timeout=10)  # no key: /metrics is open, as upstream's
     assert resp.status_code == 200, resp.text
     assert resp.headers["content-type"].startswith("text/plain")
     samples: dict[str, float] = {}
     for family in text_string_to_metric_families(resp.text):
         for sample in family.samples:
-            assert sample.labels.get("model_name") == "tiny-observed", sample
-            if "le" in sample.labels:
+            labels = dict(sample.labels)
+            assert labels.pop("model_name") == model_name, sample
+            if "le" in labels:
                 continue
-            samples[sample.name] = sample.value
+            extra = ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+            samples[sample.name + (f"{{{extra}}}" if extra else "")] = sample.value
     return samples
 
 
@@ -116,7 +120,9 @@ def test_gauges_show_a_running_request(server):
         lines = resp.iter_lines()
         next(line for line in lines if line.startswith(b"data:"))
         # Gauges are published with each decode line: a few intervals in, the request shows.
-        busy = wait_for(lambda: (s := scrape(url)) and s["sglang:num_running_reqs"] == 1 and s)
+        busy = wait_for(
+            lambda: (s := scrape(url)) and s["sglang:num_running_reqs"] == 1 and s["sglang:gen_throughput"] and s
+        )
         assert busy and busy["sglang:token_usage"] > 0 and busy["sglang:gen_throughput"] > 0
     # Leaving mid-stream aborts the request: it counts as aborted, and the gauges drain.
     after = wait_for(lambda: (s := scrape(url)) and s["sglang:num_running_reqs"] == 0 and s)
@@ -202,3 +208,83 @@ def test_profile_num_steps_stops_by_itself(server, tmp_path):
     assert wait_for(trace.exists) and read_trace(str(trace))["traceEvents"]
     bad = requests.post(f"{url}/start_profile", json={"activities": ["RPD"]}, headers=AUTH, timeout=30)
     assert bad.status_code == 400 and "unknown profiler activities" in bad.json()["error"]["message"]
+
+
+def test_fork_metrics_on_seed_and_client(server, tiny_model_dir, tmp_path):
+    seed = server.base_url
+    before = scrape(seed)
+    weight_bytes = requests.get(f"{seed}/get_server_info", headers=AUTH, timeout=10).json()["weight_bytes"]
+    args = [
+        "--load-format",
+        "remote_instance",
+        "--remote-instance-weight-loader-seed-instance-ip",
+        "127.0.0.1",
+        "--remote-instance-weight-loader-seed-instance-service-port",
+        seed.rsplit(":", 1)[1],
+        "--remote-instance-weight-loader-send-weights-group-ports",
+        f"[{find_free_port()}]",
+        "--api-key",
+        KEY,
+        "--enable-metrics",
+        "--served-model-name",
+        "tiny-observed",
+    ]
+    client = popen_launch_server(config_only_copy(tiny_model_dir("llama"), tmp_path / "client"), other_args=args)
+    try:
+        got = scrape(client.base_url)
+        log = log_text(client)
+    finally:
+        kill_process_tree(client.pid)
+    # The client shows the numbers its fork line printed.
+    line = re.search(r"TP0 R-Fork from \S+ via nccl: ([\d.]+) MB in ([\d.]+) s \(([\d.]+) GB/s\)", log)
+    assert line, log[-3000:]
+    assert got["sglang:rfork_forks_received_total"] == 1
+    assert got["sglang:rfork_bytes_received_total{tp_rank=0}"] == weight_bytes
+    assert f"{weight_bytes / 1e6:.1f}" == line.group(1)
+    assert got["sglang:rfork_client_step_seconds{step=transfer,tp_rank=0}"] == pytest.approx(
+        float(line.group(2)), abs=1e-3
+    )
+    assert got["sglang:rfork_transfer_gbps{tp_rank=0}"] == pytest.approx(float(line.group(3)), abs=0.01)
+    assert {"manifest", "group setup", "verify"} <= {
+        k.split("step=")[1].split(",")[0] for k in got if k.startswith("sglang:rfork_client_step_seconds")
+    }
+    # The seed counts the fork it served and the steps it answered; it is idle again.
+    after = scrape(seed)
+    assert after["sglang:rfork_forks_served_total"] - before.get("sglang:rfork_forks_served_total", 0) == 1
+    assert after["sglang:rfork_bytes_served_total"] - before.get("sglang:rfork_bytes_served_total", 0) == weight_bytes
+    for step in ("manifest", "lease", "init_group"):
+        key = f"sglang:rfork_seed_requests_total{{status=200,step={step}}}"
+        assert after[key] - before.get(key, 0) >= 1, key
+        assert after[f"sglang:rfork_seed_step_seconds_count{{step={step}}}"] >= 1
+    assert after["sglang:rfork_forks_in_progress"] == 0 and after["sglang:rfork_seed_lease_held"] == 0
+    assert scrape(seed)["sglang:rfork_forks_received_total"] == 0  # the seed loaded from disk
+
+
+def test_seed_failures_by_step_and_status(server):
+    url = server.base_url
+    key = "sglang:rfork_seed_failures_total{status=400,step=send_weights}"
+    before = scrape(url).get(key, 0)
+    body = {"master_address": "127.0.0.1", "ports": "1", "group_name": "stray"}
+    resp = requests.post(f"{url}/send_weights_to_remote_instance", json=body, headers=AUTH, timeout=10)
+    assert resp.status_code == 400
+    assert scrape(url)[key] == before + 1
+    leased = requests.post(f"{url}/remote_instance_fork_lease", json={"ports": "1,2"}, headers=AUTH, timeout=10)
+    assert leased.status_code == 400  # two ports for a TP-1 seed
+    assert scrape(url)["sglang:rfork_seed_failures_total{status=400,step=lease}"] >= 1
+
+
+def test_fork_progress_lines(caplog):
+    label = "TP0 R-Fork from seed:1 via nccl"
+    with (
+        caplog.at_level("INFO", logger=rfork_progress.__name__),
+        rfork_progress.track(label, 4_000_000_000, interval=0.05) as progress,
+    ):
+        rfork_progress.advance(1_000_000_000)
+        assert wait_for(lambda: any("1.00 / 4.00 GB (25%)" in r.getMessage() for r in caplog.records), 5)
+        rfork_progress.advance(1_000_000_000)
+        assert "2.00 / 4.00 GB (50%)" in progress.line() and "GB/s" in progress.line()
+    rfork_progress.advance(1)  # after the fork: nothing tracked, nothing counted
+    assert progress.done == 2_000_000_000
+    count = len(caplog.records)
+    time.sleep(0.2)
+    assert len(caplog.records) == count  # the ticker stopped with the fork

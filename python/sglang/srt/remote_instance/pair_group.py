@@ -11,6 +11,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from sglang.srt.metrics import rfork_progress
+
 
 class PairGroupError(RuntimeError):
     """The pair group could not be formed or an operation on it did not finish in time."""
@@ -36,6 +38,7 @@ class PairGroup:
         for t in tensors:
             if t.numel():
                 work = self.pg.broadcast([t], opts)
+                rfork_progress.enqueued(work, t.numel() * t.element_size())
         if work is not None:
             wait_work(work, deadline, f"broadcast on group {self.name}")
 
