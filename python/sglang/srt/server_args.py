@@ -369,13 +369,14 @@ def _mooncake_available() -> bool:
 
 
 def _default_attention_backend(device: str) -> str:
-    """flashinfer on CUDA when it imports; torch_native otherwise (with a notice on CUDA, where it is slow)."""
+    """flashinfer on CUDA when it is installed; torch_native otherwise (with a notice on CUDA, where it is slow)."""
     if device != "cuda":
         return "torch_native"
-    try:
-        import flashinfer  # noqa: F401
-    except ImportError as e:
-        logger.warning("flashinfer is not importable (%s); using the torch_native attention backend.", e)
+    import importlib.util
+
+    # Looked up, not imported: importing FlashInfer here would cost the launcher a second that only the ranks need.
+    if importlib.util.find_spec("flashinfer") is None:
+        logger.warning("flashinfer is not installed; using the torch_native attention backend.")
         return "torch_native"
     return "flashinfer"
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -51,17 +50,12 @@ class ModelConfig:
             raise ModelConfigError(f"Model path {model_path!r} is not a directory; pass an HF model directory.")
         if not os.path.isfile(config_file):
             raise ModelConfigError(f"No config.json in {model_path!r}; is this an HF model directory?")
-        from transformers import AutoConfig
+        from sglang.srt.configs.hf_files import load_hf_config
 
         try:
-            hf_config = AutoConfig.from_pretrained(model_path)
-        except (ValueError, KeyError) as e:
-            with open(config_file) as f:
-                raw = json.load(f)
-            raise ModelConfigError(
-                f"Cannot read {config_file} (model_type={raw.get('model_type')!r}, "
-                f"architectures={raw.get('architectures')}): {e}"
-            ) from e
+            hf_config = load_hf_config(model_path)
+        except (ValueError, TypeError) as e:  # json.JSONDecodeError is a ValueError
+            raise ModelConfigError(f"Cannot read {config_file}: {e}") from e
         archs = getattr(hf_config, "architectures", None) or []
         if not archs:
             raise ModelConfigError(f"{config_file} has no 'architectures' entry.")

@@ -86,13 +86,13 @@ class TokenizerManager:
     def __init__(
         self, server_args: ServerArgs, port_args: PortArgs, scheduler_info: dict[str, Any] | None = None
     ) -> None:
-        from transformers import AutoTokenizer
+        from sglang.srt.configs.hf_files import load_tokenizer
 
         self.server_args = server_args
         self.model_config = ModelConfig.from_path(
             server_args.model_path, server_args.dtype, server_args.context_length, server_args.device
         )
-        self.tokenizer = AutoTokenizer.from_pretrained(server_args.tokenizer_path)
+        self.tokenizer = load_tokenizer(server_args.tokenizer_path)
         if server_args.chat_template is not None:
             self.tokenizer.chat_template = resolve_chat_template(server_args.chat_template)
         self.sampling_defaults = load_sampling_defaults(server_args.sampling_defaults, server_args.model_path)
