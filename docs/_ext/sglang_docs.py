@@ -15,6 +15,7 @@ way round, stops the build with an error naming it.
 from __future__ import annotations
 
 import dataclasses
+import importlib.machinery
 import importlib.util
 import inspect
 import re
@@ -216,7 +217,10 @@ def _unset_defaults(cls: Any) -> dict[str, dict[str, Any]]:
     # module stands in for it on a docs machine without it (its attention default is "flashinfer if importable").
     stub = "flashinfer" not in sys.modules and importlib.util.find_spec("flashinfer") is None
     if stub:
-        sys.modules["flashinfer"] = types.ModuleType("flashinfer")
+        stand_in = types.ModuleType("flashinfer")
+        # The launcher looks FlashInfer up with find_spec, which refuses a module without a spec.
+        stand_in.__spec__ = importlib.machinery.ModuleSpec("flashinfer", None)
+        sys.modules["flashinfer"] = stand_in
     try:
         for device in ("cpu", "cuda"):
             args = cls.__new__(cls)
