@@ -15,6 +15,7 @@ way round, stops the build with an error naming it.
 from __future__ import annotations
 
 import dataclasses
+import importlib.machinery
 import importlib.util
 import inspect
 import re
@@ -43,6 +44,9 @@ ENDPOINTS: dict[str, str] = {
     "/tokenize": "Token ids of a text (or of each text of a list), their count and the context length.",
     "/detokenize": "Text of a list of token ids (or of each list of a list).",
     "/get_load": "Load of the server as upstream reports it: a list with one entry per data-parallel rank.",
+    "/metrics": "Prometheus metrics (text format) with `--enable-metrics`; 404 without it.",
+    "/start_profile": "Start a torch profiler run on every TP rank (trace per rank to a directory).",
+    "/stop_profile": "Stop the profiler run and write each rank's trace.",
     "/v1/models": "OpenAI: the one served model.",
     "/v1/models/{model_id:path}": "OpenAI: the served model's card by its id (404 for any other id).",
     "/v1/completions": "OpenAI: text completions, streaming or not.",
@@ -219,7 +223,10 @@ def _unset_defaults(cls: Any) -> dict[str, dict[str, Any]]:
     # module stands in for it on a docs machine without it (its attention default is "flashinfer if importable").
     stub = "flashinfer" not in sys.modules and importlib.util.find_spec("flashinfer") is None
     if stub:
-        sys.modules["flashinfer"] = types.ModuleType("flashinfer")
+        stand_in = types.ModuleType("flashinfer")
+        # The launcher looks FlashInfer up with find_spec, which refuses a module without a spec.
+        stand_in.__spec__ = importlib.machinery.ModuleSpec("flashinfer", None)
+        sys.modules["flashinfer"] = stand_in
     try:
         for device in ("cpu", "cuda"):
             args = cls.__new__(cls)
@@ -312,7 +319,8 @@ def rfork_flags_markdown() -> str:
 def _option_entry(f: dataclasses.Field, unset: dict[str, Any] | None) -> list[str]:
     meta = f.metadata
     is_flag = str(f.type) == "bool"
-    metavar = "" if is_flag else " " + ("{" + ",".join(meta["choices"]) + "}" if "choices" in meta else f.name.upper())
+    choices = "{" + ",".join(map(str, meta["choices"])) + "}" if "choices" in meta else f.name.upper()
+    metavar = "" if is_flag else " " + choices
     default = _declared_default(f)
     facts = ["Type: flag (no value)" if is_flag else f"Type: `{_type_text(f)}`"]
     if not is_flag:

@@ -39,6 +39,7 @@ PAGES = [
     "basic_usage/http_api.md",
     "basic_usage/offline_engine.md",
     "advanced_features/rfork.md",
+    "advanced_features/observability.md",
     "advanced_features/server_arguments.md",
     "references/supported_models.md",
     "references/benchmarks.md",

@@ -82,8 +82,28 @@ class ServerArgs:
     # HTTP server
     host: str = _opt("Host the HTTP server binds to.", default="127.0.0.1")
     port: int = _opt("Port of the HTTP server.", default=30000)
-    api_key: str | None = _opt("If set, every endpoint except /health requires 'Authorization: Bearer <key>'.")
+    api_key: str | None = _opt(
+        "If set, every endpoint except /health and /metrics requires 'Authorization: Bearer <key>'."
+    )
     log_level: str = _opt("Logging level.", default="info", choices=LOG_LEVELS)
+    decode_log_interval: int = _opt(
+        "Log one 'Decode batch' line (running requests, KV usage, generation throughput, queue) every this many "
+        "decode steps; every prefill batch logs its own line.",
+        default=40,
+    )
+    enable_metrics: bool = _opt(
+        "Serve Prometheus metrics at /metrics (request counters, latency histograms, scheduler gauges, R-Fork).",
+        default=False,
+    )
+    log_requests: bool = _opt(
+        "Log every request when it arrives and when it ends; --log-requests-level sets how much.", default=False
+    )
+    log_requests_level: int = _opt(
+        "0: id, sizes, finish reason and latency; 1: also the sampling parameters; 2: also the output text "
+        "(cut to 2048 characters); 3: also the prompt text, and nothing cut.",
+        default=2,
+        choices=(0, 1, 2, 3),
+    )
 
     # Device and parallelism
     device: str | None = _opt("Device: cuda or cpu; defaults to cuda when available.", choices=DEVICES)
@@ -258,6 +278,8 @@ class ServerArgs:
             raise ServerArgsError(f"--context-length must be >= 1, got {self.context_length}.")
         if self.max_running_requests < 1:
             raise ServerArgsError(f"--max-running-requests must be >= 1, got {self.max_running_requests}.")
+        if self.decode_log_interval < 1:
+            raise ServerArgsError(f"--decode-log-interval must be >= 1, got {self.decode_log_interval}.")
         if self.stream_interval < 1:
             raise ServerArgsError(f"--stream-interval must be >= 1, got {self.stream_interval}.")
         if self.grammar_backend == "xgrammar" and importlib.util.find_spec("xgrammar") is None:

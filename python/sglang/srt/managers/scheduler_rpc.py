@@ -71,6 +71,7 @@ class PendingRpcs:
 
 def _load_plugins() -> None:
     # Handlers that live with their feature register themselves on import.
+    import sglang.srt.managers.profiler  # noqa: F401
     import sglang.srt.remote_instance  # noqa: F401
 
 

@@ -28,6 +28,8 @@ from sglang.srt.managers.io_struct import (
     new_rid,
 )
 from sglang.srt.managers.stop_checker import eos_token_ids
+from sglang.srt.metrics.scheduler_stats import SchedulerStats
+from sglang.srt.metrics.telemetry import RequestTelemetry
 from sglang.srt.sampling.sampling_defaults import load_sampling_defaults
 from sglang.srt.sampling.sampling_params import SamplingParams
 from sglang.srt.server_args import PortArgs, ServerArgs
@@ -100,6 +102,7 @@ class TokenizerManager:
             self.model_config.vocab_size,
             eos_token_ids(self.model_config),
         )
+        self.telemetry = RequestTelemetry.from_args(server_args, self.tokenizer)
         self.scheduler_info: dict[str, Any] = {}
         self.max_req_input_len = 0
         self.startup_timeline: dict[str, Any] | None = None
@@ -198,6 +201,7 @@ class TokenizerManager:
         state = ReqState(req.rid, len(req.input_ids), detokenizer)
         self.rid_to_state[req.rid] = state
         self.send_sock.send_pyobj(req)
+        self.telemetry.on_submit(req)
         try:
             while True:
                 await state.event.wait()
@@ -217,6 +221,7 @@ class TokenizerManager:
             if not state.finished:
                 self.abort_request(req.rid)
             self.rid_to_state.pop(req.rid, None)
+            self.telemetry.on_close(state)
 
     def abort_request(self, rid: str) -> None:
         """Ask the scheduler to stop rid and free its memory."""
@@ -282,6 +287,8 @@ class TokenizerManager:
                 fut = self.rpc_waiters.get(msg.rid)
                 if fut is not None and not fut.done():
                     fut.set_result(msg.results)
+            elif isinstance(msg, SchedulerStats):
+                self.telemetry.on_scheduler_stats(msg)
 
     def _handle_tokens(self, msg: BatchTokenIDOut) -> None:
         for i, rid in enumerate(msg.rids):
@@ -296,6 +303,7 @@ class TokenizerManager:
             state.cached_tokens = msg.cached_tokens[i]
             state.finish_reason = msg.finished_reasons[i]
             state.event.set()
+            self.telemetry.on_tokens(state, len(msg.new_token_ids[i]))
 
     def _output(self, state: ReqState, incremental: bool) -> dict[str, Any]:
         reason, cached = state.finish_reason, state.cached_tokens

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from sglang.srt.metrics import rfork_progress
 from sglang.srt.remote_instance.store_gate import StoreGate, normalize_ip
 
 
@@ -39,6 +40,7 @@ class PairGroup:
         work = None
         for t in tensors:  # empty ones too: upstream peers broadcast every parameter, and gloo counts collectives
             work = self.pg.broadcast([t], opts)
+            rfork_progress.enqueued(work, t.numel() * t.element_size())
         if work is not None:
             wait_work(work, deadline, f"broadcast on group {self.name}")
 
