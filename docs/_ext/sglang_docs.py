@@ -36,8 +36,8 @@ ENDPOINTS: dict[str, str] = {
     "/health_generate": "Readiness: 200 once a one-token generation completes (503 after 20 s).",
     "/generate": "Native generation: text or token ids in, text and token ids out; optional streaming.",
     "/get_model_info": "Model path, architecture, dtype and context length.",
-    "/get_server_info": "Every server argument (keys redacted), start-up facts (weight load time, fork report) "
-    "and live load counters.",
+    "/get_server_info": "Every server argument (keys redacted), start-up facts (weight load time, fork report, "
+    "`startup_timeline`: every phase of the start, timed from the launch) and live load counters.",
     "/flush_cache": "Empty the radix (prefix) cache; refused while requests are running.",
     "/get_weights_by_name": "Values of one parameter of TP rank 0, optionally truncated.",
     "/abort_request": 'Stop a running request by its `rid`, or every request in flight with `"abort_all": true`.',
