@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 
 import pytest
@@ -210,10 +209,13 @@ def test_scheduler_death_is_an_error_not_an_empty_answer(tiny_model_dir):
     engine = sglang.Engine(model_path=tiny_model_dir("llama"), disable_radix_cache=True)
     try:
         proc = engine.handle.procs[0]
-        threading.Timer(2.0, lambda: os.kill(proc.pid, signal.SIGKILL)).start()
         long = {"max_new_tokens": 20000, "temperature": 0, "ignore_eos": True}
+        # Killed once the generation is known to run (a timer raced it: the tiny model can finish its whole
+        # context in under two seconds).
         with pytest.raises(RuntimeError, match=r"stopped serving: scheduler process TP0 exited with code -9"):
-            engine.generate("a long story", long)
+            for i, _ in enumerate(engine.generate("a long story", long, stream=True)):
+                if i == 0:
+                    os.kill(proc.pid, signal.SIGKILL)
         with pytest.raises(RuntimeError, match="TP0 exited"):
             engine.generate("and another", {"max_new_tokens": 2})
     finally:

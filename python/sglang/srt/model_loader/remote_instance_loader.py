@@ -141,7 +141,8 @@ class RemoteInstanceModelLoader(BaseModelLoader):
         started = time.time()  # wall clock, so a benchmark can line the fork up with the seed's own timeline
         moved: list[int] = []
         label = f"TP{ctx.tp_rank} R-Fork from {seed.name} via {cfg.remote_backend}"
-        with rfork_progress.track(label, sum(spec.nbytes for spec in remote.specs)):
+        # The bytes this rank receives are its own parameters' (an upstream seed sends no manifest to count from).
+        with rfork_progress.track(label, sum(spec.nbytes for spec in build_manifest(model))):
             agree_across_ranks(ctx, "transfer", capture_error(lambda: moved.append(backend.transfer(model, ctx))))
         window = [started, time.time()]
         nbytes = moved[0]
