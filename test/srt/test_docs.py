@@ -41,6 +41,7 @@ PAGES = [
     "advanced_features/rfork.md",
     "advanced_features/server_arguments.md",
     "references/benchmarks.md",
+    "references/reliability.md",
     "developer_guide/architecture.md",
     "developer_guide/contributing.md",
     "index.md",

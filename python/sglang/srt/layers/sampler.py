@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -11,14 +12,17 @@ if TYPE_CHECKING:
     from sglang.srt.managers.schedule_batch import Req
     from sglang.srt.sampling.sampling_params import SamplingParams
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass
 class SampleOutput:
     """Chosen tokens and, where asked, their log-probabilities."""
 
-    token_ids: list[int]
+    token_ids: list[int | None]
     logprobs: list[float | None]
     top_logprobs: list[list[tuple[float, int]] | None]
+    errors: dict[int, str] = field(default_factory=dict)  # row -> why it could not be sampled (no token then)
 
 
 class Sampler:
@@ -62,6 +66,25 @@ class Sampler:
                     n = req.top_logprobs_num
                     tops[i] = list(zip(top_vals[i][:n], top_ids[i][:n]))
         return SampleOutput(ids, logprobs, tops)
+
+    def sample_guarded(self, logits: torch.Tensor, reqs: list[Req]) -> SampleOutput:
+        """As calling the sampler, but a request whose row cannot be sampled (input that slipped past validation, a
+        bug) is reported in `errors` instead of raising: it ends alone, and the scheduler goes on serving the rest."""
+        try:
+            return self(logits, reqs)
+        except Exception:
+            logger.exception("Sampling a batch of %d failed; sampling its requests one at a time", len(reqs))
+        out = SampleOutput([], [], [])
+        for i, req in enumerate(reqs):
+            try:
+                one = self(logits[i : i + 1], [req])
+            except Exception as e:
+                out.errors[i] = f"sampling failed: {type(e).__name__}: {e}"
+                one = SampleOutput([None], [None], [None])
+            out.token_ids += one.token_ids
+            out.logprobs += one.logprobs
+            out.top_logprobs += one.top_logprobs
+        return out
 
     def _sample(self, logits: torch.Tensor, reqs: list[Req]) -> torch.Tensor:
         """One token per row of logits [n, vocab], all rows at once, with each request's temperature and filters:

@@ -98,10 +98,7 @@ class Scheduler:
         if isinstance(msg, TokenizedGenerateReqInput):
             req = Req.from_input(msg)
             if len(req.origin_input_ids) > self.max_req_input_len:
-                req.finished_reason = {
-                    "type": "abort",
-                    "message": f"prompt of {len(req.origin_input_ids)} tokens exceeds {self.max_req_input_len}",
-                }
+                fail(req, f"prompt of {len(req.origin_input_ids)} tokens exceeds {self.max_req_input_len}")
                 self.send_outputs([req])
                 return
             self.waiting.append(req)
@@ -309,14 +306,21 @@ class Scheduler:
         """Rank 0 samples one token per request and shares the choice, so every rank stays in step."""
         sample = None
         if self.tp_rank == 0:
-            sample = self.sampler(logits[torch.tensor(rows, device=logits.device)], reqs)
+            sample = self.sampler.sample_guarded(logits[torch.tensor(rows, device=logits.device)], reqs)
         sample = broadcast_pyobj(sample, src=0)
         for j, req in enumerate(reqs):
+            if j in sample.errors:
+                fail(req, sample.errors[j])
+                continue
             req.output_ids.append(sample.token_ids[j])
             if req.return_logprob:
                 req.new_logprobs.append(sample.logprobs[j])
                 req.new_top_logprobs.append(sample.top_logprobs[j] or [])
-            self.stop_checker.check(req, self.model_config.context_len)
+            try:
+                self.stop_checker.check(req, self.model_config.context_len)
+            except Exception as e:  # every rank fails alike: they check the same tokens
+                logger.exception("Stop check of request %s failed", req.rid)
+                fail(req, f"stop check failed: {type(e).__name__}: {e}")
 
     def output_due(self, req: Req) -> bool:
         """Whether req's new tokens go out now: at its end, its first token, or every --stream-interval tokens."""
@@ -350,6 +354,12 @@ class Scheduler:
             "max_total_num_tokens": self.max_total_num_tokens,
             "cached_tokens_total": self.cached_tokens_total,
         }
+
+
+def fail(req: Req, message: str) -> None:
+    """End req alone with an abort carrying message (what the client reads)."""
+    logger.warning("Request %s aborted: %s", req.rid, message)
+    req.finished_reason = {"type": "abort", "message": message}
 
 
 def _pages(tokens: int, page_size: int) -> int:
