@@ -53,7 +53,7 @@ class ServerArgs:
 
     # Request limits (ours): bad or oversized input is refused with a 4xx naming the field and the flag
     max_request_body_bytes: int = _opt(
-        "Largest HTTP request body accepted; a larger one gets 413 before it is parsed.", default=64 << 20
+        "Largest HTTP request body accepted; a larger one gets 413 before it is parsed.", default=32 << 20
     )
     max_stop_strings: int = _opt("Most stop strings one request may give ('stop').", default=64)
     max_stop_string_length: int = _opt("Longest stop string (characters) a request may give.", default=512)

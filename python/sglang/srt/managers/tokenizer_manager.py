@@ -185,6 +185,7 @@ class TokenizerManager:
             self.limits.check_top_logprobs_num(obj.top_logprobs_num)
         if obj.input_ids is not None:
             ids = list(obj.input_ids)
+            self._check_length(ids, "input_ids")  # first: the vocabulary check below reads every id
             vocab = self.model_config.vocab_size
             bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
             if bad:
@@ -193,6 +194,11 @@ class TokenizerManager:
         else:
             ids = await self.encode(obj.text, "text")
             field_name = "text"
+        self._check_length(ids, field_name)
+        rid = obj.rid if isinstance(obj.rid, str) else new_rid()
+        return TokenizedGenerateReqInput(rid, ids, params, obj.return_logprob, obj.top_logprobs_num)
+
+    def _check_length(self, ids: list[int], field_name: str) -> None:
         if not ids:
             raise InvalidRequestError(field_name, "the prompt is empty; send at least one token.")
         if len(ids) > self.max_req_input_len:
@@ -201,8 +207,6 @@ class TokenizerManager:
                 f"the prompt has {len(ids)} tokens, more than this server accepts ({self.max_req_input_len}; "
                 f"context length {self.model_config.context_len}). Shorten the prompt.",
             )
-        rid = obj.rid if isinstance(obj.rid, str) else new_rid()
-        return TokenizedGenerateReqInput(rid, ids, params, obj.return_logprob, obj.top_logprobs_num)
 
     def _admit(self, reqs: list[TokenizedGenerateReqInput]) -> list[ReqState]:
         """Register reqs and send them to the scheduler, all or none. No await in here: a request id is checked and
