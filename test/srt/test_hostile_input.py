@@ -463,6 +463,34 @@ def test_slow_and_abandoned_connections_do_not_block_others(base):
     assert_serving(base)
 
 
+def test_a_body_that_stops_arriving_is_a_408():
+    """The middleware alone, fed by a client that sends part of a body and then nothing (a real server would hold
+    the connection for BODY_IDLE_TIMEOUT, 30 s)."""
+    import asyncio
+
+    from sglang.srt.entrypoints.http_limits import BodyLimitMiddleware
+
+    async def app(scope, receive, send):
+        raise AssertionError("the route must not run")
+
+    async def receive():
+        if not sent_first.is_set():
+            sent_first.set()
+            return {"type": "http.request", "body": b'{"text": ', "more_body": True}
+        await asyncio.sleep(3600)
+
+    async def send(message):
+        replies.append(message)
+
+    sent_first, replies = threading.Event(), []
+    scope = {"type": "http", "headers": [(b"content-length", b"100")], "path": "/generate", "method": "POST"}
+    start = time.monotonic()
+    asyncio.run(BodyLimitMiddleware(app, max_bytes=1000, idle_timeout=0.5)(scope, receive, send))
+    assert time.monotonic() - start < 5
+    assert replies[0]["status"] == 408
+    assert "nothing came for" in json.loads(replies[1]["body"])["error"]["message"]
+
+
 def test_concurrent_abuse_while_a_client_is_served(base):
     abuse = [
         ("/generate", {"text": "a", "sampling_params": {"seed": 2**64, "max_new_tokens": 1, "temperature": 1}}),
