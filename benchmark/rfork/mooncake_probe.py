@@ -52,7 +52,7 @@ def seed(gpu: int, layout: str, protocol: str, info, done) -> None:
     if layout == "arena":
         engine.register([(keep[0].data_ptr(), keep[0].numel())], f"cuda:{gpu}")
     else:  # as a seed registers them: the whole caching-allocator segments that hold weights
-        from sglang.srt.remote_instance.transfer_engine_seed import merged_regions, segment_regions
+        from sglang.srt.remote_instance.transfer_engine_memory import merged_regions, segment_regions
 
         named = [(str(i), t) for i, t in enumerate(keep)]
         regions = segment_regions if protocol == "nvlink_intra" else merged_regions

@@ -30,7 +30,7 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=c
 python benchmark/serving/make_llama3_8b_dummy.py "$MODEL"
 
 if want 0 FlashInfer JIT warm-up; then
-    MAX_JOBS=${MAX_JOBS:-16} timeout 100 python -m sglang.srt.layers.fused_kernels 2>&1 | tail -n 3
+    MAX_JOBS=${MAX_JOBS:-16} timeout 100 python -m sglang.srt.layers.attention.kernel_build --model-path "$MODEL" 2>&1 | tail -n 3
 fi
 
 if want 1 pytest test_fused_kernels.py test_flashinfer_backend.py; then
@@ -77,7 +77,7 @@ if want 7 server + bench_serving at concurrency 1 and 32; then
     for _ in $(seq 120); do curl -sf localhost:$PORT/health >/dev/null && break; kill -0 $SERVER || break; sleep 1; done
     for c in 1 32; do
         n=$((c == 1 ? 16 : 256))
-        timeout 80 python -m sglang.bench_serving --port $PORT --num-prompts $n --random-input-len 512 \
+        timeout 80 python -m sglang.bench_serving --backend sglang-oai --port $PORT --num-prompts $n --random-input-len 512 \
             --random-output-len 128 --max-concurrency $c --output-file "$OUT/bench_serving_c$c.json" >/dev/null
     done
     kill -INT $SERVER

@@ -39,8 +39,12 @@ ENDPOINTS: dict[str, str] = {
     "and live load counters.",
     "/flush_cache": "Empty the radix (prefix) cache; refused while requests are running.",
     "/get_weights_by_name": "Values of one parameter of TP rank 0, optionally truncated.",
-    "/abort_request": "Stop a running request by its `rid`.",
+    "/abort_request": 'Stop a running request by its `rid`, or every request in flight with `"abort_all": true`.',
+    "/tokenize": "Token ids of a text (or of each text of a list), their count and the context length.",
+    "/detokenize": "Text of a list of token ids (or of each list of a list).",
+    "/get_load": "Load of the server as upstream reports it: a list with one entry per data-parallel rank.",
     "/v1/models": "OpenAI: the one served model.",
+    "/v1/models/{model_id:path}": "OpenAI: the served model's card by its id (404 for any other id).",
     "/v1/completions": "OpenAI: text completions, streaming or not.",
     "/v1/chat/completions": "OpenAI: chat completions with the model's chat template, streaming or not.",
     "/remote_instance_weight_manifest": "R-Fork (ours): one TP rank's parameter list and checksums.",
@@ -116,7 +120,8 @@ EXTRAS: dict[str, str] = {
 }
 
 SAMPLING_PARAMS: dict[str, str] = {
-    "max_new_tokens": "Most tokens to generate.",
+    "max_new_tokens": "Most tokens to generate; `null` means no limit of its own (a stop condition or the "
+    "context length ends the output: prompt plus output never exceed it).",
     "temperature": "Softmax temperature; 0 means greedy.",
     "top_p": "Nucleus sampling: smallest set of tokens whose probabilities add up to this.",
     "top_k": "Sample among the k most likely tokens; -1 disables.",
@@ -131,6 +136,11 @@ SAMPLING_PARAMS: dict[str, str] = {
     "skip_special_tokens": "Leave special tokens out of the returned text.",
     "seed": "Per-request random seed, for reproducible sampling.",
     "n": "Number of samples per prompt (1-64); with n > 1 the answer is a list; sample j uses seed + j.",
+    "logit_bias": "Token id (a string) to a value in [-100, 100] added to that token's logit before sampling "
+    "(-100 all but bans it, 100 all but forces it).",
+    "json_schema": "Structured output: the text must be JSON matching this JSON Schema (a string, or an object).",
+    "regex": "Structured output: the text must match this regular expression.",
+    "ebnf": "Structured output: the text must match this EBNF grammar (rule `root` first).",
 }
 
 

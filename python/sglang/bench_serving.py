@@ -1,10 +1,12 @@
-"""`python -m sglang.bench_serving`: load a running server with random prompts and report latency percentiles.
+"""`python -m sglang.bench_serving`: load a running server with prompts and report latency percentiles.
 
-Requests go to the OpenAI-compatible `/v1/completions` endpoint as token ids, streamed, with `ignore_eos` so each
-produces exactly the asked number of tokens. Arrivals follow a Poisson process at --request-rate (all at once
-when it is inf), optionally capped at --max-concurrency requests in flight. Prints one JSON object.
+Requests go to the native `/generate` (--backend sglang, the default) or the OpenAI-compatible `/v1/completions`
+(--backend sglang-oai) as token ids, streamed, with `ignore_eos` so each produces exactly the asked number of tokens.
+Prompts are random token ids (--dataset-name random) or the first turns of a ShareGPT-format file (sharegpt).
+Arrivals follow a Poisson process at --request-rate (all at once when it is inf), optionally capped at
+--max-concurrency requests in flight. Prints one JSON object.
 
-    python -m sglang.bench_serving --backend sglang-oai --base-url http://127.0.0.1:30000 \\
+    python -m sglang.bench_serving --backend sglang --base-url http://127.0.0.1:30000 \\
         --num-prompts 200 --random-input-len 512 --random-output-len 128 --max-concurrency 32
 """
 
@@ -17,7 +19,7 @@ import json
 import random
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,12 +51,18 @@ class RequestResult:
     error: str | None = None
 
 
-async def send_request(
-    session: aiohttp.ClientSession, url: str, model: str, prompt: list[int], max_tokens: int
-) -> RequestResult:
-    """Stream one completion and time its chunks."""
-    result = RequestResult(prompt_len=len(prompt))
-    payload = {
+@dataclass(frozen=True)
+class Backend:
+    """How one --backend streams a request: its path, its request body, and how a chunk reports the output."""
+
+    path: str
+    payload: Callable[[str, list[int], int], dict[str, Any]]
+    # (chunk) -> whether it carries new tokens, and the output length it reports (None if it reports none)
+    read: Callable[[dict[str, Any]], tuple[bool, int | None]]
+
+
+def _oai_payload(model: str, prompt: list[int], max_tokens: int) -> dict[str, Any]:
+    return {
         "model": model,
         "prompt": prompt,
         "max_tokens": max_tokens,
@@ -63,9 +71,38 @@ async def send_request(
         "ignore_eos": True,
         "stream_options": {"include_usage": True},
     }
+
+
+def _oai_read(chunk: dict[str, Any]) -> tuple[bool, int | None]:
+    usage = chunk.get("usage")
+    return bool(chunk.get("choices")), usage["completion_tokens"] if usage else None
+
+
+def _native_payload(model: str, prompt: list[int], max_tokens: int) -> dict[str, Any]:
+    params = {"max_new_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True}
+    return {"input_ids": prompt, "sampling_params": params, "stream": True}
+
+
+def _native_read(chunk: dict[str, Any]) -> tuple[bool, int | None]:
+    # Every event of a /generate stream carries new tokens; completion_tokens counts all of them so far.
+    return True, chunk["meta_info"]["completion_tokens"]
+
+
+# Upstream's backend names: "sglang" is the native /generate API (upstream's default), "sglang-oai" the OpenAI one.
+BACKENDS: dict[str, Backend] = {
+    "sglang": Backend("/generate", _native_payload, _native_read),
+    "sglang-oai": Backend("/v1/completions", _oai_payload, _oai_read),
+}
+
+
+async def send_request(
+    session: aiohttp.ClientSession, backend: Backend, base_url: str, model: str, prompt: list[int], max_tokens: int
+) -> RequestResult:
+    """Stream one request and time its chunks."""
+    result = RequestResult(prompt_len=len(prompt))
     start = last = time.perf_counter()
     try:
-        async with session.post(url, json=payload) as resp:
+        async with session.post(base_url + backend.path, json=backend.payload(model, prompt, max_tokens)) as resp:
             if resp.status != 200:
                 result.error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
                 return result
@@ -73,10 +110,10 @@ async def send_request(
                 line = raw.decode().strip()
                 if not line.startswith("data:") or line == "data: [DONE]":
                     continue
-                chunk = json.loads(line[len("data:") :])
-                if chunk.get("usage"):
-                    result.output_len = chunk["usage"]["completion_tokens"]
-                if not chunk.get("choices"):
+                has_tokens, output_len = backend.read(json.loads(line[len("data:") :]))
+                if output_len is not None:
+                    result.output_len = output_len
+                if not has_tokens:
                     continue
                 now = time.perf_counter()
                 if result.ttft == 0.0:
@@ -100,6 +137,30 @@ def random_requests(
         n_in = rng.randint(max(int(input_len * range_ratio), 1), input_len)
         n_out = rng.randint(max(int(output_len * range_ratio), 1), output_len)
         out.append(([rng.choice(vocab) for _ in range(n_in)], n_out))
+    return out
+
+
+def sharegpt_requests(
+    path: str, num: int, tokenizer: Any, output_len: int | None, context_len: int, seed: int
+) -> list[tuple[list[int], int]]:
+    """(prompt ids, max_tokens) pairs from a ShareGPT-format JSON file, as upstream: each conversation's first
+    turn is the prompt and the second's length the output length (unless output_len is given); pairs shorter
+    than 2 tokens either way, or longer than context_len together, are skipped."""
+    with open(path, encoding="utf-8") as f:
+        conversations = [c.get("conversations", []) for c in json.load(f)]
+    pairs = [(c[0]["value"], c[1]["value"]) for c in conversations if len(c) >= 2]
+    random.Random(seed).shuffle(pairs)
+    out: list[tuple[list[int], int]] = []
+    for prompt, answer in pairs:
+        ids = tokenizer.encode(prompt)
+        n_out = output_len or len(tokenizer.encode(answer, add_special_tokens=False))
+        if len(ids) < 2 or n_out < 2 or len(ids) + n_out > context_len:
+            continue
+        out.append((ids, n_out))
+        if len(out) == num:
+            break
+    if not out:
+        raise SystemExit(f"{path}: no conversation with a prompt and an answer that fit {context_len} tokens")
     return out
 
 
@@ -145,17 +206,17 @@ def summarize(results: list[RequestResult], duration: float) -> dict[str, Any]:
 
 async def benchmark(args: argparse.Namespace, model: str, requests: list[tuple[list[int], int]]) -> dict[str, Any]:
     """Warm up with one request, then run them all and summarize."""
-    url = args.base_url.rstrip("/") + "/v1/completions"
+    backend, url = BACKENDS[args.backend], args.base_url.rstrip("/")
     limit = asyncio.Semaphore(args.max_concurrency or len(requests) or 1)
     timeout = aiohttp.ClientTimeout(total=args.request_timeout)
     async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
-        warm = await send_request(session, url, model, requests[0][0], min(requests[0][1], 4))
+        warm = await send_request(session, backend, url, model, requests[0][0], min(requests[0][1], 4))
         if warm.error:
             raise SystemExit(f"warm-up request to {url} failed: {warm.error}")
 
         async def limited(prompt: list[int], max_tokens: int) -> RequestResult:
             async with limit:
-                return await send_request(session, url, model, prompt, max_tokens)
+                return await send_request(session, backend, url, model, prompt, max_tokens)
 
         start = time.perf_counter()
         tasks = [asyncio.create_task(limited(p, n)) async for p, n in arrivals(requests, args.request_rate, args.seed)]
@@ -171,24 +232,26 @@ def _get_json(base_url: str, path: str) -> dict[str, Any]:
     return resp.json()
 
 
-def _vocab(tokenizer_path: str) -> list[int]:
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+def _vocab(tokenizer: Any) -> list[int]:
     special = set(tokenizer.all_special_ids)
     return [i for i in range(len(tokenizer)) if i not in special]
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    """Upstream bench_serving's flag names (the random dataset and the OpenAI-compatible backend)."""
+    """Upstream bench_serving's flag names (random and ShareGPT datasets; native and OpenAI-compatible backends)."""
     p = argparse.ArgumentParser(prog="python -m sglang.bench_serving")
-    p.add_argument("--backend", default="sglang-oai", choices=["sglang-oai"])
+    p.add_argument("--backend", default="sglang", choices=sorted(BACKENDS))
     p.add_argument("--base-url", default=None, help="default: http://{--host}:{--port}")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=30000)
     p.add_argument("--model", default=None, help="model name sent with requests; default: the server's")
     p.add_argument("--tokenizer", default=None, help="where prompt ids come from; default: the server's model path")
-    p.add_argument("--dataset-name", default="random", choices=["random"])
+    p.add_argument("--dataset-name", default="random", choices=["random", "sharegpt"])
+    p.add_argument("--dataset-path", default=None, help="the ShareGPT-format JSON file (--dataset-name sharegpt)")
+    p.add_argument("--sharegpt-output-len", type=int, default=None, help="output length of every ShareGPT request")
+    p.add_argument(
+        "--sharegpt-context-len", type=int, default=None, help="skip longer pairs; default: the server's context"
+    )
     p.add_argument("--num-prompts", type=int, default=100)
     p.add_argument("--random-input-len", type=int, default=512)
     p.add_argument("--random-output-len", type=int, default=128)
@@ -199,6 +262,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--output-file", default=None, help="also write the JSON here")
     args = p.parse_args(argv)
+    if args.dataset_name == "sharegpt" and not args.dataset_path:
+        p.error("--dataset-name sharegpt needs --dataset-path FILE (a ShareGPT-format JSON file)")
     args.base_url = args.base_url or f"http://{args.host}:{args.port}"
     return args
 
@@ -211,10 +276,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     server = _get_json(args.base_url, "/get_server_info")
     model = args.model or _get_json(args.base_url, "/v1/models")["data"][0]["id"]
-    vocab = _vocab(args.tokenizer or server.get("tokenizer_path") or server["model_path"])
-    requests = random_requests(
-        args.num_prompts, args.random_input_len, args.random_output_len, args.random_range_ratio, vocab, args.seed
-    )
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or server.get("tokenizer_path") or server["model_path"])
+    if args.dataset_name == "sharegpt":
+        context = args.sharegpt_context_len or _get_json(args.base_url, "/get_model_info")["context_length"]
+        requests = sharegpt_requests(
+            args.dataset_path, args.num_prompts, tokenizer, args.sharegpt_output_len, context, args.seed
+        )
+    else:
+        requests = random_requests(
+            args.num_prompts,
+            args.random_input_len,
+            args.random_output_len,
+            args.random_range_ratio,
+            _vocab(tokenizer),
+            args.seed,
+        )
     metrics = asyncio.run(benchmark(args, model, requests))
     report = {
         "command": " ".join(["python -m sglang.bench_serving", *argv]),
@@ -224,7 +302,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "backend": args.backend,
         "dataset_name": args.dataset_name,
-        "num_prompts": args.num_prompts,
+        "dataset_path": args.dataset_path,
+        "num_prompts": len(requests),
         "random_input_len": args.random_input_len,
         "random_output_len": args.random_output_len,
         "random_range_ratio": args.random_range_ratio,

@@ -8,12 +8,11 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Callable
+import time
 from typing import Any, NoReturn
 
-import uvicorn
-
-from sglang.srt.server_args import ServerArgs, ServerArgsError, prepare_server_args
+from sglang.srt import startup_timeline
+from sglang.srt.server_args import ServerArgs, ServerArgsError, parse_cli, rank_gpu_hints
 from sglang.srt.utils import configure_logging
 
 logger = logging.getLogger("sglang.launch_server")
@@ -23,17 +22,22 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 GRACEFUL_SHUTDOWN_SECONDS = 3
 
 
-def run_server(server_args: ServerArgs) -> int:
-    """Serve until SIGINT/SIGTERM (or a scheduler dies); every child process is gone when this returns."""
+def run_server(server_args: ServerArgs, ranks: Any = None) -> int:
+    """Serve until SIGINT/SIGTERM (or a scheduler dies); every child process is gone when this returns.
+
+    ranks: rank processes the caller started before resolving server_args (see RankProcesses).
+    """
     from sglang.srt.entrypoints.engine import launch_engine
 
     for sig in STOP_SIGNALS:
         signal.signal(sig, _stop)
-    sock = _bind(server_args.host, server_args.port) if server_args.node_rank == 0 else None
     handle = None
+    sock = None
     try:
+        sock = _bind(server_args.host, server_args.port) if server_args.node_rank == 0 else None
         # A stop signal while the model loads raises SystemExit here; launch_engine then kills what it started.
-        handle = launch_engine(server_args)
+        handle = launch_engine(server_args, ranks)
+        ranks = None
         if handle.tokenizer_manager is None:
             return _run_without_http(server_args, handle)
         return asyncio.run(_serve(server_args, handle, sock))
@@ -42,6 +46,8 @@ def run_server(server_args: ServerArgs) -> int:
     finally:
         for sig in STOP_SIGNALS:
             signal.signal(sig, signal.SIG_IGN)  # a second Ctrl-C must not interrupt the cleanup
+        if ranks is not None:  # launch_engine never took them over
+            ranks.dismiss()
         if handle is not None:
             handle.shutdown()
         if sock is not None:
@@ -51,6 +57,7 @@ def run_server(server_args: ServerArgs) -> int:
 def _run_without_http(server_args: ServerArgs, handle: Any) -> int:
     # Nodes other than 0 only run their TP ranks; they live until stopped or until one of the ranks dies.
     logger.info("Node %d is running its TP ranks (no HTTP server on this node).", server_args.node_rank)
+    handle.mark_ready()
     died = threading.Event()
     handle.watch(lambda reason: (logger.error("Shutting down: %s", reason), died.set()))
     died.wait()
@@ -76,20 +83,18 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-class _Server(uvicorn.Server):
-    """uvicorn's server, plus a hook that runs as soon as a stop signal arrives."""
-
-    def __init__(self, config: uvicorn.Config, on_stop: Callable[[], None]) -> None:
-        super().__init__(config)
-        self.on_stop = on_stop
-
-    def handle_exit(self, sig: int, frame: Any) -> None:
-        super().handle_exit(sig, frame)
-        self.on_stop()
-
-
 async def _serve(server_args: ServerArgs, handle: Any, sock: socket.socket) -> int:
+    # Imported here: rank processes re-import this module when they start, and need no web server.
+    import uvicorn
+
     from sglang.srt.entrypoints.http_server import create_app
+
+    class _Server(uvicorn.Server):
+        """uvicorn's server, plus a hook that runs as soon as a stop signal arrives."""
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            super().handle_exit(sig, frame)
+            loop.call_soon_threadsafe(abort_in_flight)
 
     tm = handle.tokenizer_manager
     loop = asyncio.get_running_loop()
@@ -100,15 +105,26 @@ async def _serve(server_args: ServerArgs, handle: Any, sock: socket.socket) -> i
         tm.abort_all()
 
     debug = server_args.log_level == "debug"
+    timeline = startup_timeline.current()
+    http_started = time.time()
+    app = create_app(tm, server_args.api_key)
+
+    def close_timeline() -> None:
+        # The app's startup hook runs before uvicorn answers its first request, so whoever sees /health 200
+        # also sees the finished timeline in /get_server_info.
+        timeline.add("HTTP server", http_started, time.time())
+        handle.mark_ready()
+
+    app.router.on_startup.append(close_timeline)
     config = uvicorn.Config(
-        create_app(tm, server_args.api_key),
+        app,
         log_config=None,  # keep our log format
         log_level="debug" if debug else "warning",
         access_log=debug,
         ws="none",
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
     )
-    server = _Server(config, on_stop=lambda: loop.call_soon_threadsafe(abort_in_flight))
+    server = _Server(config)
     exit_code = 0
 
     def on_scheduler_death(reason: str) -> None:
@@ -128,9 +144,7 @@ async def _serve(server_args: ServerArgs, handle: Any, sock: socket.socket) -> i
         while not server.started and not serving.done():
             await asyncio.sleep(0.05)
         if server.started:
-            logger.info(
-                "The server is ready to serve at %s (model %s)", server_args.url(), server_args.model_path
-            )
+            logger.info("The server is ready to serve at %s (model %s)", server_args.url(), server_args.model_path)
         await serving
     finally:
         await tm.close()
@@ -139,14 +153,43 @@ async def _serve(server_args: ServerArgs, handle: Any, sock: socket.socket) -> i
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; problems are reported as one line on stderr with a non-zero exit code."""
+    # The launch is the instant the OS started this process: interpreter start-up and imports count.
+    launched = startup_timeline.process_start_time()
+    timeline = startup_timeline.install("main", launched)
+    entered = time.time()
     try:
-        server_args = prepare_server_args(sys.argv[1:] if argv is None else argv)
+        cli = parse_cli(sys.argv[1:] if argv is None else argv)
     except ServerArgsError as e:
         print(f"sglang.launch_server: error: {e}", file=sys.stderr)
         return 2
-    configure_logging(server_args.log_level)
+    if not cli.model_path:  # before any process starts: the commonest mistake costs nothing
+        print(
+            "sglang.launch_server: error: --model-path is required: pass the directory of an HF model.", file=sys.stderr
+        )
+        return 2
+    configure_logging(cli.log_level)
+    # Logged once the arguments are known good, so a bad command line reads as one error line.
+    timeline.add("interpreter start + imports", launched, entered, log=False)
+    from sglang.srt.entrypoints.rank_processes import RankProcesses
+
+    # The ranks start importing torch and the model stack now, while this process resolves the arguments.
+    spawned = time.time()
+    ranks = RankProcesses.start(len(rank_gpu_hints(cli)), rank_gpu_hints(cli))
+    timeline.add("start rank processes", spawned, time.time(), log=False)
+    resolving = time.time()
     try:
-        return run_server(server_args)
+        server_args = ServerArgs.from_cli_args(cli)
+    except ServerArgsError as e:
+        ranks.dismiss()
+        print(f"sglang.launch_server: error: {e}", file=sys.stderr)
+        return 2
+    except BaseException:
+        ranks.dismiss()
+        raise
+    timeline.add("resolve arguments", resolving, time.time(), log=False)
+    timeline.log_all()
+    try:
+        return run_server(server_args, ranks)
     except (ValueError, RuntimeError, OSError) as e:
         # ModelConfigError (a ValueError), a rank that failed to start, a port in use: say what, not where.
         print(f"sglang.launch_server: error: {e}", file=sys.stderr)

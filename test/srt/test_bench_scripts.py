@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from transformers import AutoTokenizer
 
 from sglang import bench_one_batch, bench_serving
 from sglang.test.test_utils import kill_process_tree, popen_launch_server
@@ -77,20 +78,37 @@ def test_summarize_computes_throughput_and_percentiles() -> None:
 
 
 def test_bench_serving_against_a_live_server(model_path, tmp_path) -> None:
+    sharegpt = tmp_path / "sharegpt.json"
+    conversation = [{"from": "human", "value": "Tell me about the sea and its waves"}, {"from": "gpt", "value": "x"}]
+    long_answer = {"from": "gpt", "value": " ".join(["waves"] * 20)}
+    sharegpt.write_text(
+        json.dumps([{"conversations": conversation}, {"conversations": [conversation[0], long_answer]}, {}])
+    )
     server = popen_launch_server(model_path, other_args=["--device", "cpu"])
     try:
         out = tmp_path / "serving.json"
         argv = ["--base-url", server.base_url, "--num-prompts", "6", "--random-input-len", "12"]
         argv += ["--random-output-len", "5", "--max-concurrency", "3", "--output-file", str(out)]
-        report = bench_serving.main(argv)
+        report = bench_serving.main(argv)  # upstream's default backend: the native /generate
+        oai = bench_serving.main([*argv[:-2], "--backend", "sglang-oai"])
+        shared = bench_serving.main(
+            ["--base-url", server.base_url, "--dataset-name", "sharegpt", "--dataset-path", str(sharegpt)]
+        )
     finally:
         kill_process_tree(server.pid)
     assert json.loads(out.read_text()) == report
-    assert (report["completed"], report["failed"]) == (6, 0)
-    assert report["total_input_tokens"] == 6 * 12 and report["total_output_tokens"] == 6 * 5
+    for r in (report, oai):
+        assert (r["completed"], r["failed"]) == (6, 0)
+        assert r["total_input_tokens"] == 6 * 12 and r["total_output_tokens"] == 6 * 5
+        assert 0 < r["median_ttft_ms"] <= r["p99_e2e_latency_ms"]
+        assert r["median_itl_ms"] > 0 and r["output_throughput"] > 0
+    assert (report["backend"], oai["backend"]) == ("sglang", "sglang-oai")
     assert report["server"]["model_path"] == model_path
-    assert 0 < report["median_ttft_ms"] <= report["p99_e2e_latency_ms"]
-    assert report["median_itl_ms"] > 0 and report["output_throughput"] > 0
+    # Only the conversation whose answer is long enough counts; its output length is the answer's token count.
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    assert (shared["completed"], shared["failed"]) == (1, 0)
+    assert shared["total_input_tokens"] == len(tokenizer.encode(conversation[0]["value"]))
+    assert shared["total_output_tokens"] == len(tokenizer.encode(long_answer["value"], add_special_tokens=False))
 
 
 def test_profile_decode_host_runs_the_scheduler_with_and_without_the_model(model_path, tmp_path) -> None:

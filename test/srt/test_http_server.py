@@ -192,6 +192,23 @@ def test_get_weights_by_name_matches_checkpoint(http, model_path):
     assert missing.status_code == 400 and missing.json()["error"]["param"] == "name"
 
 
+def test_abort_all(http):
+    bodies = [
+        {"text": f"abort all {i}", "sampling_params": {"max_new_tokens": 1500, "ignore_eos": True}} for i in (1, 2)
+    ]
+    with ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(post, http, "/generate", body) for body in bodies]
+        deadline = time.monotonic() + 30
+        while load(http)["num_running_reqs"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert get(http, "/get_load").json()[0]["num_reqs"] == 2
+        assert post(http, "/abort_request", {"abort_all": True}).status_code == 200
+        outs = [f.result(timeout=30).json() for f in futures]
+    assert [o["meta_info"]["finish_reason"]["type"] for o in outs] == ["abort", "abort"]
+    missing = post(http, "/abort_request", {})
+    assert missing.status_code == 400 and missing.json()["error"]["param"] == "rid"
+
+
 def test_abort_request_by_rid(http):
     body = {
         "text": "abort me",

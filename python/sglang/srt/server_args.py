@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import logging
 import os
@@ -17,7 +18,12 @@ DTYPES = ("auto", "float32", "float16", "bfloat16", "half", "float", "bf16", "fp
 DEVICES = ("cpu", "cuda")
 ATTENTION_BACKENDS = ("torch_native", "flashinfer")
 REMOTE_BACKENDS = ("nccl", "transfer_engine")
+SAMPLING_DEFAULTS = ("model", "openai")
+GRAMMAR_BACKENDS = ("xgrammar", "none")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+MISSING_MODEL_PATH = "--model-path is required: pass the directory of an HF model."
 
 
 class ServerArgsError(ValueError):
@@ -37,13 +43,36 @@ class ServerArgs:
     """Every knob of a server or an offline Engine; field names are upstream SGLang's flag names."""
 
     # Model and tokenizer
-    model_path: str = _opt("Path of the HF model directory (config, tokenizer, weights).", default=None)
+    model_path: str = _opt(
+        "Path of the HF model directory (config, tokenizer, weights), or a Hugging Face Hub id (ORG/NAME), "
+        "resolved through the Hub cache (downloaded when missing; cache only with HF_HUB_OFFLINE=1).",
+        default=None,
+    )
+    revision: str | None = _opt("Hub revision (branch, tag or commit) of a --model-path Hub id; defaults to main.")
+    download_dir: str | None = _opt("Hugging Face cache directory for Hub ids; defaults to the Hub's (HF_HUB_CACHE).")
     tokenizer_path: str | None = _opt("Path of the tokenizer; defaults to --model-path.")
     trust_remote_code: bool = _opt("Allow custom model code from the hub (kept for compatibility).", default=False)
     dtype: str = _opt("Data type of weights and activations.", default="auto", choices=DTYPES)
     context_length: int | None = _opt("Maximum context length; defaults to the model's.")
+    chat_template: str | None = _opt(
+        "Chat template for /v1/chat/completions instead of the tokenizer's: a Jinja file, or a built-in name "
+        "(chatml, llama-3-instruct)."
+    )
     served_model_name: str | None = _opt("Model name reported by the OpenAI API; defaults to --model-path.")
     load_format: str = _opt("How weights are loaded.", default="auto", choices=LOAD_FORMATS)
+    grammar_backend: str = _opt(
+        "Structured output (json_schema, regex, ebnf, response_format): 'xgrammar', or 'none' to turn it off "
+        "(requests that ask for it are then refused with a 400).",
+        default="xgrammar",
+        choices=GRAMMAR_BACKENDS,
+    )
+    sampling_defaults: str = _opt(
+        "Where the sampling values of fields a request leaves out come from: 'model' reads temperature, top_p, "
+        "top_k, min_p and repetition_penalty from the model's generation_config.json; 'openai' uses the constants "
+        "of the sampling-parameter table (temperature 1, top_p 1, ...). A request's own values always win.",
+        default="model",
+        choices=SAMPLING_DEFAULTS,
+    )
 
     # HTTP server
     host: str = _opt("Host the HTTP server binds to.", default="127.0.0.1")
@@ -171,10 +200,19 @@ class ServerArgs:
         self.load_format = "auto"
 
     def _fill_defaults(self) -> None:
+        if self.served_model_name is None:
+            self.served_model_name = self.model_path  # a Hub id stays the name clients use
+        if self.model_path:
+            from sglang.srt.model_loader.hub import HubResolveError, resolve_model_path
+
+            try:
+                self.model_path = resolve_model_path(
+                    self.model_path, self.revision, self.download_dir, self.load_format
+                )
+            except HubResolveError as e:
+                raise ServerArgsError(str(e)) from None
         if self.tokenizer_path is None:
             self.tokenizer_path = self.model_path
-        if self.served_model_name is None:
-            self.served_model_name = self.model_path
         if self.device is None:
             self.device = "cuda" if _cuda_available() else "cpu"
         if self.attention_backend is None:
@@ -195,7 +233,7 @@ class ServerArgs:
     def validate(self) -> None:
         """Check everything that can be checked without loading the model; raise ServerArgsError."""
         if not self.model_path:
-            raise ServerArgsError("--model-path is required: pass the directory of an HF model.")
+            raise ServerArgsError(MISSING_MODEL_PATH)
         if self.tp_size < 1:
             raise ServerArgsError(f"--tp-size must be >= 1, got {self.tp_size}.")
         if self.nnodes < 1 or not 0 <= self.node_rank < self.nnodes:
@@ -228,6 +266,18 @@ class ServerArgs:
             raise ServerArgsError(f"--max-top-logprobs-num must be >= 0, got {self.max_top_logprobs_num}.")
         if self.stream_interval < 1:
             raise ServerArgsError(f"--stream-interval must be >= 1, got {self.stream_interval}.")
+        if self.grammar_backend == "xgrammar" and importlib.util.find_spec("xgrammar") is None:
+            raise ServerArgsError(
+                "--grammar-backend xgrammar needs the xgrammar package (pip install xgrammar); "
+                "or pass --grammar-backend none to serve without structured output."
+            )
+        if self.chat_template is not None:
+            from sglang.srt.entrypoints.openai.chat_templates import ChatTemplateError, resolve_chat_template
+
+            try:
+                resolve_chat_template(self.chat_template)
+            except ChatTemplateError as e:
+                raise ServerArgsError(str(e)) from None
         if self.device == "cuda" and not _cuda_available():
             raise ServerArgsError("--device cuda was requested but CUDA is not available; use --device cpu.")
         if self.attention_backend == "flashinfer" and self.device != "cuda":
@@ -345,14 +395,27 @@ class _Parser(argparse.ArgumentParser):
         raise ServerArgsError(f"{message} (see python -m sglang.launch_server --help)")
 
 
-def prepare_server_args(argv: list[str]) -> ServerArgs:
-    """Parse a launcher command line into ServerArgs."""
+def parse_cli(argv: list[str]) -> argparse.Namespace:
+    """Parse a launcher command line without resolving it (cheap: no torch, no file system)."""
     parser = _Parser(
         prog="python -m sglang.launch_server",
         usage="python -m sglang.launch_server --model-path PATH [options]  (see --help)",
     )
     ServerArgs.add_cli_args(parser)
-    return ServerArgs.from_cli_args(parser.parse_args(argv))
+    return parser.parse_args(argv)
+
+
+def prepare_server_args(argv: list[str]) -> ServerArgs:
+    """Parse a launcher command line into ServerArgs."""
+    return ServerArgs.from_cli_args(parse_cli(argv))
+
+
+def rank_gpu_hints(args: argparse.Namespace) -> list[int | None]:
+    """Per local TP rank of an unresolved command line, the GPU it will most likely use (None when --device cpu)."""
+    nnodes = max(1, args.nnodes or 1)
+    per_node = max(1, (args.tp_size or 1) // nnodes)
+    base = args.base_gpu_id or 0
+    return [None if args.device == "cpu" else base + i for i in range(per_node)]
 
 
 @dataclass(frozen=True)

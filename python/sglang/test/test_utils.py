@@ -118,7 +118,7 @@ def popen_launch_server(
                 return process
         except requests.RequestException:
             pass  # not listening yet
-        time.sleep(0.5)
+        time.sleep(0.1)
     kill_process_tree(process.pid)
     raise TimeoutError(
         f"Server at {base_url} did not answer /health within {timeout:.0f} s.\n"

@@ -90,7 +90,6 @@ def parse_size(size: int | str) -> int:
     return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).upper()])
 
 
-
 def _pad_vocab(size: int) -> int:
     return -(-size // VOCAB_PAD_MULTIPLE) * VOCAB_PAD_MULTIPLE
 
@@ -214,7 +213,6 @@ def make_config(
     return config
 
 
-
 def _write_json(path: Path, obj: dict[str, Any]) -> None:
     # Sorted keys + fixed formatting (as HF's save_pretrained does) keep the bytes stable across runs.
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
@@ -277,6 +275,7 @@ def build_tiny_model(
     max_shard_size: int | str | None = None,
     max_position_embeddings: int = 2048,
     rope_theta: float = 10000.0,
+    generation_config: dict[str, Any] | None = None,
 ) -> TinyModelSummary:
     """Like :func:`make_tiny_model`, but return a :class:`TinyModelSummary` of what was written."""
     if arch not in ARCHITECTURES:
@@ -321,12 +320,13 @@ def build_tiny_model(
 
     tokenizer.save(str(out / "tokenizer.json"), pretty=True)
     _write_json(out / "tokenizer_config.json", make_tokenizer_config(max_position_embeddings))
-    generation_config = {
+    generation = {
         "bos_token_id": BOS_TOKEN_ID,
         "eos_token_id": EOS_TOKEN_ID,
         "pad_token_id": PAD_TOKEN_ID,
+        **(generation_config or {}),  # e.g. sampling defaults, as Qwen3 ships temperature/top_p/top_k
     }
-    _write_json(out / "generation_config.json", generation_config)
+    _write_json(out / "generation_config.json", generation)
     config = make_config(
         arch,
         **shapes,
@@ -404,6 +404,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--max-position-embeddings", type=int, default=2048)
     parser.add_argument("--rope-theta", type=float, default=10000.0)
+    parser.add_argument(
+        "--generation-config",
+        type=json.loads,
+        default=None,
+        help='JSON object of extra generation_config.json keys, e.g. \'{"temperature": 0.6, "top_k": 20}\'',
+    )
     return parser.parse_args(argv)
 
 

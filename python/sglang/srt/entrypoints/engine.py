@@ -12,10 +12,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from sglang.srt import startup_timeline
+from sglang.srt.entrypoints.rank_processes import RankProcesses, stop_processes
 from sglang.srt.managers.io_struct import GenerateReqInput
 from sglang.srt.managers.tokenizer_manager import last_output
 from sglang.srt.server_args import PortArgs, ServerArgs
-from sglang.srt.utils import kill_process_tree
 
 logger = logging.getLogger(__name__)
 
@@ -29,19 +30,22 @@ class EngineHandle:
     procs: list[mp.process.BaseProcess]
     tokenizer_manager: Any = None
     scheduler_info: dict[str, Any] = field(default_factory=dict)
+    rank_phases: list[startup_timeline.Phase] = field(default_factory=list)
     _stopping: bool = False
+
+    def mark_ready(self) -> dict[str, Any]:
+        """Close the start-up timeline now (the instance serves): log its summary and return it."""
+        timeline = startup_timeline.current()
+        summary = startup_timeline.summary(timeline.phases + self.rank_phases, timeline.origin, time.time())
+        logger.info("Startup: %s", startup_timeline.summary_line(summary))
+        if self.tokenizer_manager is not None:
+            self.tokenizer_manager.startup_timeline = summary
+        return summary
 
     def shutdown(self) -> None:
         """Stop every scheduler process of this launch (idempotent)."""
         self._stopping = True
-        # Signal every rank before waiting for any: a rank that sees its peer vanish first would log a crash.
-        for proc in self.procs:
-            if proc.is_alive():
-                proc.terminate()
-        for proc in self.procs:
-            proc.join(timeout=5)
-            if proc.is_alive():
-                kill_process_tree(proc.pid)
+        stop_processes(self.procs)
 
     def watch(self, on_death: Callable[[str], None]) -> None:
         """Call on_death(reason) from a thread if a scheduler process exits while we are serving."""
@@ -57,57 +61,60 @@ class EngineHandle:
         threading.Thread(target=loop, daemon=True, name="watch-schedulers").start()
 
 
-def launch_engine(server_args: ServerArgs) -> EngineHandle:
-    """Start this node's scheduler processes, wait until they have loaded, and build the TokenizerManager."""
+def launch_engine(server_args: ServerArgs, ranks: RankProcesses | None = None) -> EngineHandle:
+    """Give this node's rank processes their orders, wait until they have loaded, and build the TokenizerManager.
+
+    ranks are processes started by the launcher before it resolved the arguments; without them they start here.
+    """
     from sglang.srt.configs.model_config import ModelConfig
-    from sglang.srt.managers.scheduler_process import run_scheduler_process
+    from sglang.srt.managers.scheduler_process import RankOrders
 
-    # Fail fast in this process on what can be checked without a device: bad path, architecture, TP size.
-    ModelConfig.from_path(
-        server_args.model_path, server_args.dtype, server_args.context_length, server_args.device
-    ).check_tp(server_args.tp_size)
-    if server_args.remote_instance_weight_loader_start_seed_via_transfer_engine and server_args.node_rank == 0:
-        from sglang.srt.remote_instance.bootstrap_server import start_bootstrap_server
-
-        start_bootstrap_server(server_args.host, server_args.engine_info_bootstrap_port, server_args.api_key)
-    port_args = PortArgs.init_new(server_args)
-    ctx = mp.get_context("spawn")
-    procs, pipes = [], []
+    timeline = startup_timeline.current()
     per_node = server_args.tp_size_per_node
-    for local_rank in range(per_node):
-        tp_rank = server_args.node_rank * per_node + local_rank
-        reader, writer = ctx.Pipe(duplex=False)
-        proc = ctx.Process(
-            target=run_scheduler_process,
-            args=(server_args, port_args, tp_rank, server_args.base_gpu_id + local_rank, writer),
-            name=f"sglang-scheduler-TP{tp_rank}",
-            daemon=True,
-        )
-        proc.start()
-        procs.append(proc)
-        pipes.append(reader)
-    handle = EngineHandle(server_args, port_args, procs)
+    if ranks is None:
+        with timeline.phase("start rank processes"):
+            hints = [server_args.base_gpu_id + i if server_args.device == "cuda" else None for i in range(per_node)]
+            ranks = RankProcesses.start(per_node, hints)
     try:
-        infos = [_wait_ready(proc, pipe) for proc, pipe in zip(procs, pipes)]
+        if len(ranks.procs) != per_node:
+            raise RuntimeError(f"{len(ranks.procs)} rank processes were started for {per_node} TP ranks on this node")
+        port_args = PortArgs.init_new(server_args)
+    except BaseException:
+        ranks.dismiss()
+        raise
+    for local_rank, (proc, pipe) in enumerate(zip(ranks.procs, ranks.pipes)):
+        tp_rank = server_args.node_rank * per_node + local_rank
+        proc.name = f"sglang-scheduler-TP{tp_rank}"
+        orders = RankOrders(server_args, port_args, tp_rank, server_args.base_gpu_id + local_rank, timeline.origin)
+        pipe.send(orders)
+    handle = EngineHandle(server_args, port_args, ranks.procs)
+    try:
+        # Checked here too, while the ranks load, so a bad path or architecture reads as one clear line.
+        with timeline.phase("model config"):
+            ModelConfig.from_path(
+                server_args.model_path, server_args.dtype, server_args.context_length, server_args.device
+            ).check_tp(server_args.tp_size)
+        if server_args.remote_instance_weight_loader_start_seed_via_transfer_engine and server_args.node_rank == 0:
+            from sglang.srt.remote_instance.bootstrap_server import start_bootstrap_server
+
+            start_bootstrap_server(server_args.host, server_args.engine_info_bootstrap_port, server_args.api_key)
+        if server_args.node_rank == 0:
+            from sglang.srt.managers.tokenizer_manager import TokenizerManager
+
+            # Built while the ranks load: the tokenizer and the IPC sockets do not need them.
+            with timeline.phase("tokenizer manager"):
+                handle.tokenizer_manager = TokenizerManager(server_args, port_args)
+        with timeline.phase("wait for ranks"):
+            infos = ranks.wait_ready()
     except BaseException:
         handle.shutdown()
         raise
+    for info in infos:
+        handle.rank_phases += startup_timeline.phases_from_json(info.pop("startup_timeline"), timeline.origin)
     handle.scheduler_info = infos[0]
-    if server_args.node_rank == 0:
-        from sglang.srt.managers.tokenizer_manager import TokenizerManager
-
-        handle.tokenizer_manager = TokenizerManager(server_args, port_args, infos[0])
+    if handle.tokenizer_manager is not None:
+        handle.tokenizer_manager.attach_schedulers(infos[0])
     return handle
-
-
-def _wait_ready(proc: mp.process.BaseProcess, pipe: Any) -> dict[str, Any]:
-    while not pipe.poll(0.2):
-        if not proc.is_alive():
-            raise RuntimeError(f"{proc.name} exited with code {proc.exitcode} while starting; see its log above")
-    status, payload = pipe.recv()
-    if status != "ok":
-        raise RuntimeError(payload)
-    return payload
 
 
 class Engine:
@@ -115,9 +122,12 @@ class Engine:
 
     def __init__(self, **kwargs: Any) -> None:
         kwargs.setdefault("log_level", "error")
+        # An offline engine's start counts from its construction, not from its host process's start.
+        startup_timeline.install("main", time.time())
         self.server_args = ServerArgs(**kwargs)
         self.loop = asyncio.new_event_loop()
         self.handle = launch_engine(self.server_args)
+        self.startup_timeline = self.handle.mark_ready()
         self.tokenizer_manager = self.handle.tokenizer_manager
         self.handle.watch(lambda reason: self.loop.call_soon_threadsafe(self.tokenizer_manager.mark_dead, reason))
         atexit.register(self.shutdown)

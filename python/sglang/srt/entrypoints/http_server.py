@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import sglang
 from sglang.srt.entrypoints.http_auth import ApiKeyMiddleware
+from sglang.srt.entrypoints.http_extra import add_extra_routes, model_card
 from sglang.srt.entrypoints.http_limits import BodyLimitMiddleware
 from sglang.srt.entrypoints.http_rfork import add_rfork_routes
 from sglang.srt.entrypoints.http_rfork_te import add_transfer_engine_routes
@@ -69,9 +70,10 @@ class WeightsRequest(_Strict):
 
 
 class AbortRequest(_Strict):
-    """Body of POST /abort_request."""
+    """Body of POST /abort_request: one request by rid, or every request in flight with abort_all."""
 
-    rid: str
+    rid: str = ""
+    abort_all: bool = False
 
 
 def create_app(tokenizer_manager: TokenizerManager, api_key: str | None = None) -> FastAPI:
@@ -88,6 +90,7 @@ def create_app(tokenizer_manager: TokenizerManager, api_key: str | None = None) 
     _add_error_handlers(app)
     _add_native_routes(app)
     _add_openai_routes(app)
+    add_extra_routes(app)
     add_rfork_routes(app)
     add_transfer_engine_routes(app)
     return app
@@ -171,23 +174,19 @@ def _add_native_routes(app: FastAPI) -> None:
 
     @app.post("/abort_request")
     async def abort_request(req: AbortRequest, request: Request) -> Response:
-        _tm(request).abort_request(req.rid)
+        if req.abort_all:
+            _tm(request).abort_all()
+        elif req.rid:
+            _tm(request).abort_request(req.rid)
+        else:
+            raise APIError("Give the 'rid' of the request to stop, or \"abort_all\": true.", param="rid")
         return Response(status_code=200)
 
 
 def _add_openai_routes(app: FastAPI) -> None:
     @app.get("/v1/models")
     async def list_models(request: Request) -> dict[str, Any]:
-        tm = _tm(request)
-        card = {
-            "id": tm.server_args.served_model_name,
-            "object": "model",
-            "created": request.app.state.created,
-            "owned_by": "sglang",
-            "root": tm.server_args.model_path,
-            "max_model_len": tm.model_config.context_len,
-        }
-        return {"object": "list", "data": [card]}
+        return {"object": "list", "data": [model_card(_tm(request), request.app.state.created)]}
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request) -> Response:

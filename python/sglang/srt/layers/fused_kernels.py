@@ -59,37 +59,3 @@ def describe(device: torch.device, dtype: torch.dtype) -> str:
 def enabled(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether a model of dtype on device runs the fused kernels (the same rule as flashinfer_ops)."""
     return device.type == "cuda" and dtype in FUSED_DTYPES and _flashinfer()[0] is not None
-
-
-def warm_up_jit(dtype: torch.dtype = torch.bfloat16, head_dim: int = 128) -> None:
-    """Compile every FlashInfer module a model of this dtype and head size needs in one parallel ninja run.
-
-    On a fresh machine each module compiles on first use, one after the other (norm, RoPE and SiLU*mul about a
-    minute together, paged prefill about 70 s); built together they overlap. A spec whose arguments differ from
-    what the wrappers ask for later only costs that wrapper its own compile, never correctness.
-    """
-    from flashinfer.jit.activation import gen_act_and_mul_module
-    from flashinfer.jit.attention import gen_batch_decode_module, gen_batch_prefill_module
-    from flashinfer.jit.core import build_jit_specs
-    from flashinfer.jit.norm import gen_norm_module
-    from flashinfer.jit.rope import gen_rope_module
-    from flashinfer.utils import determine_attention_backend
-
-    device = torch.device("cuda", torch.cuda.current_device())
-    # Arguments as the paged wrappers pass them: q/kv/out dtype, int32 indices, no RoPE in the kernel, no window,
-    # no soft cap (and for prefill no fp16 QK reduction, no custom mask).
-    shape = (dtype, dtype, dtype, torch.int32, head_dim, head_dim, 0, False, False)
-    prefill_backend = determine_attention_backend(device, 0, False, False, dtype, dtype)
-    build_jit_specs(
-        [
-            gen_norm_module(),
-            gen_rope_module(),
-            gen_act_and_mul_module("silu"),
-            gen_batch_decode_module(*shape),
-            gen_batch_prefill_module(prefill_backend, *shape, False),
-        ]
-    )
-
-
-if __name__ == "__main__":
-    warm_up_jit()

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 if TYPE_CHECKING:
+    from sglang.srt.constrained.grammar_backend import GrammarBackend
     from sglang.srt.managers.schedule_batch import Req
     from sglang.srt.sampling.sampling_params import SamplingParams
 
@@ -23,30 +24,46 @@ class SampleOutput:
     logprobs: list[float | None]
     top_logprobs: list[list[tuple[float, int]] | None]
     errors: dict[int, str] = field(default_factory=dict)  # row -> why it could not be sampled (no token then)
+    # Per row, a finish reason that the row's grammar decided (complete, or a token it could not accept), else None.
+    grammar_finish: list[dict[str, Any] | None] = field(default_factory=list)
 
 
 class Sampler:
     """Samples one token per request, on the logits' device, with one device-to-host copy per batch. Rows with a
     seed draw from their own generator, so their tokens do not depend on what else is in the batch."""
 
-    def __init__(self, seed: int, stop_ids_for: callable) -> None:
+    def __init__(self, seed: int, stop_ids_for: callable, grammar_backend: GrammarBackend | None = None) -> None:
         self.seed = seed
         self.generators: dict[torch.device, torch.Generator] = {}
         self.stop_ids_for = stop_ids_for
+        self.grammar_backend = grammar_backend
 
     def __call__(self, logits: torch.Tensor, reqs: list[Req]) -> SampleOutput:
         logits = logits.float()
-        raw = logits
-        if any(r.sampling_params.has_penalties or r.sampling_params.min_new_tokens for r in reqs):
+        raw = logits  # logprobs are those of the model, before biases, penalties and grammars
+        biased = [i for i, r in enumerate(reqs) if r.sampling_params.logit_bias]
+        penalised = any(r.sampling_params.has_penalties or r.sampling_params.min_new_tokens for r in reqs)
+        constrained = [i for i, r in enumerate(reqs) if r.grammar is not None]
+        if biased or penalised or constrained:
             logits = logits.clone()
+        if biased:
+            _apply_logit_bias(logits, biased, reqs)
+        if penalised:
             for i, req in enumerate(reqs):
                 _apply_penalties(logits[i], req, self.stop_ids_for(req))
+        if constrained:
+            # Masks are filled on the host while earlier device work may still run (nothing has synchronised yet),
+            # and only for the constrained rows; free rows of the batch are not touched.
+            self.grammar_backend.apply_masks(logits, constrained, [reqs[i].grammar for i in constrained])
         chosen = logits.argmax(dim=-1)  # the answer for greedy rows
         sampled = [i for i, r in enumerate(reqs) if not r.sampling_params.is_greedy]
         if sampled:
             rows = sampled if len(sampled) < len(reqs) else slice(None)
             chosen[rows] = self._sample(logits[rows], [reqs[i] for i in sampled])
         ids: list[int] = chosen.tolist()
+        grammar_finish: list[dict[str, Any] | None] = [None] * len(reqs)
+        for i in constrained:
+            grammar_finish[i] = _advance_grammar(reqs[i], ids[i])
         logprobs: list[float | None] = [None] * len(reqs)
         tops: list[list[tuple[float, int]] | None] = [None] * len(reqs)
         if any(r.return_logprob for r in reqs):
@@ -65,7 +82,7 @@ class Sampler:
                 if req.top_logprobs_num:
                     n = req.top_logprobs_num
                     tops[i] = list(zip(top_vals[i][:n], top_ids[i][:n]))
-        return SampleOutput(ids, logprobs, tops)
+        return SampleOutput(ids, logprobs, tops, grammar_finish)
 
     def sample_guarded(self, logits: torch.Tensor, reqs: list[Req]) -> SampleOutput:
         """As calling the sampler, but a request whose row cannot be sampled (input that slipped past validation, a
@@ -80,10 +97,11 @@ class Sampler:
                 one = self(logits[i : i + 1], [req])
             except Exception as e:
                 out.errors[i] = f"sampling failed: {type(e).__name__}: {e}"
-                one = SampleOutput([None], [None], [None])
+                one = SampleOutput([None], [None], [None], [None])
             out.token_ids += one.token_ids
             out.logprobs += one.logprobs
             out.top_logprobs += one.top_logprobs
+            out.grammar_finish += one.grammar_finish
         return out
 
     def _sample(self, logits: torch.Tensor, reqs: list[Req]) -> torch.Tensor:
@@ -115,6 +133,26 @@ class Sampler:
         if device not in self.generators:
             self.generators[device] = torch.Generator(device=device).manual_seed(self.seed)
         return self.generators[device]
+
+
+def _advance_grammar(req: Req, token_id: int) -> dict[str, Any] | None:
+    """Feed the chosen token to req's grammar; a finish reason if the grammar is done (or broken), else None."""
+    if not req.grammar.accept(token_id):
+        # Cannot happen with the mask applied; if it did, the output would no longer match, so it ends here.
+        logger.error("request %s: the grammar rejected token %d that its own mask allowed", req.rid, token_id)
+        return {"type": "abort", "message": f"structured output: the grammar rejected token {token_id}"}
+    if req.grammar.terminated:
+        return {"type": "stop", "matched": token_id}
+    return None
+
+
+def _apply_logit_bias(logits: torch.Tensor, rows: list[int], reqs: list[Req]) -> None:
+    """Add each request's logit_bias to its row: one scatter for the whole batch."""
+    pairs = [(i, int(token), bias) for i in rows for token, bias in reqs[i].sampling_params.logit_bias.items()]
+    index = torch.tensor([[i for i, _, _ in pairs], [t for _, t, _ in pairs]], dtype=torch.int64)
+    values = torch.tensor([b for _, _, b in pairs], dtype=logits.dtype)
+    index, values = index.to(logits.device, non_blocking=True), values.to(logits.device, non_blocking=True)
+    logits.index_put_((index[0], index[1]), values, accumulate=True)
 
 
 def _apply_penalties(row: torch.Tensor, req: Req, stop_ids: set[int]) -> None:

@@ -111,6 +111,7 @@ class TokenizedGenerateReqInput:
     sampling_params: SamplingParams
     return_logprob: bool = False
     top_logprobs_num: int = 0
+    grammar: str | None = None  # the compiled grammar of a structured-output request, serialized by its backend
 
 
 @dataclass

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from sglang.srt.constrained.grammar_backend import GrammarMatcher
 from sglang.srt.managers.io_struct import TokenizedGenerateReqInput
 from sglang.srt.mem_cache.radix_cache import TreeNode
 from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMode
@@ -34,6 +35,7 @@ class Req:
     new_logprobs: list[float] = field(default_factory=list)
     new_top_logprobs: list[list[tuple[float, int]]] = field(default_factory=list)
     sent_len: int = 0  # output tokens already sent to the TokenizerManager
+    grammar: GrammarMatcher | None = None  # structured output; rank 0 only (it samples for every rank)
 
     @classmethod
     def from_input(cls, recv: TokenizedGenerateReqInput) -> Req:

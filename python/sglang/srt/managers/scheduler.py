@@ -9,7 +9,9 @@ from typing import Any
 import torch
 import zmq
 
+from sglang.srt import startup_timeline
 from sglang.srt.configs.model_config import ModelConfig
+from sglang.srt.constrained.grammar_backend import create_grammar_backend
 from sglang.srt.distributed.parallel_state import broadcast_pyobj, gather_pyobj
 from sglang.srt.layers.sampler import Sampler
 from sglang.srt.managers import scheduler_rpc
@@ -42,10 +44,11 @@ class Scheduler:
     def __init__(self, server_args: ServerArgs, port_args: PortArgs, tp_rank: int, gpu_id: int) -> None:
         self.server_args = server_args
         self.tp_rank = tp_rank
-        self.model_config = ModelConfig.from_path(
-            server_args.model_path, server_args.dtype, server_args.context_length, server_args.device
-        )
-        self.model_config.check_tp(server_args.tp_size)
+        with startup_timeline.phase("model config"):
+            self.model_config = ModelConfig.from_path(
+                server_args.model_path, server_args.dtype, server_args.context_length, server_args.device
+            )
+            self.model_config.check_tp(server_args.tp_size)
         self.runner = ModelRunner(self.model_config, server_args, tp_rank, gpu_id, port_args.dist_init_method)
         self.allocator = self.runner.token_to_kv_pool_allocator
         self.page_size = self.allocator.page_size
@@ -53,8 +56,15 @@ class Scheduler:
         self.max_total_num_tokens = self.allocator.size
         self.max_req_input_len = min(self.model_config.context_len - 1, self.max_total_num_tokens - 1)
         self.tree_cache = RadixCache(self.allocator, disable=server_args.disable_radix_cache)
-        self.stop_checker = StopChecker(server_args.tokenizer_path, self.model_config)
-        self.sampler = Sampler(server_args.random_seed, self.stop_checker.stop_ids_for)
+        with startup_timeline.phase("stop checker (tokenizer)"):
+            self.stop_checker = StopChecker(server_args.tokenizer_path, self.model_config)
+        self.grammar_backend = create_grammar_backend(
+            server_args.grammar_backend,
+            lambda: self.stop_checker.tokenizer,
+            self.model_config.vocab_size,
+            self.stop_checker.eos_ids,
+        )
+        self.sampler = Sampler(server_args.random_seed, self.stop_checker.stop_ids_for, self.grammar_backend)
         self.waiting: deque[Req] = deque()
         self.running: list[Req] = []
         self.chunked_req: Req | None = None
@@ -97,6 +107,8 @@ class Scheduler:
     def process_input(self, msg: Any) -> None:
         if isinstance(msg, TokenizedGenerateReqInput):
             req = Req.from_input(msg)
+            if msg.grammar is not None and self.tp_rank == 0:
+                req.grammar = self.grammar_backend.matcher(msg.grammar)
             if len(req.origin_input_ids) > self.max_req_input_len:
                 fail(req, f"prompt of {len(req.origin_input_ids)} tokens exceeds {self.max_req_input_len}")
                 self.send_outputs([req])
@@ -287,7 +299,8 @@ class Scheduler:
             req.kv_len += req.extend_len if mode.is_extend() else 1
         prefilled = [r for r in reqs if r.remaining_prefill() == 0 and not r.finished]
         for req in prefilled:
-            if req.sampling_params.max_new_tokens <= len(req.output_ids):
+            limit = req.sampling_params.max_new_tokens
+            if limit is not None and limit <= len(req.output_ids):
                 req.finished_reason = {"type": "length", "matched": None}  # asked for no tokens
         rows = [i for i, r in enumerate(reqs) if r in prefilled and not r.finished]
         if rows:
@@ -321,6 +334,8 @@ class Scheduler:
             except Exception as e:  # every rank fails alike: they check the same tokens
                 logger.exception("Stop check of request %s failed", req.rid)
                 fail(req, f"stop check failed: {type(e).__name__}: {e}")
+            if sample.grammar_finish[j] is not None and not req.finished:
+                req.finished_reason = sample.grammar_finish[j]  # e.g. a complete grammar under ignore_eos
 
     def output_due(self, req: Req) -> bool:
         """Whether req's new tokens go out now: at its end, its first token, or every --stream-interval tokens."""

@@ -3,60 +3,18 @@
 from __future__ import annotations
 
 import logging
-import threading
-from collections.abc import Callable
-from concurrent.futures import Future
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from sglang.srt.distributed.parallel_state import all_gather_pyobj
+from sglang.srt.managers.rpc_registry import RPC_HANDLERS, Deferred, register_rpc
 
 if TYPE_CHECKING:
     from sglang.srt.managers.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
 
-RpcHandler = Callable[..., Any]
 # Largest parameter /get_weights_by_name returns without truncate_size (as JSON, about 20 bytes per element).
 MAX_WEIGHT_ELEMENTS = 1 << 24
-RPC_HANDLERS: dict[str, RpcHandler] = {}
-
-
-def register_rpc(name: str) -> Callable[[RpcHandler], RpcHandler]:
-    """Register fn(scheduler, **params) as the handler of control method `name`."""
-
-    def wrap(fn: RpcHandler) -> RpcHandler:
-        RPC_HANDLERS[name] = fn
-        return fn
-
-    return wrap
-
-
-@dataclass
-class Deferred:
-    """A handler's answer that is not ready yet: its work runs on another thread (waiting for a peer, moving
-    weights) while the scheduler goes on serving. The caller gets the answer once every TP rank's is done."""
-
-    method: str
-    future: Future
-
-
-def in_background(method: str, work: Callable[[], Any], device: torch.device) -> Deferred:
-    """Run work() on a new thread bound to device (CUDA's current device is per thread) and defer the answer."""
-    future: Future = Future()
-
-    def body() -> None:
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        try:
-            future.set_result(work())
-        except BaseException as e:  # handed to the caller as the call's error
-            future.set_exception(e)
-
-    threading.Thread(target=body, name=f"rpc-{method}", daemon=True).start()
-    return Deferred(method, future)
 
 
 def run(scheduler: Scheduler, method: str, params: dict[str, Any]) -> dict[str, Any] | Deferred:

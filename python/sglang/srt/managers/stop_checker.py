@@ -18,7 +18,7 @@ class StopChecker:
 
     def __init__(self, tokenizer_path: str, model_config: ModelConfig) -> None:
         self.tokenizer_path = tokenizer_path
-        self.eos_ids = _eos_ids(model_config)
+        self.eos_ids = eos_token_ids(model_config)
         self._tokenizer: Any = None
 
     def stop_ids_for(self, req: Req) -> set[int]:
@@ -46,7 +46,8 @@ class StopChecker:
                 if s and s in text:
                     req.finished_reason = {"type": "stop", "matched": s}
                     return
-        if len(req.output_ids) >= params.max_new_tokens or len(req.fill_ids) >= context_len:
+        limit = params.max_new_tokens
+        if (limit is not None and len(req.output_ids) >= limit) or len(req.fill_ids) >= context_len:
             req.finished_reason = {"type": "length", "matched": None}
 
     @property
@@ -59,7 +60,8 @@ class StopChecker:
         return self._tokenizer
 
 
-def _eos_ids(model_config: ModelConfig) -> set[int]:
+def eos_token_ids(model_config: ModelConfig) -> set[int]:
+    """The model's end-of-sequence ids: config.json's and generation_config.json's."""
     ids: set[int] = set()
     for source in (getattr(model_config.hf_config, "eos_token_id", None), _generation_eos(model_config.model_path)):
         if isinstance(source, int):

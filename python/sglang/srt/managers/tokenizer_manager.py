@@ -16,6 +16,8 @@ import zmq
 import zmq.asyncio
 
 from sglang.srt.configs.model_config import ModelConfig
+from sglang.srt.constrained.grammar_backend import compile_request_grammar, create_grammar_backend
+from sglang.srt.entrypoints.openai.chat_templates import resolve_chat_template
 from sglang.srt.managers.detokenizer import IncrementalDetokenizer
 from sglang.srt.managers.io_struct import (
     AbortReq,
@@ -28,6 +30,8 @@ from sglang.srt.managers.io_struct import (
     new_rid,
 )
 from sglang.srt.managers.request_limits import RequestLimits
+from sglang.srt.managers.stop_checker import eos_token_ids
+from sglang.srt.sampling.sampling_defaults import load_sampling_defaults
 from sglang.srt.sampling.sampling_params import SamplingParams
 from sglang.srt.server_args import PortArgs, ServerArgs
 
@@ -86,7 +90,9 @@ class ReqState:
 class TokenizerManager:
     """Routes generate and control requests to the schedulers and their answers back to callers."""
 
-    def __init__(self, server_args: ServerArgs, port_args: PortArgs, scheduler_info: dict[str, Any]) -> None:
+    def __init__(
+        self, server_args: ServerArgs, port_args: PortArgs, scheduler_info: dict[str, Any] | None = None
+    ) -> None:
         from transformers import AutoTokenizer
 
         self.server_args = server_args
@@ -94,12 +100,23 @@ class TokenizerManager:
             server_args.model_path, server_args.dtype, server_args.context_length, server_args.device
         )
         self.tokenizer = AutoTokenizer.from_pretrained(server_args.tokenizer_path)
-        self.scheduler_info = scheduler_info
-        self.max_req_input_len: int = scheduler_info["max_req_input_len"]
-        self.limits = RequestLimits.build(
-            server_args, self.model_config.vocab_size, self.max_req_input_len, self.tokenizer
+        if server_args.chat_template is not None:
+            self.tokenizer.chat_template = resolve_chat_template(server_args.chat_template)
+        self.sampling_defaults = load_sampling_defaults(server_args.sampling_defaults, server_args.model_path)
+        self.grammar_backend = create_grammar_backend(
+            server_args.grammar_backend,
+            lambda: self.tokenizer,
+            self.model_config.vocab_size,
+            eos_token_ids(self.model_config),
         )
+        self.scheduler_info: dict[str, Any] = {}
+        self.max_req_input_len = 0
+        # Complete once the schedulers report how many prompt tokens they take (attach_schedulers).
+        self.limits = RequestLimits.build(server_args, self.model_config.vocab_size, 0, self.tokenizer)
         self.tokenize_pool = ThreadPoolExecutor(TOKENIZE_WORKERS, thread_name_prefix="tokenize")
+        self.startup_timeline: dict[str, Any] | None = None
+        if scheduler_info is not None:
+            self.attach_schedulers(scheduler_info)
         ctx = zmq.asyncio.Context(2)
         self.send_sock = ctx.socket(zmq.PUSH)
         self.send_sock.connect(port_args.scheduler_input_ipc_name)
@@ -164,12 +181,16 @@ class TokenizerManager:
             for t in tasks:
                 t.cancel()
 
-    async def encode(self, text: Any, field_name: str, add_special_tokens: bool = True) -> list[int]:
+    async def encode(
+        self, text: Any, field_name: str, add_special_tokens: bool = True, check_length: bool = True
+    ) -> list[int]:
         """Token ids of a prompt text. Long texts are tokenized on a worker thread (the tokenizer lets go of the
-        GIL), so that a megabyte prompt does not stop the event loop, and every other client, for seconds."""
+        GIL), so that a megabyte prompt does not stop the event loop, and every other client, for seconds. With
+        check_length, a text too long for any prompt this server takes is refused without tokenizing it."""
         if not isinstance(text, str):
             raise InvalidRequestError(field_name, f"expected a string, got {type(text).__name__}.")
-        self.limits.check_prompt_text(text, field_name)
+        if check_length:
+            self.limits.check_prompt_text(text, field_name)
         work = functools.partial(self.tokenizer.encode, text, add_special_tokens=add_special_tokens)
         try:
             if len(text) <= INLINE_TOKENIZE_CHARS:
@@ -179,10 +200,13 @@ class TokenizerManager:
             raise InvalidRequestError(field_name, f"the prompt cannot be tokenized: {e}") from None
 
     async def _tokenize(self, obj: GenerateReqInput) -> TokenizedGenerateReqInput:
-        params = SamplingParams.from_dict(obj.sampling_params)
+        params = SamplingParams.from_dict(obj.sampling_params, self.sampling_defaults)
+        params.check_vocab(self.model_config.vocab_size)
         self.limits.check_sampling(params)
         if obj.return_logprob:
             self.limits.check_top_logprobs_num(obj.top_logprobs_num)
+        # Compiled here, so a bad schema is a 400 before anything is queued and the scheduler never compiles.
+        grammar = compile_request_grammar(self.grammar_backend, params)
         if obj.input_ids is not None:
             ids = list(obj.input_ids)
             self._check_length(ids, "input_ids")  # first: the vocabulary check below reads every id
@@ -196,7 +220,7 @@ class TokenizerManager:
             field_name = "text"
         self._check_length(ids, field_name)
         rid = obj.rid if isinstance(obj.rid, str) else new_rid()
-        return TokenizedGenerateReqInput(rid, ids, params, obj.return_logprob, obj.top_logprobs_num)
+        return TokenizedGenerateReqInput(rid, ids, params, obj.return_logprob, obj.top_logprobs_num, grammar)
 
     def _check_length(self, ids: list[int], field_name: str) -> None:
         if not ids:
@@ -371,9 +395,19 @@ class TokenizerManager:
             "context_length": self.model_config.context_len,
         }
 
+    def attach_schedulers(self, scheduler_info: dict[str, Any]) -> None:
+        """Take what rank 0 reported once it has started (this manager is built while the ranks load)."""
+        self.scheduler_info = scheduler_info
+        self.max_req_input_len = scheduler_info["max_req_input_len"]
+        self.limits = dataclasses.replace(self.limits, max_prompt_tokens=self.max_req_input_len)
+
     def server_info(self) -> dict[str, Any]:
-        """Static part of /get_server_info: the arguments and what the schedulers reported at start."""
-        return {**dataclasses.asdict(self.server_args), **self.scheduler_info}
+        """Static part of /get_server_info: the arguments, what the schedulers reported and the start-up timeline."""
+        return {
+            **dataclasses.asdict(self.server_args),
+            **self.scheduler_info,
+            "startup_timeline": self.startup_timeline,
+        }
 
 
 async def last_output(gen: AsyncIterator[Any]) -> Any:

@@ -8,11 +8,13 @@ import time
 import psutil
 import torch
 
+from sglang.srt import startup_timeline as startup
 from sglang.srt.configs.load_config import LoadConfig, LoadFormat
 from sglang.srt.configs.model_config import ModelConfig
 from sglang.srt.distributed.parallel_state import init_distributed
 from sglang.srt.layers import fused_kernels
 from sglang.srt.layers.attention import create_attention_backend
+from sglang.srt.layers.attention.kernel_build import start_kernel_build
 from sglang.srt.mem_cache.allocator import TokenToKVPoolAllocator
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
 from sglang.srt.model_executor.cuda_graph_runner import maybe_create_cuda_graph_runner
@@ -55,32 +57,44 @@ class ModelRunner:
         self.server_args = server_args
         self.tp_rank = tp_rank
         self.tp_size = server_args.tp_size
-        if server_args.device == "cuda":
-            torch.cuda.set_device(gpu_id)
-            self.device = torch.device("cuda", gpu_id)
-            # Serve on a non-blocking stream of our own: copies that other libraries issue on the legacy default
-            # stream (Mooncake's TCP transport reads a seed's GPU weights with synchronous cudaMemcpy) would
-            # otherwise serialise with every kernel of every step.
-            torch.cuda.set_stream(torch.cuda.Stream(self.device))
-        else:
-            self.device = torch.device("cpu")
         self.gpu_id = gpu_id
-        init_distributed(tp_rank, self.tp_size, dist_init_method, self.device)
+        with startup.phase("device init"):
+            if server_args.device == "cuda":
+                torch.cuda.set_device(gpu_id)
+                self.device = torch.device("cuda", gpu_id)
+                # Serve on a non-blocking stream of our own: copies that other libraries issue on the legacy default
+                # stream (Mooncake's TCP transport reads a seed's GPU weights with synchronous cudaMemcpy) would
+                # otherwise serialise with every kernel of every step.
+                torch.cuda.set_stream(torch.cuda.Stream(self.device))
+            else:
+                self.device = torch.device("cpu")
+        # FlashInfer's kernels compile (fresh node) or load from the JIT cache while the weights arrive.
+        kernels = start_kernel_build(server_args.attention_backend, model_config, self.tp_size, self.device)
+        with startup.phase("distributed init"):
+            init_distributed(tp_rank, self.tp_size, dist_init_method, self.device)
         torch.manual_seed(server_args.random_seed)
         self.load_model()
         # Any instance may become a seed: checksum the weights now (before the KV pool takes the memory
         # the temporaries need), so a first fork does not wait for it.
-        from sglang.srt.remote_instance.seed_rpc import cached_checksums
+        from sglang.srt.remote_instance.manifest_seed import cached_checksums
 
-        cached_checksums(self)
-        self.init_memory_pool()
-        self.attn_backend = create_attention_backend(server_args.attention_backend, self)
+        with startup.phase("weight checksums"):
+            cached_checksums(self)
+        with startup.phase("KV cache"):
+            self.init_memory_pool()
+        if kernels is not None:
+            with startup.phase("FlashInfer kernels (wait for build)"):
+                kernels.wait()
+        with startup.phase("attention backend"):
+            self.attn_backend = create_attention_backend(server_args.attention_backend, self)
         # Captured after the KV pool and backend exist: the graphs point at their buffers.
-        self.cuda_graph_runner = maybe_create_cuda_graph_runner(self)
+        with startup.phase("CUDA graphs"):
+            self.cuda_graph_runner = maybe_create_cuda_graph_runner(self)
         if server_args.remote_instance_weight_loader_start_seed_via_transfer_engine:
             from sglang.srt.remote_instance.transfer_engine_seed import start_transfer_engine_seed
 
-            self.transfer_engine_seed = start_transfer_engine_seed(self)
+            with startup.phase("TransferEngine seed"):
+                self.transfer_engine_seed = start_transfer_engine_seed(self)
 
     def load_model(self) -> None:
         import sglang.srt.model_loader.remote_instance_loader  # noqa: F401  (registers remote_instance)
@@ -89,7 +103,8 @@ class ModelRunner:
         start = time.perf_counter()
         self.load_config = load_config_from_server_args(self.server_args)
         loader = get_model_loader(self.load_config)
-        self.model = loader.load_model(self.model_config, self.device)
+        with startup.phase(f"weights ({self.load_config.load_format.value})"):
+            self.model = loader.load_model(self.model_config, self.device)
         self.fork_report = getattr(loader, "fork_report", None)
         self.weight_load_seconds = time.perf_counter() - start
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())

@@ -77,10 +77,10 @@ def register_remote_backend(name: str) -> Callable:
 
 
 def _load_backends() -> None:
-    from sglang.srt.model_loader import nccl_backend  # noqa: F401
+    from sglang.srt.model_loader import nccl_client  # noqa: F401
 
     try:
-        from sglang.srt.model_loader import transfer_engine_backend  # noqa: F401
+        from sglang.srt.model_loader import transfer_engine_client  # noqa: F401
     except ImportError:
         pass
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -128,14 +127,3 @@ def _body(resp: requests.Response) -> str:
 def _short(e: Exception) -> str:
     text = str(e)
     return text if len(text) < 160 else text[:160] + "..."
-
-
-def local_ip_towards(host: str) -> str:
-    """The address this host uses to reach host (what the seed will see us as)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_DGRAM) as s:
-        try:
-            s.connect((host, 9))
-            return s.getsockname()[0]
-        except OSError:
-            return "127.0.0.1"

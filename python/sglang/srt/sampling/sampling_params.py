@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,7 +21,8 @@ class SamplingParamsError(ValueError):
 class SamplingParams:
     """Per-request sampling settings (names follow upstream SGLang's `sampling_params`)."""
 
-    max_new_tokens: int = 128
+    # None: no limit of its own; the request ends at a stop condition or the context length.
+    max_new_tokens: int | None = 128
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1
@@ -35,11 +37,19 @@ class SamplingParams:
     skip_special_tokens: bool = True
     seed: int | None = None
     n: int = 1
+    # OpenAI's logit_bias: token id (as a string, JSON object keys being strings) -> value added to its logit.
+    logit_bias: dict[str, float] | None = None
+    # Structured output (at most one): the output must match this JSON schema, regex or EBNF grammar.
+    json_schema: str | None = None
+    regex: str | None = None
+    ebnf: str | None = None
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any] | None) -> SamplingParams:
-        """Build from a request dict; unknown keys and wrong types are errors naming the key."""
-        data = dict(data or {})
+    def from_dict(cls, data: dict[str, Any] | None, defaults: dict[str, Any] | None = None) -> SamplingParams:
+        """Build from a request dict; unknown keys and wrong types are errors naming the key. defaults (the
+        server's, e.g. the model's generation_config.json) fill the keys the request leaves out or sets to null."""
+        given = {k: v for k, v in (data or {}).items() if v is not None or k in _NULLABLE_KEYS}
+        data = {**(defaults or {}), **given}
         names = {f.name: f for f in dataclasses.fields(cls)}
         kwargs: dict[str, Any] = {}
         for key, value in data.items():
@@ -48,7 +58,11 @@ class SamplingParams:
                     continue
                 raise SamplingParamsError(key, f"unknown sampling parameter; known: {', '.join(sorted(names))}")
             if value is None:
+                if key in _NULLABLE_KEYS:
+                    kwargs[key] = None
                 continue
+            if key == "json_schema" and isinstance(value, dict):
+                value = json.dumps(value)  # upstream takes a string; a schema object means the same
             kwargs[key] = _coerce(key, value, names[key].type)
         params = cls(**kwargs)
         params.validate()
@@ -57,7 +71,7 @@ class SamplingParams:
     def validate(self) -> None:
         """Raise SamplingParamsError for the first out-of-range field."""
         checks = (
-            ("max_new_tokens", self.max_new_tokens >= 0, "must be >= 0"),
+            ("max_new_tokens", self.max_new_tokens is None or self.max_new_tokens >= 0, "must be >= 0 or null"),
             ("temperature", self.temperature >= 0, "must be >= 0"),
             ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
             ("top_k", self.top_k == -1 or self.top_k >= 1, "must be -1 (disabled) or >= 1"),
@@ -72,6 +86,17 @@ class SamplingParams:
         for name, ok, message in checks:
             if not ok:
                 raise SamplingParamsError(name, f"{message}, got {getattr(self, name)!r}")
+        for token, bias in (self.logit_bias or {}).items():
+            if not token.isdigit():
+                raise SamplingParamsError("logit_bias", f"keys are token ids, got {token!r}")
+            if not -100 <= bias <= 100:
+                raise SamplingParamsError("logit_bias", f"values must be in [-100, 100], got {bias!r} for {token}")
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Raise SamplingParamsError if logit_bias names a token outside the vocabulary."""
+        bad = [t for t in self.logit_bias or {} if int(t) >= vocab_size]
+        if bad:
+            raise SamplingParamsError("logit_bias", f"token id {bad[0]} is not in the vocabulary [0, {vocab_size})")
 
     @property
     def is_greedy(self) -> bool:
@@ -84,9 +109,11 @@ class SamplingParams:
 
 # A seed is a signed 64-bit integer, as in OpenAI's API; the sampler's generators take no more.
 SEED_MIN, SEED_MAX = -(1 << 63), (1 << 63) - 1
+# Keys where an explicit null means something other than "use the default": max_new_tokens null is no limit.
+_NULLABLE_KEYS = {"max_new_tokens"}
 
 # Accepted for compatibility with upstream clients; they have no effect here.
-_IGNORED_KEYS = {"spaces_between_special_tokens", "no_stop_trim", "json_schema", "regex", "ebnf", "logit_bias"}
+_IGNORED_KEYS = {"spaces_between_special_tokens", "no_stop_trim"}
 
 
 def _coerce(key: str, value: Any, annotation: str) -> Any:
@@ -112,6 +139,16 @@ def _coerce(key: str, value: Any, annotation: str) -> Any:
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise TypeError
             return value
+        if text.startswith("str"):
+            if not isinstance(value, str):
+                raise TypeError
+            return value
+        if text.startswith("dict[str, float]"):
+            if not isinstance(value, dict) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in value.values()
+            ):
+                raise TypeError
+            return {str(k): float(v) for k, v in value.items()}
         if text.startswith("list[int]"):
             if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
                 raise TypeError

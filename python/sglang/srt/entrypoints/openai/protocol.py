@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -18,7 +19,7 @@ ERROR_TYPES = {
 }
 
 # Request fields whose sampling-parameter name differs from the OpenAI name.
-OPENAI_NAME_OF = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}
+OPENAI_NAME_OF = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "json_schema": "response_format"}
 
 
 class APIError(Exception):
@@ -46,13 +47,39 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class StreamOptions(_Strict):
+class _Tolerant(BaseModel):
+    # OpenAI clients routinely send fields this server has no use for (newer OpenAI options, other servers'
+    # extensions). They are kept in model_extra for request_checks, which refuses the ones whose meaning we cannot
+    # honour and logs the rest once per name; a 400 for each would break ordinary client traffic.
+    model_config = ConfigDict(extra="allow")
+
+
+class StreamOptions(_Tolerant):
     """`stream_options` of a streamed request."""
 
     include_usage: bool = False
 
 
-class SamplingRequest(_Strict):
+class JsonSchemaFormat(_Tolerant):
+    """`response_format.json_schema`: the schema every answer must match."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    name: str | None = None
+    # "schema" would shadow a pydantic BaseModel attribute, hence the alias.
+    schema_: dict[str, Any] | bool | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+    description: str | None = None
+
+
+class ResponseFormat(_Tolerant):
+    """`response_format`: free text, any JSON object, or JSON matching a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class SamplingRequest(_Tolerant):
     """Fields shared by completions and chat completions: model, sampling and streaming."""
 
     model: str | None = None
@@ -75,6 +102,8 @@ class SamplingRequest(_Strict):
     stop_token_ids: list[int] | None = None
     ignore_eos: bool | None = None
     skip_special_tokens: bool | None = None
+    logit_bias: dict[str, float] | None = None
+    response_format: ResponseFormat | None = None
 
     def sampling_params(self) -> dict[str, Any]:
         """The native sampling_params for one choice (n is served as n separate requests)."""
@@ -91,12 +120,14 @@ class SamplingRequest(_Strict):
             "ignore_eos",
             "skip_special_tokens",
             "seed",
+            "logit_bias",
         )
         params = {name: getattr(self, name) for name in names if getattr(self, name) is not None}
-        if self.max_tokens is not None:
-            params["max_new_tokens"] = self.max_tokens
+        # Always set: a missing (None) limit means "until a stop condition or the context length", as upstream.
+        params["max_new_tokens"] = self.max_tokens
         if self.min_tokens is not None:
             params["min_new_tokens"] = self.min_tokens
+        params.update(response_format_params(self.response_format))
         return params
 
     @property
@@ -111,6 +142,7 @@ class CompletionRequest(SamplingRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = 16
     logprobs: int | None = Field(default=None, ge=0, le=20)
+    echo: bool = False
 
 
 class ContentPart(_Strict):
@@ -149,10 +181,25 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    chat_template_kwargs: dict[str, Any] | None = None
 
     def sampling_params(self) -> dict[str, Any]:
-        """As for completions; max_completion_tokens is the newer name of max_tokens."""
+        """As for completions; max_completion_tokens is the newer name of max_tokens and wins over it."""
         params = super().sampling_params()
         if self.max_completion_tokens is not None:
             params["max_new_tokens"] = self.max_completion_tokens
         return params
+
+
+def response_format_params(fmt: ResponseFormat | None) -> dict[str, Any]:
+    """The native sampling params a response_format asks for (json_schema as a JSON string, as upstream)."""
+    if fmt is None or fmt.type == "text":
+        return {}
+    if fmt.type == "json_object":
+        return {"json_schema": json.dumps({"type": "object"})}
+    if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+        raise APIError(
+            "response_format of type json_schema needs json_schema.schema (a JSON Schema object).",
+            param="response_format",
+        )
+    return {"json_schema": json.dumps(fmt.json_schema.schema_)}

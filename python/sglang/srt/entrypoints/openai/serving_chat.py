@@ -11,6 +11,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from sglang.srt.entrypoints.openai.protocol import APIError, ChatCompletionRequest
+from sglang.srt.entrypoints.openai.request_checks import check_extra_fields
 from sglang.srt.entrypoints.openai.serving_base import (
     check_choices,
     finish_reason,
@@ -30,9 +31,15 @@ from sglang.srt.managers.io_struct import GenerateReqInput
 if TYPE_CHECKING:
     from sglang.srt.managers.tokenizer_manager import TokenizerManager
 
+# apply_chat_template arguments the server chooses; chat_template_kwargs cannot override them.
+RESERVED_TEMPLATE_ARGS = frozenset(
+    {"conversation", "tokenize", "add_generation_prompt", "return_dict", "tokenizer_kwargs", "chat_template"}
+)
+
 
 async def serve_chat(request: Request, tm: TokenizerManager, req: ChatCompletionRequest) -> Any:
     """Answer a chat completions request, streamed or not."""
+    check_extra_fields(req)
     check_choices(tm, req)
     prompt_ids = await chat_prompt_ids(tm, req)
     top_n = req.top_logprobs or 0
@@ -74,8 +81,15 @@ async def chat_prompt_ids(tm: TokenizerManager, req: ChatCompletionRequest) -> l
             param="messages",
         )
     messages = [m.template_dict() for m in req.messages]
+    extra = req.chat_template_kwargs or {}
+    taken = sorted(RESERVED_TEMPLATE_ARGS & set(extra))
+    if taken:
+        raise APIError(
+            f"chat_template_kwargs may not set {', '.join(taken)}: the server sets them.", "chat_template_kwargs"
+        )
     try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        # The extra kwargs become template variables, e.g. Qwen3's enable_thinking.
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **extra)
     except Exception as e:  # jinja raises whatever the template author chose (e.g. role order rules)
         raise APIError(f"The chat template rejected the messages: {e}", param="messages") from None
     # The template already spells out any special tokens it wants, so none are added here.

@@ -11,6 +11,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from sglang.srt.entrypoints.openai.protocol import APIError, CompletionRequest
+from sglang.srt.entrypoints.openai.request_checks import check_extra_fields
 from sglang.srt.entrypoints.openai.serving_base import (
     check_choices,
     finish_reason,
@@ -18,6 +19,7 @@ from sglang.srt.entrypoints.openai.serving_base import (
     matched_stop,
     openai_param,
     per_choice_params,
+    sse_event,
     start_generation,
     stream_choices,
     token_text,
@@ -32,10 +34,13 @@ if TYPE_CHECKING:
 
 async def serve_completions(request: Request, tm: TokenizerManager, req: CompletionRequest) -> Any:
     """Answer a completions request, streamed or not."""
+    check_extra_fields(req)
     check_choices(tm, req)
     prompts = _prompts(req.prompt)
     expanded = [p for p in prompts for _ in range(req.n)]
     as_text = isinstance(prompts[0], str)
+    if req.echo and req.logprobs is not None:
+        raise APIError("'echo' with 'logprobs' needs prompt logprobs, which are not supported; drop one.", "echo")
     obj = GenerateReqInput(
         text=expanded if as_text else None,
         input_ids=None if as_text else expanded,
@@ -46,6 +51,9 @@ async def serve_completions(request: Request, tm: TokenizerManager, req: Complet
     )
     with_rids(obj)
     first, rest = await start_generation(request, tm, obj, "prompt", openai_param)
+    # With echo, each choice's text starts with its prompt (token-id prompts decoded, once they are known to be
+    # token ids of this vocabulary and no longer than the context).
+    echoed = [(p if as_text else tm.tokenizer.decode(p)) if req.echo else "" for p in expanded]
     model = req.model or tm.server_args.served_model_name
     head = {
         "id": f"cmpl-{uuid.uuid4().hex}",
@@ -54,12 +62,12 @@ async def serve_completions(request: Request, tm: TokenizerManager, req: Complet
         "model": model,
     }
     if req.stream:
-        events = _stream(tm, req, head, first, rest, len(expanded))
+        events = _stream(tm, req, head, first, rest, echoed)
         return StreamingResponse(guard_stream(events, rest), media_type="text/event-stream")
     choices = [
         {
             "index": i,
-            "text": out["text"],
+            "text": echoed[i] + out["text"],
             "logprobs": _logprobs(tm, out["meta_info"], 0, req.logprobs) if req.logprobs is not None else None,
             "finish_reason": finish_reason(out["meta_info"]),
             "matched_stop": matched_stop(out["meta_info"]),
@@ -81,19 +89,24 @@ def _prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str]
     return prompt  # type: ignore[return-value]
 
 
-def _stream(
+async def _stream(
     tm: TokenizerManager,
     req: CompletionRequest,
     head: dict[str, Any],
     first: dict[str, Any],
     rest: AsyncIterator[dict[str, Any]],
-    count: int,
+    echoed: list[str],
 ) -> AsyncIterator[str]:
     def fields(text: str, meta: dict[str, Any], start: int) -> tuple[dict[str, Any], bool]:
         logprobs = _logprobs(tm, meta, start, req.logprobs) if req.logprobs is not None else None
         return {"text": text, "logprobs": logprobs}, bool(logprobs and logprobs["tokens"])
 
-    return stream_choices(head, first, rest, count, req, fields)
+    for index, prompt in enumerate(echoed):
+        if prompt:
+            choice = {"index": index, "text": prompt, "logprobs": None, "finish_reason": None}
+            yield sse_event({**head, "choices": [choice]})
+    async for event in stream_choices(head, first, rest, len(echoed), req, fields):
+        yield event
 
 
 def _logprobs(tm: TokenizerManager, meta: dict[str, Any], start: int, top_n: int) -> dict[str, Any]:

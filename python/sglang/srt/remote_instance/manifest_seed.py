@@ -6,7 +6,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from sglang.srt.managers.scheduler_rpc import register_rpc
+from sglang.srt.managers.rpc_registry import register_rpc
 from sglang.srt.remote_instance.manifest import build_manifest, model_checksums
 
 if TYPE_CHECKING:

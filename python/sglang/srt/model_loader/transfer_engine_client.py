@@ -16,7 +16,8 @@ from sglang.srt.model_loader.remote_instance_loader import (
     RemoteWeightBackend,
     register_remote_backend,
 )
-from sglang.srt.model_loader.remote_instance_weight_loader_utils import RemoteInstanceError, local_ip_towards
+from sglang.srt.model_loader.remote_instance_weight_loader_utils import RemoteInstanceError
+from sglang.srt.remote_instance.addresses import local_ip_towards
 from sglang.srt.remote_instance.manifest import TensorSpec, weight_tensors
 from sglang.srt.remote_instance.mooncake_guard import (
     GuardedEngine,
@@ -30,7 +31,7 @@ from sglang.srt.remote_instance.mooncake_guard import (
     rdma_devices,
     supports_intra_nvlink,
 )
-from sglang.srt.remote_instance.transfer_engine_seed import host_identity, merged_regions
+from sglang.srt.remote_instance.transfer_engine_memory import host_identity, merged_regions
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from sglang.srt.managers.scheduler_rpc import Deferred, in_background, register_rpc
+from sglang.srt.managers.rpc_registry import Deferred, in_background, register_rpc
 from sglang.srt.remote_instance.manifest import weight_tensors
 from sglang.srt.remote_instance.pair_group import PairGroup, open_pair_group
 

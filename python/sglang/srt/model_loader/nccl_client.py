@@ -17,7 +17,8 @@ from sglang.srt.model_loader.remote_instance_loader import (
     capture_error,
     register_remote_backend,
 )
-from sglang.srt.model_loader.remote_instance_weight_loader_utils import RemoteInstanceError, local_ip_towards
+from sglang.srt.model_loader.remote_instance_weight_loader_utils import RemoteInstanceError
+from sglang.srt.remote_instance.addresses import local_ip_towards
 from sglang.srt.remote_instance.manifest import TensorSpec, weight_tensors
 from sglang.srt.remote_instance.pair_group import PairGroupError, open_pair_group
 

@@ -1,0 +1,89 @@
+"""The xgrammar backend: compiled grammars, per-request matchers and batched token masks."""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import xgrammar as xgr
+
+from sglang.srt.constrained.grammar_backend import GrammarSpec
+from sglang.srt.sampling.sampling_params import SamplingParamsError
+
+# xgrammar's errors start with "[time] /path/file.cc:line: "; the rest is what the user needs.
+_SOURCE_PREFIX = re.compile(r"^\[[^\]]*\]\s*\S+:\d+:\s*")
+
+
+class XGrammarMatcher:
+    """One request's xgrammar matcher."""
+
+    def __init__(self, matcher: xgr.GrammarMatcher) -> None:
+        self.matcher = matcher
+
+    def accept(self, token_id: int) -> bool:
+        """Advance by token_id; False if the grammar does not allow it."""
+        return self.matcher.accept_token(token_id)
+
+    @property
+    def terminated(self) -> bool:
+        """Whether the grammar is complete (its stop token accepted)."""
+        return self.matcher.is_terminated()
+
+
+class XGrammarBackend:
+    """Builds xgrammar's tokenizer info on first use (a server that never sees a grammar pays nothing)."""
+
+    def __init__(self, tokenizer: Callable[[], Any], vocab_size: int, stop_token_ids: list[int]) -> None:
+        self._tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.stop_token_ids = stop_token_ids
+        self._lock = threading.Lock()  # compile may run on several threads of the HTTP process
+        self._info: xgr.TokenizerInfo | None = None
+        self._compiler: xgr.GrammarCompiler | None = None
+
+    def _ready(self) -> tuple[xgr.TokenizerInfo, xgr.GrammarCompiler]:
+        with self._lock:
+            if self._compiler is None:
+                self._info = xgr.TokenizerInfo.from_huggingface(
+                    self._tokenizer(), vocab_size=self.vocab_size, stop_token_ids=self.stop_token_ids
+                )
+                # The compiler keeps its own cache of compiled grammars: clients send the same schema again.
+                self._compiler = xgr.GrammarCompiler(self._info)
+            return self._info, self._compiler
+
+    def compile(self, spec: GrammarSpec) -> str:
+        """The compiled grammar as xgrammar's JSON; SamplingParamsError naming spec.kind if it is invalid."""
+        _, compiler = self._ready()
+        compilers = {
+            # Whitespace inside JSON is limited to single spaces: a model could otherwise pad forever.
+            "json_schema": lambda: compiler.compile_json_schema(spec.value, any_whitespace=False),
+            "regex": lambda: compiler.compile_regex(spec.value),
+            "ebnf": lambda: compiler.compile_grammar(spec.value),
+        }
+        try:
+            compiled = compilers[spec.kind]()
+        except RuntimeError as e:
+            raise SamplingParamsError(spec.kind, f"cannot be compiled: {_message(e)}") from None
+        return compiled.serialize_json()
+
+    def matcher(self, compiled: str) -> XGrammarMatcher:
+        """A fresh matcher at the start of a grammar that compile() produced."""
+        info, _ = self._ready()
+        grammar = xgr.CompiledGrammar.deserialize_json(compiled, info)
+        return XGrammarMatcher(xgr.GrammarMatcher(grammar))
+
+    def apply_masks(self, logits: torch.Tensor, rows: list[int], matchers: list[XGrammarMatcher]) -> None:
+        """Fill one bitmask row per constrained request on the host, then mask those logits rows on their device
+        in one call (rows not listed are left alone)."""
+        bitmask = xgr.allocate_token_bitmask(logits.shape[0], self.vocab_size)
+        for row, m in zip(rows, matchers):
+            m.matcher.fill_next_token_bitmask(bitmask, row)
+        xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True), indices=rows)
+
+
+def _message(error: Exception) -> str:
+    text = _SOURCE_PREFIX.sub("", str(error).strip())
+    return text.replace("Check failed: (error.empty()) is false: ", "")

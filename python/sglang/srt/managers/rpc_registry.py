@@ -1,0 +1,52 @@
+"""The registry of control methods: features register handlers here; the scheduler looks them up.
+
+Kept free of scheduler imports so a feature (e.g. the R-Fork seed) can register without importing the scheduler
+back, which imports the feature's package to load its handlers."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+RpcHandler = Callable[..., Any]
+RPC_HANDLERS: dict[str, RpcHandler] = {}
+
+
+def register_rpc(name: str) -> Callable[[RpcHandler], RpcHandler]:
+    """Register fn(scheduler, **params) as the handler of control method `name`."""
+
+    def wrap(fn: RpcHandler) -> RpcHandler:
+        RPC_HANDLERS[name] = fn
+        return fn
+
+    return wrap
+
+
+@dataclass
+class Deferred:
+    """A handler's answer that is not ready yet: its work runs on another thread (waiting for a peer, moving
+    weights) while the scheduler goes on serving. The caller gets the answer once every TP rank's is done."""
+
+    method: str
+    future: Future
+
+
+def in_background(method: str, work: Callable[[], Any], device: torch.device) -> Deferred:
+    """Run work() on a new thread bound to device (CUDA's current device is per thread) and defer the answer."""
+    future: Future = Future()
+
+    def body() -> None:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        try:
+            future.set_result(work())
+        except BaseException as e:  # handed to the caller as the call's error
+            future.set_exception(e)
+
+    threading.Thread(target=body, name=f"rpc-{method}", daemon=True).start()
+    return Deferred(method, future)

@@ -1,0 +1,81 @@
+"""The start-up timeline: every phase of a launch timed from the launch itself, logged, and served."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from sglang.srt import startup_timeline
+from sglang.test.test_utils import kill_process_tree, popen_launch_server
+
+# Phases every start goes through, per process (the launcher is "main", rank 0 is "TP0").
+MAIN_PHASES = {"interpreter start + imports", "start rank processes", "resolve arguments", "model config",
+               "tokenizer manager", "wait for ranks", "HTTP server"}  # fmt: skip
+RANK_PHASES = {"process start + imports", "model config", "device init", "distributed init", "weights (auto)",
+               "weight checksums", "KV cache", "attention backend", "CUDA graphs"}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def launched(tiny_model_dir):
+    started = time.time()
+    proc = popen_launch_server(tiny_model_dir("llama"), other_args=["--log-level", "info"])
+    healthy = time.time()
+    yield proc, started, healthy
+    kill_process_tree(proc.pid)
+
+
+def test_server_info_has_a_timeline_that_covers_the_launch(launched):
+    proc, started, healthy = launched
+    timeline = requests.get(f"{proc.base_url}/get_server_info", timeout=30).json()["startup_timeline"]
+    ready = timeline["launch_to_ready_s"]
+    # Counted from the OS start of the launcher, which began after `started` and was ready before /health answered.
+    assert 0 < ready <= healthy - started + 0.05, (ready, healthy - started)
+    assert ready > 0.5 * (healthy - started) - 0.5, "the launch instant is far later than the Popen"
+    phases = timeline["phases"]
+    by_process: dict[str, set[str]] = {}
+    for p in phases:
+        by_process.setdefault(p["process"], set()).add(p["name"])
+        assert -0.05 <= p["start_s"] <= p["end_s"] <= ready + 0.05, p
+        assert p["seconds"] == pytest.approx(p["end_s"] - p["start_s"], abs=1e-3)
+    assert by_process["main"] >= MAIN_PHASES, by_process["main"]
+    assert by_process["TP0"] >= RANK_PHASES, by_process["TP0"]
+    # The rank starts before the launcher has resolved its arguments: its imports overlap the launcher's work.
+    rank_start = min(p["start_s"] for p in phases if p["process"] == "TP0")
+    resolved = next(p["end_s"] for p in phases if p["name"] == "resolve arguments")
+    assert rank_start < resolved
+
+
+def test_each_phase_is_logged_and_ready_is_summarised(launched):
+    proc, _, _ = launched
+    log = Path(proc.log_path).read_text()
+    assert "Startup: resolve arguments took" in log
+    assert "[" in log and "TP0] Startup: weights (auto) took" in log
+    summary = [line for line in log.splitlines() if "Startup: ready" in line]
+    assert len(summary) == 1 and "TP0: process start + imports" in summary[0], summary
+
+
+def test_a_long_phase_says_it_is_still_running(monkeypatch, caplog):
+    monkeypatch.setattr(startup_timeline, "HEARTBEAT_S", 1.0)
+    timeline = startup_timeline.StartupTimeline("main", time.time())
+    with caplog.at_level(logging.INFO, logger="sglang.startup"), timeline.phase("slow step"):
+        time.sleep(2.6)
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(line.startswith("Startup: still in slow step") for line in lines), lines
+    assert lines[-1].startswith("Startup: slow step took 2.6"), lines
+
+
+def test_a_failed_phase_is_recorded_as_failed():
+    timeline = startup_timeline.StartupTimeline("main", time.time())
+    with pytest.raises(ValueError), timeline.phase("weights"):
+        raise ValueError("bad checkpoint")
+    assert [p.name for p in timeline.phases] == ["weights (failed)"]
+
+
+def test_process_start_time_is_this_process_start():
+    # pytest has been running for a while; its start is in the past, and not by more than the session.
+    age = time.time() - startup_timeline.process_start_time()
+    assert 0 < age < 3600
