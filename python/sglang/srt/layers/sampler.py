@@ -23,9 +23,9 @@ class SampleOutput:
     token_ids: list[int | None]
     logprobs: list[float | None]
     top_logprobs: list[list[tuple[float, int]] | None]
-    errors: dict[int, str] = field(default_factory=dict)  # row -> why it could not be sampled (no token then)
     # Per row, a finish reason that the row's grammar decided (complete, or a token it could not accept), else None.
     grammar_finish: list[dict[str, Any] | None] = field(default_factory=list)
+    errors: dict[int, str] = field(default_factory=dict)  # row -> why it could not be sampled (no token then)
 
 
 class Sampler:
@@ -97,7 +97,7 @@ class Sampler:
                 one = self(logits[i : i + 1], [req])
             except Exception as e:
                 out.errors[i] = f"sampling failed: {type(e).__name__}: {e}"
-                one = SampleOutput([None], [None], [None], [None])
+                one = SampleOutput([None], [None], [None], grammar_finish=[None])
             out.token_ids += one.token_ids
             out.logprobs += one.logprobs
             out.top_logprobs += one.top_logprobs
