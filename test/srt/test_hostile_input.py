@@ -356,6 +356,7 @@ BAD_BODIES = [
     ("/get_weights_by_name", {"name": "no.such.weight"}, "name"),
     ("/get_weights_by_name", {"name": "lm_head.weight", "truncate_size": 0}, "truncate_size"),
     ("/abort_request", {"rid": ["a"]}, "rid"),
+    ("/tokenize", {"prompt": "lone \ud800 surrogate"}, "prompt"),
 ]
 
 
