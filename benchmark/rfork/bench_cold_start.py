@@ -116,11 +116,18 @@ def main() -> None:
     parser.add_argument("--clients", default="disk,transfer_engine,nccl,transfer_engine_fresh_jit")
     parser.add_argument("--repeat", type=int, default=1, help="launches per client kind (the best is reported)")
     parser.add_argument("--timeout", type=float, default=400)
+    parser.add_argument("--seed-args", default="", help="extra seed flags, e.g. '--max-total-tokens 65536' on one GPU")
+    parser.add_argument("--seed-dummy-weights", action="store_true", help="no checkpoint on disk (no disk client)")
     parser.add_argument("--protocol", default="nvlink_intra", help="Mooncake transport (tcp to try it on CPU)")
     parser.add_argument("--result-name", default="rfork_cold_start_h200x2.json")
     args = parser.parse_args()
     logs = log_dir()
-    model_dir = ensure_checkpoint(Path(args.model_dir))
+    if args.seed_dummy_weights:
+        model_dir = Path(args.model_dir)
+        maker = Path(__file__).parents[1] / "serving" / "make_llama3_8b_dummy.py"
+        subprocess.run([sys.executable, str(maker), str(model_dir)], check=True)
+    else:
+        model_dir = ensure_checkpoint(Path(args.model_dir))
     client_dir = Path(config_only_copy(model_dir, Path(tempfile.mkdtemp(prefix="cold_client_"))))
     env = {**os.environ, "MOONCAKE_PROTOCOL": args.protocol}
     seed_port = free_port()
@@ -128,6 +135,8 @@ def main() -> None:
         sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_dir), "--port", str(seed_port),
         "--base-gpu-id", str(args.seed_gpu), "--remote-instance-weight-loader-start-seed-via-transfer-engine",
         "--engine-info-bootstrap-port", str(free_port()),
+        *(["--load-format", "dummy"] if args.seed_dummy_weights else []),
+        *args.seed_args.split(),
     ]  # fmt: skip
     result: dict = {**stamp(" ".join(["python", *sys.argv])), "clients": {}}
     launched = time.time()

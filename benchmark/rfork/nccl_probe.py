@@ -25,7 +25,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "python"))
 
-from sglang.srt.remote_instance.pair_group import open_pair_group  # noqa: E402
+from sglang.srt.remote_instance.pair_group import join_seed_group, open_seed_group  # noqa: E402
 from sglang.srt.server_args import free_port  # noqa: E402
 from sglang.test.test_utils import LLAMA3_8B_SHAPE  # noqa: E402
 
@@ -66,7 +66,11 @@ def worker(rank: int, variant: str, port: int, extra_gb: float, queue) -> None:
 
         close = dist.destroy_process_group
     else:
-        group = open_pair_group("127.0.0.1", port, rank, "probe", torch.device("cuda", rank), 120)
+        device = torch.device("cuda", rank)
+        if rank == 0:
+            group = open_seed_group("127.0.0.1", port, {"127.0.0.1"}, "probe", device, 120)
+        else:
+            group = join_seed_group("127.0.0.1", port, "probe", device, 120)
         record["setup_s"] = time.perf_counter() - start
         if variant.startswith("pair_warm_"):
             warm = torch.empty(int(variant.rsplit("_", 1)[1]) << 20, dtype=torch.uint8, device="cuda")

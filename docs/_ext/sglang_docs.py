@@ -15,6 +15,7 @@ way round, stops the build with an error naming it.
 from __future__ import annotations
 
 import dataclasses
+import importlib.machinery
 import importlib.util
 import inspect
 import re
@@ -35,14 +36,17 @@ ENDPOINTS: dict[str, str] = {
     "/health_generate": "Readiness: 200 once a one-token generation completes (503 after 20 s).",
     "/generate": "Native generation: text or token ids in, text and token ids out; optional streaming.",
     "/get_model_info": "Model path, architecture, dtype and context length.",
-    "/get_server_info": "Every server argument (keys redacted), start-up facts (weight load time, fork report) "
-    "and live load counters.",
+    "/get_server_info": "Every server argument (keys redacted), start-up facts (weight load time, fork report, "
+    "`startup_timeline`: every phase of the start, timed from the launch) and live load counters.",
     "/flush_cache": "Empty the radix (prefix) cache; refused while requests are running.",
     "/get_weights_by_name": "Values of one parameter of TP rank 0, optionally truncated.",
     "/abort_request": 'Stop a running request by its `rid`, or every request in flight with `"abort_all": true`.',
     "/tokenize": "Token ids of a text (or of each text of a list), their count and the context length.",
     "/detokenize": "Text of a list of token ids (or of each list of a list).",
     "/get_load": "Load of the server as upstream reports it: a list with one entry per data-parallel rank.",
+    "/metrics": "Prometheus metrics (text format) with `--enable-metrics`; 404 without it.",
+    "/start_profile": "Start a torch profiler run on every TP rank (trace per rank to a directory).",
+    "/stop_profile": "Stop the profiler run and write each rank's trace.",
     "/v1/models": "OpenAI: the one served model.",
     "/v1/models/{model_id:path}": "OpenAI: the served model's card by its id (404 for any other id).",
     "/v1/completions": "OpenAI: text completions, streaming or not.",
@@ -107,6 +111,12 @@ RFORK_FLAGS: dict[str, tuple[str, str, str]] = {
         "client",
         "both",
         "Skip comparing the per-tensor checksums after the transfer (the manifest check still runs).",
+    ),
+    "remote_instance_weight_loader_refuse_unverified": (
+        "client",
+        "both",
+        "Refuse a seed that publishes no manifest or checksums (an upstream SGLang seed) instead of forking "
+        "over upstream's protocol with a warning naming what was not verified.",
     ),
     "api_key": ("seed", "both", "Guards every endpoint but `/health`, the R-Fork ones included."),
 }
@@ -213,7 +223,10 @@ def _unset_defaults(cls: Any) -> dict[str, dict[str, Any]]:
     # module stands in for it on a docs machine without it (its attention default is "flashinfer if importable").
     stub = "flashinfer" not in sys.modules and importlib.util.find_spec("flashinfer") is None
     if stub:
-        sys.modules["flashinfer"] = types.ModuleType("flashinfer")
+        stand_in = types.ModuleType("flashinfer")
+        # The launcher looks FlashInfer up with find_spec, which refuses a module without a spec.
+        stand_in.__spec__ = importlib.machinery.ModuleSpec("flashinfer", None)
+        sys.modules["flashinfer"] = stand_in
     try:
         for device in ("cpu", "cuda"):
             args = cls.__new__(cls)
@@ -306,7 +319,8 @@ def rfork_flags_markdown() -> str:
 def _option_entry(f: dataclasses.Field, unset: dict[str, Any] | None) -> list[str]:
     meta = f.metadata
     is_flag = str(f.type) == "bool"
-    metavar = "" if is_flag else " " + ("{" + ",".join(meta["choices"]) + "}" if "choices" in meta else f.name.upper())
+    choices = "{" + ",".join(map(str, meta["choices"])) + "}" if "choices" in meta else f.name.upper()
+    metavar = "" if is_flag else " " + choices
     default = _declared_default(f)
     facts = ["Type: flag (no value)" if is_flag else f"Type: `{_type_text(f)}`"]
     if not is_flag:

@@ -36,11 +36,12 @@ def run_server(server_args: ServerArgs, ranks: Any = None) -> int:
     try:
         sock = _bind(server_args.host, server_args.port) if server_args.node_rank == 0 else None
         # A stop signal while the model loads raises SystemExit here; launch_engine then kills what it started.
-        handle = launch_engine(server_args, ranks)
+        apps: list[Any] = []
+        handle = launch_engine(server_args, ranks, while_loading=lambda h: apps.append(_prepare_app(server_args, h)))
         ranks = None
         if handle.tokenizer_manager is None:
             return _run_without_http(server_args, handle)
-        return asyncio.run(_serve(server_args, handle, sock))
+        return asyncio.run(_serve(server_args, handle, sock, apps[0]))
     except SystemExit as e:
         return int(e.code or 0)
     finally:
@@ -83,11 +84,21 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def _serve(server_args: ServerArgs, handle: Any, sock: socket.socket) -> int:
+def _prepare_app(server_args: ServerArgs, handle: Any) -> Any:
+    """The HTTP app (and the web stack's imports), made while the ranks still load; None without HTTP here."""
+    if handle.tokenizer_manager is None:
+        return None
+    with startup_timeline.phase("HTTP app"):
+        import uvicorn  # noqa: F401
+
+        from sglang.srt.entrypoints.http_server import create_app
+
+        return create_app(handle.tokenizer_manager, server_args.api_key)
+
+
+async def _serve(server_args: ServerArgs, handle: Any, sock: socket.socket, app: Any) -> int:
     # Imported here: rank processes re-import this module when they start, and need no web server.
     import uvicorn
-
-    from sglang.srt.entrypoints.http_server import create_app
 
     class _Server(uvicorn.Server):
         """uvicorn's server, plus a hook that runs as soon as a stop signal arrives."""
@@ -107,7 +118,6 @@ async def _serve(server_args: ServerArgs, handle: Any, sock: socket.socket) -> i
     debug = server_args.log_level == "debug"
     timeline = startup_timeline.current()
     http_started = time.time()
-    app = create_app(tm, server_args.api_key)
 
     def close_timeline() -> None:
         # The app's startup hook runs before uvicorn answers its first request, so whoever sees /health 200

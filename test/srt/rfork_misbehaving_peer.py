@@ -17,7 +17,7 @@ import requests
 import torch
 
 from sglang.srt.remote_instance.manifest import TensorSpec
-from sglang.srt.remote_instance.pair_group import open_pair_group, wait_work
+from sglang.srt.remote_instance.pair_group import join_seed_group, open_seed_group, wait_work
 
 CPU = torch.device("cpu")
 
@@ -38,7 +38,7 @@ def run_client(seed_url: str, port: int) -> None:
         kwargs={"json": body},
         daemon=True,
     ).start()
-    group = open_pair_group("127.0.0.1", port, 1, f"send_weights_127.0.0.1_{port}_0", CPU, 60)
+    group = join_seed_group("127.0.0.1", port, f"send_weights_127.0.0.1_{port}_0", CPU, 60)
     threading.Thread(
         target=requests.post, args=(f"{seed_url}/send_weights_to_remote_instance",), kwargs={"json": body}, daemon=True
     ).start()
@@ -91,7 +91,9 @@ def run_seed(model_dir: str, http_port: int, refuse: bool = False) -> None:
                 return
             if self.path == "/init_weights_send_group_for_remote_instance":
                 port = int(body["ports"])
-                groups["g"] = open_pair_group("127.0.0.1", port, 0, f"{body['group_name']}_{port}_0", CPU, 60)
+                groups["g"] = open_seed_group(
+                    "127.0.0.1", port, {"127.0.0.1"}, f"{body['group_name']}_{port}_0", CPU, 60
+                )
             if self.path == "/send_weights_to_remote_instance" or body.get("send_weights"):
                 half = tensors[: len(tensors) // 2]
                 groups["g"].broadcast_all(half, time.monotonic() + 30)

@@ -124,3 +124,25 @@ def test_profile_decode_host_runs_the_scheduler_with_and_without_the_model(model
     assert [row["batch_size"] for row in report["results"]] == [1, 3]
     for row in report["results"]:
         assert row["model_step_ms_median"] > 0 and row["null_model_step_ms_median"] > 0
+
+
+def test_bench_moe_reports_the_active_bytes_roofline_and_hf(tmp_path) -> None:
+    """bench_moe on a shrunken Qwen3-MoE shape: our decode, HF's, and a roofline of only the experts read."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "moe.json"
+    shrink = {"num_hidden_layers": 2, "hidden_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "head_dim": 32, "moe_intermediate_size": 64, "num_experts": 16, "num_experts_per_tok": 4,
+              "vocab_size": 1024}  # fmt: skip
+    cmd = [sys.executable, "benchmark/serving/bench_moe.py", "--device", "cpu", "--batch-size", "1", "4"]
+    cmd += ["--input-len", "8", "--output-len", "3", "--result-filename", str(out)]
+    subprocess.run([*cmd, "--config-override", json.dumps(shrink)], check=True, capture_output=True, timeout=300)
+    rows = json.loads(out.read_text())["results"]
+    assert [row["batch_size"] for row in rows] == [1, 4]
+    one, four = (row["moe_roofline"] for row in rows)
+    # Batch 1 reads exactly top_k experts per layer; 4 tokens read more of them, never all 16 weights' worth.
+    assert one["expected_distinct_experts_per_layer"] == 4
+    assert 4 < four["expected_distinct_experts_per_layer"] < 16
+    assert one["bytes"]["active_experts"] == 2 * 4 * 3 * 64 * 128 * 4  # layers x experts x 3 matrices, fp32
+    assert all(row["decode_vs_moe_roofline"] > 0 and row["hf_decode_step_ms"] > 0 for row in rows)

@@ -21,7 +21,7 @@ from sglang.tools.make_tiny_model import (
     parse_size,
 )
 
-ARCHES = ("llama", "qwen2", "qwen3")
+ARCHES = ("llama", "qwen2", "qwen3", "qwen3_moe")
 UNICODE_TEXT = "Hello, wörld! naïve café — 你好, мир 🙂\n\tdef f(x):  return x ** 2"
 
 
@@ -54,7 +54,12 @@ def test_arch_loads_in_transformers(arch: str, tmp_path: Path) -> None:
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == arch
     assert config["architectures"] == [
-        {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[arch]
+        {
+            "llama": "LlamaForCausalLM",
+            "qwen2": "Qwen2ForCausalLM",
+            "qwen3": "Qwen3ForCausalLM",
+            "qwen3_moe": "Qwen3MoeForCausalLM",
+        }[arch]
     ]
     assert config["eos_token_id"] == EOS_TOKEN_ID and config["tie_word_embeddings"] is False
     assert config["torch_dtype"] == "float32" and config["vocab_size"] == 512
@@ -64,9 +69,14 @@ def test_arch_loads_in_transformers(arch: str, tmp_path: Path) -> None:
     names = set(_read_tensors(out))
     assert "lm_head.weight" in names and "model.norm.weight" in names
     assert ("model.layers.1.self_attn.k_proj.bias" in names) == (arch == "qwen2")
-    assert ("model.layers.1.self_attn.q_norm.weight" in names) == (arch == "qwen3")
-    if arch == "qwen3":
+    assert ("model.layers.1.self_attn.q_norm.weight" in names) == arch.startswith("qwen3")
+    if arch.startswith("qwen3"):
         assert config["head_dim"] == 16 and config["attention_bias"] is False
+    # MoE: HF's per-expert checkpoint names (transformers stacks them itself on load) and a router per layer.
+    assert ("model.layers.1.mlp.experts.7.down_proj.weight" in names) == (arch == "qwen3_moe")
+    assert ("model.layers.1.mlp.gate.weight" in names) == (arch == "qwen3_moe")
+    if arch == "qwen3_moe":
+        assert config["num_experts"] == 8 and config["num_experts_per_tok"] == 2
 
     model = _load_model(out)
     tokenizer = transformers.AutoTokenizer.from_pretrained(out)

@@ -52,7 +52,12 @@ class ServerArgs:
     download_dir: str | None = _opt("Hugging Face cache directory for Hub ids; defaults to the Hub's (HF_HUB_CACHE).")
     tokenizer_path: str | None = _opt("Path of the tokenizer; defaults to --model-path.")
     trust_remote_code: bool = _opt("Allow custom model code from the hub (kept for compatibility).", default=False)
-    dtype: str = _opt("Data type of weights and activations.", default="auto", choices=DTYPES)
+    dtype: str = _opt(
+        "Data type of weights and activations. auto: the checkpoint's, except that float32 checkpoints run in "
+        "float16 (bfloat16 for Gemma) on GPUs, as upstream SGLang; on CPU always float32.",
+        default="auto",
+        choices=DTYPES,
+    )
     context_length: int | None = _opt("Maximum context length; defaults to the model's.")
     chat_template: str | None = _opt(
         "Chat template for /v1/chat/completions instead of the tokenizer's: a Jinja file, or a built-in name "
@@ -77,8 +82,28 @@ class ServerArgs:
     # HTTP server
     host: str = _opt("Host the HTTP server binds to.", default="127.0.0.1")
     port: int = _opt("Port of the HTTP server.", default=30000)
-    api_key: str | None = _opt("If set, every endpoint except /health requires 'Authorization: Bearer <key>'.")
+    api_key: str | None = _opt(
+        "If set, every endpoint except /health and /metrics requires 'Authorization: Bearer <key>'."
+    )
     log_level: str = _opt("Logging level.", default="info", choices=LOG_LEVELS)
+    decode_log_interval: int = _opt(
+        "Log one 'Decode batch' line (running requests, KV usage, generation throughput, queue) every this many "
+        "decode steps; every prefill batch logs its own line.",
+        default=40,
+    )
+    enable_metrics: bool = _opt(
+        "Serve Prometheus metrics at /metrics (request counters, latency histograms, scheduler gauges, R-Fork).",
+        default=False,
+    )
+    log_requests: bool = _opt(
+        "Log every request when it arrives and when it ends; --log-requests-level sets how much.", default=False
+    )
+    log_requests_level: int = _opt(
+        "0: id, sizes, finish reason and latency; 1: also the sampling parameters; 2: also the output text "
+        "(cut to 2048 characters); 3: also the prompt text, and nothing cut.",
+        default=2,
+        choices=(0, 1, 2, 3),
+    )
 
     # Request limits (ours): bad or oversized input is refused with a 4xx naming the field and the flag
     max_request_body_bytes: int = _opt(
@@ -151,6 +176,11 @@ class ServerArgs:
     )
     remote_instance_weight_loader_disable_verify: bool = _opt(
         "R-Fork (ours): skip the per-tensor checksum check after a fork.", default=False
+    )
+    remote_instance_weight_loader_refuse_unverified: bool = _opt(
+        "R-Fork (ours): refuse to fork from a seed that publishes no manifest or checksums (an upstream SGLang "
+        "seed) instead of forking over upstream's protocol with a warning that names what was not verified.",
+        default=False,
     )
 
     def __post_init__(self) -> None:
@@ -259,6 +289,8 @@ class ServerArgs:
             raise ServerArgsError(f"--context-length must be >= 1, got {self.context_length}.")
         if self.max_running_requests < 1:
             raise ServerArgsError(f"--max-running-requests must be >= 1, got {self.max_running_requests}.")
+        if self.decode_log_interval < 1:
+            raise ServerArgsError(f"--decode-log-interval must be >= 1, got {self.decode_log_interval}.")
         for name in ("max_request_body_bytes", "max_stop_strings", "max_stop_string_length", "max_n"):
             if getattr(self, name) < 1:
                 raise ServerArgsError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}.")
@@ -363,13 +395,14 @@ def _mooncake_available() -> bool:
 
 
 def _default_attention_backend(device: str) -> str:
-    """flashinfer on CUDA when it imports; torch_native otherwise (with a notice on CUDA, where it is slow)."""
+    """flashinfer on CUDA when it is installed; torch_native otherwise (with a notice on CUDA, where it is slow)."""
     if device != "cuda":
         return "torch_native"
-    try:
-        import flashinfer  # noqa: F401
-    except ImportError as e:
-        logger.warning("flashinfer is not importable (%s); using the torch_native attention backend.", e)
+    import importlib.util
+
+    # Looked up, not imported: importing FlashInfer here would cost the launcher a second that only the ranks need.
+    if importlib.util.find_spec("flashinfer") is None:
+        logger.warning("flashinfer is not installed; using the torch_native attention backend.")
         return "torch_native"
     return "flashinfer"
 

@@ -1,4 +1,4 @@
-"""Build a tiny, randomly initialised Hugging Face causal LM directory (llama / qwen2 / qwen3) for tests.
+"""Build a tiny, randomly initialised Hugging Face causal LM directory (llama / qwen2 / qwen3 / qwen3_moe).
 
 Usage: ``python -m sglang.tools.make_tiny_model --arch qwen3 --out /tmp/tiny-qwen3``.
 
@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from sglang.tools.tiny_moe import MoeOptions
 from sglang.tools.tiny_tokenizer import (
     BOS_TOKEN_ID,
     EOS_TOKEN_ID,
@@ -35,6 +36,7 @@ ARCHITECTURES: dict[str, str] = {
     "llama": "LlamaForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
 }
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -125,6 +127,7 @@ def make_weights(
     real_vocab: int,
     tie_word_embeddings: bool,
     seed: int,
+    moe: MoeOptions | None = None,
 ) -> dict[str, torch.Tensor]:
     """Generate float32 weights with HF checkpoint names, in HF's parameter order."""
     gen = torch.Generator().manual_seed(seed)
@@ -143,12 +146,15 @@ def make_weights(
         if arch == "qwen2":
             weights[prefix + "self_attn.v_proj.bias"] = BIAS_STD * torch.randn(kv_size, generator=gen)
         weights[prefix + "self_attn.o_proj.weight"] = _linear(gen, hidden_size, q_size, RESIDUAL_GAIN)
-        if arch == "qwen3":
+        if arch in ("qwen3", "qwen3_moe"):
             weights[prefix + "self_attn.q_norm.weight"] = _norm(gen, head_dim)
             weights[prefix + "self_attn.k_norm.weight"] = _norm(gen, head_dim)
-        weights[prefix + "mlp.gate_proj.weight"] = _linear(gen, intermediate_size, hidden_size)
-        weights[prefix + "mlp.up_proj.weight"] = _linear(gen, intermediate_size, hidden_size)
-        weights[prefix + "mlp.down_proj.weight"] = _linear(gen, hidden_size, intermediate_size, RESIDUAL_GAIN)
+        if moe is not None and moe.is_sparse(layer):
+            weights.update(moe.weights(gen, prefix, hidden_size, RESIDUAL_GAIN))
+        else:
+            weights[prefix + "mlp.gate_proj.weight"] = _linear(gen, intermediate_size, hidden_size)
+            weights[prefix + "mlp.up_proj.weight"] = _linear(gen, intermediate_size, hidden_size)
+            weights[prefix + "mlp.down_proj.weight"] = _linear(gen, hidden_size, intermediate_size, RESIDUAL_GAIN)
         weights[prefix + "input_layernorm.weight"] = _norm(gen, hidden_size)
         weights[prefix + "post_attention_layernorm.weight"] = _norm(gen, hidden_size)
     final_norm = _norm(gen, hidden_size)
@@ -177,6 +183,7 @@ def make_config(
     tie_word_embeddings: bool,
     max_position_embeddings: int,
     rope_theta: float,
+    moe: MoeOptions | None = None,
 ) -> dict[str, Any]:
     """The ``config.json`` contents for ``arch``, in the classic (rope_theta / torch_dtype) hub layout."""
     config: dict[str, Any] = {
@@ -206,8 +213,10 @@ def make_config(
     else:
         # Qwen2 q/k/v biases are implied by the architecture (there is no config switch for them).
         config.update(max_window_layers=num_layers, sliding_window=None, use_sliding_window=False)
-    if arch == "qwen3":
+    if arch in ("qwen3", "qwen3_moe"):
         config.update(attention_bias=False, head_dim=head_dim)
+    if moe is not None:
+        config.update(moe.config_entries())
     elif arch == "qwen2" and head_dim != hidden_size // num_heads:
         config["head_dim"] = head_dim
     return config
@@ -276,6 +285,12 @@ def build_tiny_model(
     max_position_embeddings: int = 2048,
     rope_theta: float = 10000.0,
     generation_config: dict[str, Any] | None = None,
+    num_experts: int = 8,
+    num_experts_per_tok: int = 2,
+    moe_intermediate_size: int = 32,
+    norm_topk_prob: bool = True,
+    decoder_sparse_step: int = 1,
+    mlp_only_layers: tuple[int, ...] = (),
 ) -> TinyModelSummary:
     """Like :func:`make_tiny_model`, but return a :class:`TinyModelSummary` of what was written."""
     if arch not in ARCHITECTURES:
@@ -290,6 +305,17 @@ def build_tiny_model(
         head_dim = hidden_size // num_heads
     if head_dim % 2 != 0:
         raise ValueError("head_dim must be even for rotary embeddings")
+    moe = None
+    if arch == "qwen3_moe":
+        moe = MoeOptions(
+            num_experts,
+            num_experts_per_tok,
+            moe_intermediate_size,
+            norm_topk_prob,
+            decoder_sparse_step,
+            tuple(mlp_only_layers),
+        )
+        moe.validate()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -313,6 +339,7 @@ def build_tiny_model(
         real_vocab=real_vocab,
         tie_word_embeddings=tie_word_embeddings,
         seed=seed,
+        moe=moe,
     )
     torch_dtype = DTYPES[dtype]
     tensors = {name: w.to(torch_dtype).contiguous() for name, w in weights.items()}
@@ -335,6 +362,7 @@ def build_tiny_model(
         tie_word_embeddings=tie_word_embeddings,
         max_position_embeddings=max_position_embeddings,
         rope_theta=rope_theta,
+        moe=moe,
     )
     # config.json goes last: its presence marks a complete directory (see ensure_tiny_model).
     _write_json(out / "config.json", config)
@@ -409,6 +437,15 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=json.loads,
         default=None,
         help='JSON object of extra generation_config.json keys, e.g. \'{"temperature": 0.6, "top_k": 20}\'',
+    )
+    moe = parser.add_argument_group("qwen3_moe only")
+    moe.add_argument("--num-experts", type=int, default=8)
+    moe.add_argument("--num-experts-per-tok", type=int, default=2)
+    moe.add_argument("--moe-intermediate-size", type=int, default=32)
+    moe.add_argument("--no-norm-topk-prob", dest="norm_topk_prob", action="store_false")
+    moe.add_argument("--decoder-sparse-step", type=int, default=1)
+    moe.add_argument(
+        "--mlp-only-layers", type=lambda s: tuple(int(x) for x in s.split(",") if x), default=(), help="e.g. 0,3"
     )
     return parser.parse_args(argv)
 

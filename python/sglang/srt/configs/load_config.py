@@ -28,3 +28,4 @@ class LoadConfig:
     timeout: float = 120.0
     seed_api_key: str | None = None
     verify: bool = True
+    refuse_unverified: bool = False

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -51,17 +50,12 @@ class ModelConfig:
             raise ModelConfigError(f"Model path {model_path!r} is not a directory; pass an HF model directory.")
         if not os.path.isfile(config_file):
             raise ModelConfigError(f"No config.json in {model_path!r}; is this an HF model directory?")
-        from transformers import AutoConfig
+        from sglang.srt.configs.hf_files import load_hf_config
 
         try:
-            hf_config = AutoConfig.from_pretrained(model_path)
-        except (ValueError, KeyError) as e:
-            with open(config_file) as f:
-                raw = json.load(f)
-            raise ModelConfigError(
-                f"Cannot read {config_file} (model_type={raw.get('model_type')!r}, "
-                f"architectures={raw.get('architectures')}): {e}"
-            ) from e
+            hf_config = load_hf_config(model_path)
+        except (ValueError, TypeError) as e:  # json.JSONDecodeError is a ValueError
+            raise ModelConfigError(f"Cannot read {config_file}: {e}") from e
         archs = getattr(hf_config, "architectures", None) or []
         if not archs:
             raise ModelConfigError(f"{config_file} has no 'architectures' entry.")
@@ -103,6 +97,13 @@ class ModelConfig:
             raise ModelConfigError(
                 f"--tp-size {tp_size} and the model's {self.num_kv_heads} KV heads do not divide each other."
             )
+        # Experts are split along their intermediate dimension (no expert parallelism).
+        moe_intermediate = getattr(self.hf_config, "moe_intermediate_size", None)
+        if moe_intermediate and moe_intermediate % tp_size:
+            raise ModelConfigError(
+                f"--tp-size {tp_size} does not divide the model's moe_intermediate_size {moe_intermediate}: "
+                "every expert is split across the TP ranks along it; use a TP size that divides it."
+            )
 
     def num_kv_heads_per_rank(self, tp_size: int) -> int:
         """KV heads held by one TP rank (replicated when tp_size exceeds the KV head count)."""
@@ -116,7 +117,13 @@ def _resolve_dtype(dtype: str, hf_config: Any, device: str) -> torch.dtype:
             cfg = _DTYPE_NAMES.get(cfg, torch.float32)
         cfg = cfg or torch.float32
         # CPU kernels for half precision are slow and imprecise; keep CPU runs in float32 by default.
-        return torch.float32 if device == "cpu" else cfg
+        if device == "cpu":
+            return torch.float32
+        if cfg == torch.float32:
+            # As upstream SGLang (and so as its R-Fork peers expect): float32 checkpoints are served in half
+            # precision, bfloat16 for Gemma (float16 overflows it), float16 otherwise.
+            return torch.bfloat16 if "gemma" in str(getattr(hf_config, "model_type", "")) else torch.float16
+        return cfg
     if dtype not in _DTYPE_NAMES:
         raise ModelConfigError(f"Unsupported --dtype {dtype!r}; use one of {', '.join(_DTYPE_NAMES)}.")
     return _DTYPE_NAMES[dtype]

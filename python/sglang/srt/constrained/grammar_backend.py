@@ -67,7 +67,13 @@ class GrammarBackend(Protocol):
 
 
 def _xgrammar(**kwargs: Any) -> GrammarBackend:
+    import importlib.util
+
     from sglang.srt.constrained.xgrammar_backend import XGrammarBackend
+
+    # Looked up now, imported on the first structured request (xgrammar brings triton: a second or more).
+    if importlib.util.find_spec("xgrammar") is None:
+        raise RuntimeError("--grammar-backend xgrammar needs xgrammar: pip install xgrammar (or pass none).")
 
     return XGrammarBackend(**kwargs)
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import importlib
 import re
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-import xgrammar as xgr
+
+if TYPE_CHECKING:
+    import xgrammar as xgr
 
 from sglang.srt.constrained.grammar_backend import GrammarSpec
 from sglang.srt.sampling.sampling_params import SamplingParamsError
@@ -47,6 +50,7 @@ class XGrammarBackend:
     def _ready(self) -> tuple[xgr.TokenizerInfo, xgr.GrammarCompiler]:
         with self._lock:
             if self._compiler is None:
+                xgr = _xgr()
                 self._info = xgr.TokenizerInfo.from_huggingface(
                     self._tokenizer(), vocab_size=self.vocab_size, stop_token_ids=self.stop_token_ids
                 )
@@ -72,12 +76,14 @@ class XGrammarBackend:
     def matcher(self, compiled: str) -> XGrammarMatcher:
         """A fresh matcher at the start of a grammar that compile() produced."""
         info, _ = self._ready()
+        xgr = _xgr()
         grammar = xgr.CompiledGrammar.deserialize_json(compiled, info)
         return XGrammarMatcher(xgr.GrammarMatcher(grammar))
 
     def apply_masks(self, logits: torch.Tensor, rows: list[int], matchers: list[XGrammarMatcher]) -> None:
         """Fill one bitmask row per constrained request on the host, then mask those logits rows on their device
         in one call (rows not listed are left alone)."""
+        xgr = _xgr()
         bitmask = xgr.allocate_token_bitmask(logits.shape[0], self.vocab_size)
         for row, m in zip(rows, matchers):
             m.matcher.fill_next_token_bitmask(bitmask, row)
@@ -87,3 +93,8 @@ class XGrammarBackend:
 def _message(error: Exception) -> str:
     text = _SOURCE_PREFIX.sub("", str(error).strip())
     return text.replace("Check failed: (error.empty()) is false: ", "")
+
+
+def _xgr() -> Any:
+    # Imported on the first structured request, not at start: xgrammar brings triton (a second or more).
+    return importlib.import_module("xgrammar")

@@ -61,10 +61,15 @@ class EngineHandle:
         threading.Thread(target=loop, daemon=True, name="watch-schedulers").start()
 
 
-def launch_engine(server_args: ServerArgs, ranks: RankProcesses | None = None) -> EngineHandle:
+def launch_engine(
+    server_args: ServerArgs,
+    ranks: RankProcesses | None = None,
+    while_loading: Callable[[EngineHandle], None] | None = None,
+) -> EngineHandle:
     """Give this node's rank processes their orders, wait until they have loaded, and build the TokenizerManager.
 
     ranks are processes started by the launcher before it resolved the arguments; without them they start here.
+    while_loading(handle) runs once the TokenizerManager exists, while the ranks are still loading.
     """
     from sglang.srt.configs.model_config import ModelConfig
     from sglang.srt.managers.scheduler_process import RankOrders
@@ -104,6 +109,8 @@ def launch_engine(server_args: ServerArgs, ranks: RankProcesses | None = None) -
             # Built while the ranks load: the tokenizer and the IPC sockets do not need them.
             with timeline.phase("tokenizer manager"):
                 handle.tokenizer_manager = TokenizerManager(server_args, port_args)
+        if while_loading is not None:
+            while_loading(handle)
         with timeline.phase("wait for ranks"):
             infos = ranks.wait_ready()
     except BaseException:

@@ -8,8 +8,8 @@ from typing import Any
 
 from sglang.srt.entrypoints.openai.protocol import error_body
 
-# Load balancers and launchers probe liveness without credentials.
-OPEN_PATHS = frozenset({"/health"})
+# Load balancers and launchers probe liveness without credentials, and Prometheus scrapes without them (as upstream).
+OPEN_PATHS = frozenset({"/health", "/metrics"})
 
 
 class ApiKeyMiddleware:

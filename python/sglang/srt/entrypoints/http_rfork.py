@@ -14,6 +14,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
+from sglang.srt.remote_instance.addresses import check_master_address
+
 if TYPE_CHECKING:
     from sglang.srt.managers.tokenizer_manager import TokenizerManager
 
@@ -83,6 +85,13 @@ class ForkSlot:
         asyncio.get_running_loop().create_task(self._expire(self.lease))
         return self.lease
 
+    async def wait_acquire(self, ports: str) -> Lease | None:
+        """acquire(), retried until the slot frees or one fork timeout has passed."""
+        give_up = time.monotonic() + self.timeout
+        while (lease := self.acquire(ports)) is None and time.monotonic() < give_up:
+            await asyncio.sleep(0.2)
+        return lease
+
     def holds(self, lease_id: str | None) -> bool:
         return self.lease is not None and lease_id is not None and self.lease.lease_id == lease_id
 
@@ -115,6 +124,18 @@ def busy_ports(ports: list[int]) -> list[int]:
     return busy
 
 
+def parse_ports(text: str) -> list[int]:
+    """The comma-separated group ports; ValueError naming what is wrong."""
+    try:
+        ports = [int(p) for p in str(text).split(",") if p.strip()]
+    except ValueError:
+        raise ValueError(f"ports must be comma-separated integers, got {text!r}") from None
+    bad = [p for p in ports if not 0 < p < 65536]
+    if bad:
+        raise ValueError(f"ports {bad} are out of range: each must be in 1..65535")
+    return ports
+
+
 def _fail(message: str, status: int = 400) -> JSONResponse:
     return JSONResponse({"success": False, "message": message}, status_code=status)
 
@@ -140,9 +161,9 @@ def add_rfork_routes(app: FastAPI) -> None:
     async def fork_lease(req: LeaseReq, request: Request) -> Any:
         tm = request.app.state.tokenizer_manager
         try:
-            ports = [int(p) for p in req.ports.split(",") if p.strip()]
-        except ValueError:
-            return _fail(f"ports must be comma-separated integers, got {req.ports!r}")
+            ports = parse_ports(req.ports)
+        except ValueError as e:
+            return _fail(str(e))
         if len(ports) != tm.server_args.tp_size:
             return _fail(
                 f"{len(ports)} group port(s) for a seed with --tp-size {tm.server_args.tp_size}; "
@@ -167,17 +188,26 @@ def add_rfork_routes(app: FastAPI) -> None:
 
     @app.post("/init_weights_send_group_for_remote_instance")
     async def init_group(req: InitGroupReq, request: Request) -> Any:
+        tm = request.app.state.tokenizer_manager
+        try:
+            parse_ports(req.ports)
+            served_at = request.scope.get("server")
+            await check_master_address(req.master_address, served_at[0] if served_at else None, tm.server_args.host)
+        except ValueError as e:
+            return _fail(str(e))
         s = slot(request)
         lease = s.lease if s.holds(req.lease_id) else None
         if lease is None:
             if req.lease_id is not None:
                 return _fail("unknown or expired lease_id; ask /remote_instance_fork_lease again", 409)
-            lease = s.acquire(req.ports)  # an upstream client: take the slot implicitly
+            # An upstream client has no lease and ignores a 409 (then waits for a group that never comes): it
+            # queues for the slot instead, as long as a fork may take.
+            lease = await s.wait_acquire(req.ports)
             if lease is None:
                 return _fail(s.busy_message(), 409)
         lease.group_name = req.group_name
-        tm = request.app.state.tokenizer_manager
         params = req.model_dump(exclude={"lease_id"})
+        params["client_address"] = request.client.host if request.client else None
         try:
             await tm.rpc("init_weights_send_group_for_remote_instance", timeout=None, **params)
         except RuntimeError as e:

@@ -12,6 +12,10 @@ from fastapi.responses import JSONResponse, Response
 logger = logging.getLogger(__name__)
 
 BOOTSTRAP_TIMEOUT = 5.0
+NOT_PUBLISHING = (
+    "This instance does not publish TransferEngine info: it was started without "
+    "--remote-instance-weight-loader-start-seed-via-transfer-engine"
+)
 
 
 def add_transfer_engine_routes(app: FastAPI) -> None:
@@ -47,6 +51,8 @@ async def _proxy(request: Request, rank_text: str | None) -> Response:
     if rank < 0:
         return _error("Missing or invalid rank parameter")
     args = request.app.state.tokenizer_manager.server_args
+    if not args.remote_instance_weight_loader_start_seed_via_transfer_engine:
+        return _error(NOT_PUBLISHING)
     url = f"{bootstrap_base_url(args.host, args.engine_info_bootstrap_port)}/get_transfer_engine_info"
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     try:
@@ -62,6 +68,23 @@ async def _proxy(request: Request, rank_text: str | None) -> Response:
             "transfer engine info for rank %d: bootstrap answered %d: %s", rank, resp.status_code, resp.text[:200]
         )
         return _error(f"Failed to get transfer engine info for rank {rank}")
+    try:
+        published_by = resp.json().get("instance", {}).get("http_port")
+    except (ValueError, AttributeError):
+        published_by = None
+    if published_by is not None and published_by != args.port:
+        # Another instance on this host answers on our --engine-info-bootstrap-port (the default 6789, say).
+        logger.warning(
+            "bootstrap server at %s holds the info of the instance on HTTP port %s, not ours (%d); not passing it on",
+            url,
+            published_by,
+            args.port,
+        )
+        return _error(
+            f"This instance does not publish TransferEngine info: its --engine-info-bootstrap-port "
+            f"{args.engine_info_bootstrap_port} belongs to the instance on HTTP port {published_by}; give each "
+            "instance on a host its own --engine-info-bootstrap-port"
+        )
     return Response(content=resp.content, media_type="application/json")
 
 

@@ -17,6 +17,8 @@ import sglang
 from sglang.srt.entrypoints.http_auth import ApiKeyMiddleware
 from sglang.srt.entrypoints.http_extra import add_extra_routes, model_card
 from sglang.srt.entrypoints.http_limits import BodyLimitMiddleware
+from sglang.srt.entrypoints.http_metrics import add_metrics_routes
+from sglang.srt.entrypoints.http_profile import add_profile_routes
 from sglang.srt.entrypoints.http_rfork import add_rfork_routes
 from sglang.srt.entrypoints.http_rfork_te import add_transfer_engine_routes
 from sglang.srt.entrypoints.openai.protocol import (
@@ -91,6 +93,8 @@ def create_app(tokenizer_manager: TokenizerManager, api_key: str | None = None) 
     _add_native_routes(app)
     _add_openai_routes(app)
     add_extra_routes(app)
+    add_metrics_routes(app)
+    add_profile_routes(app)
     add_rfork_routes(app)
     add_transfer_engine_routes(app)
     return app

@@ -154,3 +154,15 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = tensor_model_parallel_all_reduce(F.linear(x, self.weight))
         return out if self.bias is None else out + self.bias
+
+
+class ReplicatedLinear(nn.Module):
+    """y = xA^T + b with the whole weight on every rank (small projections such as an MoE router)."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
+        super().__init__()
+        self.weight = _new_param(output_size, input_size)
+        self.bias = _new_param(output_size) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)

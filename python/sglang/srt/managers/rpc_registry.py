@@ -15,13 +15,19 @@ import torch
 
 RpcHandler = Callable[..., Any]
 RPC_HANDLERS: dict[str, RpcHandler] = {}
+# Methods whose answer is always a Deferred, on every rank, even when a rank fails at once: every TP rank must take
+# the same road (an immediate answer is a gather, a deferred one a later all-gather), or the ranks run different
+# collectives and the scheduler stops.
+DEFERRING: set[str] = set()
 
 
-def register_rpc(name: str) -> Callable[[RpcHandler], RpcHandler]:
-    """Register fn(scheduler, **params) as the handler of control method `name`."""
+def register_rpc(name: str, *, deferred: bool = False) -> Callable[[RpcHandler], RpcHandler]:
+    """Register fn(scheduler, **params) as the handler of control method `name` (deferred: it may answer later)."""
 
     def wrap(fn: RpcHandler) -> RpcHandler:
         RPC_HANDLERS[name] = fn
+        if deferred:
+            DEFERRING.add(name)
         return fn
 
     return wrap
@@ -34,6 +40,16 @@ class Deferred:
 
     method: str
     future: Future
+
+
+def settled(method: str, value: Any = None, error: BaseException | None = None) -> Deferred:
+    """A Deferred that is already done (a deferring method that answered or failed at once on this rank)."""
+    future: Future = Future()
+    if error is None:
+        future.set_result(value)
+    else:
+        future.set_exception(error)
+    return Deferred(method, future)
 
 
 def in_background(method: str, work: Callable[[], Any], device: torch.device) -> Deferred:

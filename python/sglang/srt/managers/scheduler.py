@@ -22,9 +22,11 @@ from sglang.srt.managers.io_struct import (
     RpcReqOutput,
     TokenizedGenerateReqInput,
 )
+from sglang.srt.managers.profiler import RankProfiler
 from sglang.srt.managers.schedule_batch import Req, alloc_kv_slots, build_forward_batch
 from sglang.srt.managers.stop_checker import StopChecker
 from sglang.srt.mem_cache.radix_cache import RadixCache
+from sglang.srt.metrics.scheduler_stats import BatchStatsLogger
 from sglang.srt.model_executor.forward_batch_info import ForwardMode
 from sglang.srt.model_executor.model_runner import ModelRunner
 from sglang.srt.server_args import PortArgs, ServerArgs
@@ -71,12 +73,14 @@ class Scheduler:
         self.cached_tokens_total = 0
         self.shutting_down = False
         self.pending_rpcs = scheduler_rpc.PendingRpcs()
+        self.profiler = RankProfiler(tp_rank, self.runner.device)
         if tp_rank == 0:
             ctx = zmq.Context(2)
             self.recv_sock = ctx.socket(zmq.PULL)
             self.recv_sock.bind(port_args.scheduler_input_ipc_name)
             self.send_sock = ctx.socket(zmq.PUSH)
             self.send_sock.connect(port_args.tokenizer_ipc_name)
+            self.batch_stats = BatchStatsLogger(self, self.send_sock.send_pyobj if server_args.enable_metrics else None)
 
     # ---- main loop -------------------------------------------------------------------------------
 
@@ -91,6 +95,8 @@ class Scheduler:
             step = self.get_next_batch()
             if step is not None:
                 self.run_batch(*step)
+            elif self.tp_rank == 0:
+                self.batch_stats.on_idle()
 
     def recv_requests(self) -> list[Any]:
         msgs: list[Any] = []
@@ -314,6 +320,9 @@ class Scheduler:
                 self.chunked_req = None
             self.release(req)
         self.send_outputs([r for r in reqs if self.output_due(r)])
+        self.profiler.on_step()
+        if self.tp_rank == 0:
+            self.batch_stats.on_batch(mode, reqs)
 
     def sample_into(self, reqs: list[Req], logits: torch.Tensor, rows: list[int]) -> None:
         """Rank 0 samples one token per request and shares the choice, so every rank stays in step."""

@@ -10,6 +10,7 @@ import faulthandler
 import logging
 import os
 import signal
+import threading
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -94,25 +95,31 @@ def _import_stack(gpu_hint: int | None) -> None:
     # Everything a rank needs before its first phase, done while the launcher is still resolving the arguments.
     import torch
 
-    # transformers loads its classes lazily; these are what a rank's model config and stop checker use.
-    from transformers import AutoConfig, AutoTokenizer, LlamaConfig, Qwen2Config, Qwen3Config  # noqa: F401
-
+    context = None
+    if gpu_hint is not None and torch.version.cuda is not None and os.environ.get("SGLANG_FORCE_CPU") != "1":
+        # The CUDA context (a second or more) is made on a thread while this one goes on importing.
+        context = threading.Thread(target=_make_cuda_context, args=(gpu_hint,), daemon=True, name="cuda-context")
+        context.start()
+        try:
+            import flashinfer  # noqa: F401
+        except ImportError:
+            pass  # the rank then fails with a clear error when it builds the flashinfer backend
+    # Not transformers: a rank loads its tokenizer only when a request has stop strings or a grammar.
     import sglang.srt.managers.scheduler  # noqa: F401
     from sglang.srt.models.registry import ModelRegistry
 
     for arch in ModelRegistry.supported():
         ModelRegistry.resolve(arch)
+    if context is not None:
+        context.join()
 
-    if gpu_hint is None or torch.version.cuda is None or os.environ.get("SGLANG_FORCE_CPU") == "1":
-        return
+
+def _make_cuda_context(gpu: int) -> None:
+    import torch
+
     try:
-        import flashinfer  # noqa: F401
-    except ImportError:
-        pass  # the launcher picks another attention backend and says so
-    try:
-        # Creating the CUDA context takes a second or more; the rank's own set_device later finds it made.
-        if gpu_hint < torch.cuda.device_count():
-            torch.cuda.set_device(gpu_hint)
-            torch.zeros(1, device=f"cuda:{gpu_hint}")
+        if gpu < torch.cuda.device_count():
+            torch.cuda.set_device(gpu)
+            torch.zeros(1, device=f"cuda:{gpu}")
     except RuntimeError:
         pass  # no usable GPU: the launcher resolves --device to cpu

@@ -6,7 +6,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from sglang.srt.distributed.parallel_state import all_gather_pyobj
-from sglang.srt.managers.rpc_registry import RPC_HANDLERS, Deferred, register_rpc
+from sglang.srt.managers.rpc_registry import DEFERRING, RPC_HANDLERS, Deferred, register_rpc, settled
 
 if TYPE_CHECKING:
     from sglang.srt.managers.scheduler import Scheduler
@@ -27,8 +27,12 @@ def run(scheduler: Scheduler, method: str, params: dict[str, Any]) -> dict[str, 
     try:
         value = handler(scheduler, **params)
     except Exception as e:  # a bad control call must never take the scheduler down
+        if method in DEFERRING:
+            return settled(method, error=e)
         return _failed(scheduler, method, e)
-    return value if isinstance(value, Deferred) else {"ok": True, "value": value}
+    if isinstance(value, Deferred):
+        return value
+    return settled(method, value) if method in DEFERRING else {"ok": True, "value": value}
 
 
 def _failed(scheduler: Scheduler, method: str, e: BaseException) -> dict[str, Any]:
@@ -67,6 +71,7 @@ class PendingRpcs:
 
 def _load_plugins() -> None:
     # Handlers that live with their feature register themselves on import.
+    import sglang.srt.managers.profiler  # noqa: F401
     import sglang.srt.remote_instance  # noqa: F401
 
 

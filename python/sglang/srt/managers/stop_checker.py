@@ -54,9 +54,9 @@ class StopChecker:
     def tokenizer(self) -> Any:
         # Loaded on first use: most requests have no stop strings.
         if self._tokenizer is None:
-            from transformers import AutoTokenizer
+            from sglang.srt.configs.hf_files import load_tokenizer
 
-            self._tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
+            self._tokenizer = load_tokenizer(self.tokenizer_path)
         return self._tokenizer
 
 

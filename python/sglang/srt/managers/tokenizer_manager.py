@@ -31,6 +31,8 @@ from sglang.srt.managers.io_struct import (
 )
 from sglang.srt.managers.request_limits import RequestLimits
 from sglang.srt.managers.stop_checker import eos_token_ids
+from sglang.srt.metrics.scheduler_stats import SchedulerStats
+from sglang.srt.metrics.telemetry import RequestTelemetry
 from sglang.srt.sampling.sampling_defaults import load_sampling_defaults
 from sglang.srt.sampling.sampling_params import SamplingParams
 from sglang.srt.server_args import PortArgs, ServerArgs
@@ -93,13 +95,13 @@ class TokenizerManager:
     def __init__(
         self, server_args: ServerArgs, port_args: PortArgs, scheduler_info: dict[str, Any] | None = None
     ) -> None:
-        from transformers import AutoTokenizer
+        from sglang.srt.configs.hf_files import load_tokenizer
 
         self.server_args = server_args
         self.model_config = ModelConfig.from_path(
             server_args.model_path, server_args.dtype, server_args.context_length, server_args.device
         )
-        self.tokenizer = AutoTokenizer.from_pretrained(server_args.tokenizer_path)
+        self.tokenizer = load_tokenizer(server_args.tokenizer_path)
         if server_args.chat_template is not None:
             self.tokenizer.chat_template = resolve_chat_template(server_args.chat_template)
         self.sampling_defaults = load_sampling_defaults(server_args.sampling_defaults, server_args.model_path)
@@ -109,6 +111,7 @@ class TokenizerManager:
             self.model_config.vocab_size,
             eos_token_ids(self.model_config),
         )
+        self.telemetry = RequestTelemetry.from_args(server_args, self.tokenizer)
         self.scheduler_info: dict[str, Any] = {}
         self.max_req_input_len = 0
         # Complete once the schedulers report how many prompt tokens they take (attach_schedulers).
@@ -254,14 +257,19 @@ class TokenizerManager:
             states.append(state)
         for req, state in zip(reqs, states):
             self.send_sock.send_pyobj(dataclasses.replace(req, rid=state.wire_id))
+            self.telemetry.on_submit(req)
         return states
 
     def _forget(self, state: ReqState) -> None:
-        """Drop state (aborting it in the scheduler if it still runs); its rid is free for a new request then."""
+        """Drop state (aborting it in the scheduler if it still runs); its rid is free for a new request then.
+        Only the first call acts: by a later one, a new request may hold the rid."""
+        if self.wire_to_state.pop(state.wire_id, None) is None:
+            return
         if self.rid_to_state.get(state.rid) is state:
             del self.rid_to_state[state.rid]
-        if self.wire_to_state.pop(state.wire_id, None) is not None and not state.finished:
+        if not state.finished:
             self.send_sock.send_pyobj(AbortReq(state.wire_id))
+        self.telemetry.on_close(state)
 
     async def _run_one(self, state: ReqState, stream: bool, cumulative: bool) -> AsyncIterator[dict[str, Any]]:
         while True:
@@ -346,6 +354,8 @@ class TokenizerManager:
                 fut = self.rpc_waiters.get(msg.rid)
                 if fut is not None and not fut.done():
                     fut.set_result(msg.results)
+            elif isinstance(msg, SchedulerStats):
+                self.telemetry.on_scheduler_stats(msg)
 
     def _handle_tokens(self, msg: BatchTokenIDOut) -> None:
         for i, wire_id in enumerate(msg.rids):
@@ -360,6 +370,7 @@ class TokenizerManager:
             state.cached_tokens = msg.cached_tokens[i]
             state.finish_reason = msg.finished_reasons[i]
             state.event.set()
+            self.telemetry.on_tokens(state, len(msg.new_token_ids[i]))
 
     def _output(self, state: ReqState, incremental: bool) -> dict[str, Any]:
         reason, cached = state.finish_reason, state.cached_tokens

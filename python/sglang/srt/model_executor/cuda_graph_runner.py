@@ -116,7 +116,10 @@ class CudaGraphRunner:
                 self._step(batch)
             torch.cuda.synchronize(self.runner.device)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
+            # thread_local: work other threads of this rank do meanwhile (an R-Fork pair group closing in the
+            # background, Mooncake, a kernel build) must not invalidate the capture; seen with a forked NCCL client
+            # whose group's teardown thread ran while its first graph was being recorded.
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
                 self.outputs[bs] = self._step(batch)
             pool = graph.pool()
             self.graphs[bs] = graph

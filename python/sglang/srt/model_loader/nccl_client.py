@@ -20,7 +20,7 @@ from sglang.srt.model_loader.remote_instance_loader import (
 from sglang.srt.model_loader.remote_instance_weight_loader_utils import RemoteInstanceError
 from sglang.srt.remote_instance.addresses import local_ip_towards
 from sglang.srt.remote_instance.manifest import TensorSpec, weight_tensors
-from sglang.srt.remote_instance.pair_group import PairGroupError, open_pair_group
+from sglang.srt.remote_instance.pair_group import PairGroupError, join_seed_group
 
 
 class _Call(threading.Thread):
@@ -72,15 +72,31 @@ def _agree_while(ctx: ForkContext, step: str, fn: Any, watched: _Call | None) ->
         worker.join(0.005)  # wakes at once when this rank's work ends
 
 
+UPSTREAM_SEED = (
+    "the seed serves no /remote_instance_weight_manifest (an upstream SGLang seed?): parameter names, dtypes, "
+    "shapes and checksums cannot be verified, only that every broadcast arrived"
+)
+
+
 @register_remote_backend("nccl")
 class NcclBackend(RemoteWeightBackend):
-    """Upstream's wire protocol plus a lease, so a second client waits (HTTP 409) instead of colliding."""
+    """Upstream's wire protocol plus a lease, so a second client waits (HTTP 409) instead of colliding; against an
+    upstream seed (no manifest), upstream's protocol alone: no lease, init then send."""
 
     def __init__(self) -> None:
         self.lease_id: str | None = None
+        self.upstream_seed = False
 
     def fetch_manifest(self, ctx: ForkContext) -> RemoteManifest:
-        data = ctx.seed.request("manifest", "GET", "/remote_instance_weight_manifest", params={"rank": ctx.tp_rank})
+        try:
+            data = ctx.seed.request("manifest", "GET", "/remote_instance_weight_manifest", params={"rank": ctx.tp_rank})
+        except RemoteInstanceError as e:
+            if "HTTP 404" not in e.detail:
+                raise
+            self.upstream_seed = True
+            return RemoteManifest(None, None, UPSTREAM_SEED)
+        if not isinstance(data, dict) or not isinstance(data.get("tensors"), list):
+            raise RemoteInstanceError(ctx.seed.name, "manifest", f"malformed manifest answer: {str(data)[:200]}")
         return RemoteManifest([TensorSpec.from_json(d) for d in data["tensors"]], data.get("checksums"))
 
     def transfer(self, model: nn.Module, ctx: ForkContext) -> int:
@@ -108,21 +124,24 @@ class NcclBackend(RemoteWeightBackend):
 
     def _transfer(self, model: nn.Module, ctx: ForkContext, body: dict[str, Any], port: int, key: str) -> int:
         t = time.perf_counter()
-        if ctx.tp_rank == 0:
+        if ctx.tp_rank == 0 and not self.upstream_seed:
             err = capture_error(lambda: self._lease(ctx, body["ports"]))
         else:
             err = None
         agree_across_ranks(ctx, "lease", err)
-        body = broadcast_pyobj({**body, "lease_id": self.lease_id}, src=0)
+        if not self.upstream_seed:
+            body = broadcast_pyobj({**body, "lease_id": self.lease_id}, src=0)
 
-        # One call: the seed forms the group and broadcasts right away (our send_weights extension); its answer
-        # arrives once the weights are sent, so "transfer" below starts when this rank's group is ready.
+        # Ours: one call, the seed forms the group and broadcasts right away (the send_weights extension); its
+        # answer arrives once the weights are sent, so "transfer" below starts when this rank's group is ready.
+        # An upstream seed gets upstream's two calls: init (answered once every group formed), then send.
+        extension = {} if self.upstream_seed else {"send_weights": True}
         init = _Call(
             lambda: ctx.seed.request(
                 "init group",
                 "POST",
                 "/init_weights_send_group_for_remote_instance",
-                json={**body, "group_rank": 0, "world_size": 2, "backend": "nccl", "send_weights": True},
+                json={**body, "group_rank": 0, "world_size": 2, "backend": "nccl", **extension},
                 timeout=ctx.remaining(),
             )
         )
@@ -134,7 +153,7 @@ class NcclBackend(RemoteWeightBackend):
         def join() -> None:
             nonlocal group
             try:
-                group = open_pair_group(ctx.seed.ip, port, 1, key, ctx.device, ctx.remaining())
+                group = join_seed_group(ctx.seed.ip, port, key, ctx.device, ctx.remaining())
             except PairGroupError as e:
                 raise RemoteInstanceError(ctx.seed.name, "join group", str(e)) from None
 
@@ -146,6 +165,23 @@ class NcclBackend(RemoteWeightBackend):
             raise
         ctx.timings["group setup"] = time.perf_counter() - t
 
+        if self.upstream_seed:
+            # An upstream seed rank fails a send that arrives before its group exists: wait for init's answer.
+            try:
+                err = capture_error(lambda: init.result(ctx.remaining())) if ctx.tp_rank == 0 else None
+                agree_across_ranks(ctx, "init group", err)
+            except Exception:
+                group.close()
+                raise
+            send_body = {k: body[k] for k in ("master_address", "ports", "group_name")}
+            init = _Call(
+                lambda: ctx.seed.request(
+                    "send weights", "POST", "/send_weights_to_remote_instance", json=send_body, timeout=ctx.remaining()
+                )
+            )
+            if ctx.tp_rank == 0:
+                init.start()
+            watched = init if ctx.tp_rank == 0 else None
         t = time.perf_counter()
         tensors = [tensor for _, tensor in weight_tensors(model)]
         received_at: list[float] = []

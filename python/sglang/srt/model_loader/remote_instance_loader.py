@@ -14,6 +14,7 @@ from torch import nn
 from sglang.srt.configs.load_config import LoadConfig, LoadFormat
 from sglang.srt.configs.model_config import ModelConfig
 from sglang.srt.distributed.parallel_state import all_gather_pyobj, get_tp_rank, get_tp_size
+from sglang.srt.metrics import rfork_progress
 from sglang.srt.model_loader.loader import BaseModelLoader, build_model_skeleton, register_loader
 from sglang.srt.model_loader.remote_instance_weight_loader_utils import RemoteInstanceError, SeedClient
 from sglang.srt.remote_instance.manifest import TensorSpec, build_manifest, diff_manifests, verify_checksums
@@ -41,10 +42,12 @@ class ForkContext:
 
 @dataclass
 class RemoteManifest:
-    """The seed's view of this rank: its tensor specs and (if it publishes them) checksums."""
+    """The seed's view of this rank: its tensor specs and checksums, as far as it publishes them (an upstream
+    seed publishes neither; `unverified` then says what this fork cannot check)."""
 
-    specs: list[TensorSpec]
+    specs: list[TensorSpec] | None
     checksums: dict[str, str] | None = None
+    unverified: str | None = None
 
 
 class RemoteWeightBackend(ABC):
@@ -111,6 +114,16 @@ class RemoteInstanceModelLoader(BaseModelLoader):
         def check_manifest() -> None:
             nonlocal remote
             remote = backend.fetch_manifest(ctx)
+            if remote.unverified:
+                if cfg.refuse_unverified:
+                    raise RemoteInstanceError(
+                        ctx.seed.name,
+                        "manifest",
+                        f"{remote.unverified}; refusing to fork (--remote-instance-weight-loader-refuse-unverified)",
+                    )
+                logger.warning("TP%d: %s; forking over upstream's protocol anyway", ctx.tp_rank, remote.unverified)
+            if remote.specs is None:
+                return
             diffs = diff_manifests(build_manifest(model), remote.specs)
             if diffs:
                 raise RemoteInstanceError(
@@ -127,7 +140,9 @@ class RemoteInstanceModelLoader(BaseModelLoader):
         t = time.perf_counter()
         started = time.time()  # wall clock, so a benchmark can line the fork up with the seed's own timeline
         moved: list[int] = []
-        agree_across_ranks(ctx, "transfer", capture_error(lambda: moved.append(backend.transfer(model, ctx))))
+        label = f"TP{ctx.tp_rank} R-Fork from {seed.name} via {cfg.remote_backend}"
+        with rfork_progress.track(label, sum(spec.nbytes for spec in remote.specs)):
+            agree_across_ranks(ctx, "transfer", capture_error(lambda: moved.append(backend.transfer(model, ctx))))
         window = [started, time.time()]
         nbytes = moved[0]
         if device.type == "cuda":

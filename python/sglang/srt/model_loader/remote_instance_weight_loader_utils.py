@@ -101,14 +101,23 @@ class SeedClient:
                 raise RemoteInstanceError(self.name, step, f"the seed stayed busy with another fork: {_body(resp)}")
             if resp.status_code == 404:
                 raise RemoteInstanceError(
-                    self.name, step, f"{path} is not served there (HTTP 404); is it an R-Fork capable server?"
+                    self.name,
+                    step,
+                    f"{path} is not served there (HTTP 404): is an SGLang server listening on that port? Check "
+                    "--remote-instance-weight-loader-seed-instance-ip/-service-port",
                 )
             if resp.status_code != 200:
                 raise RemoteInstanceError(self.name, step, f"HTTP {resp.status_code}: {_body(resp)}")
             try:
                 return resp.json()
             except ValueError:
-                return resp.text
+                kind = resp.headers.get("content-type", "no content type")
+                raise RemoteInstanceError(
+                    self.name,
+                    step,
+                    f"{path} answered with something that is not JSON ({kind}: {resp.text[:80]!r}): that is not an "
+                    "SGLang server; check --remote-instance-weight-loader-seed-instance-ip/-service-port",
+                ) from None
 
 
 def _body(resp: requests.Response) -> str:

@@ -36,6 +36,10 @@ from sglang.srt.remote_instance.transfer_engine_memory import host_identity, mer
 logger = logging.getLogger(__name__)
 
 INFO_PATH = "/remote_instance_transfer_engine_info"
+UPSTREAM_SEED = (
+    "the seed publishes only [ptr, numel, element_size] per tensor (an upstream SGLang seed?): dtypes, shapes, "
+    "checksums and which instance published the info cannot be verified, only names and sizes"
+)
 SEED_FLAG = "--remote-instance-weight-loader-start-seed-via-transfer-engine"
 
 
@@ -61,10 +65,13 @@ class Endpoint:
 
 @dataclass(frozen=True)
 class SeedRankInfo:
-    """What a seed rank published: its endpoints and {name: [ptr, numel, element_size, dtype, shape, checksum]}."""
+    """What a seed rank published: endpoints, {name: [ptr, numel, element_size]} (upstream's), and ours if it is
+    one of ours: {name: {dtype, shape, checksum}} and the HTTP port of the instance that published it."""
 
     endpoints: list[Endpoint]
     weights: dict[str, list[Any]]
+    meta: dict[str, Any] | None = None
+    http_port: int | None = None
 
 
 @register_remote_backend("transfer_engine")
@@ -92,20 +99,27 @@ class TransferEngineBackend(RemoteWeightBackend):
             detail = str(e).removeprefix(f"R-Fork from seed {e.seed} failed at step '{e.step}': ")
             raise RemoteInstanceError(ctx.seed.name, "manifest", f"{detail}. {_diagnose(ctx)}".strip()) from None
         self.info = parse_info(ctx.seed.name, payload)
+        if self.info.http_port is not None and self.info.http_port != ctx.seed.port:
+            raise RemoteInstanceError(
+                ctx.seed.name,
+                "manifest",
+                f"the TransferEngine info came from the instance on HTTP port {self.info.http_port}, not the seed "
+                "asked; give each instance on the seed host its own --engine-info-bootstrap-port",
+            )
+        if self.info.meta is None:
+            # An upstream seed: only [ptr, numel, element_size] per tensor, checked in transfer() as upstream does.
+            return RemoteManifest(None, None, UPSTREAM_SEED)
         specs: list[TensorSpec] = []
         checksums: dict[str, str] = {}
         for name, entry in self.info.weights.items():
-            if len(entry) < 6:
-                raise RemoteInstanceError(
-                    ctx.seed.name,
-                    "manifest",
-                    f"the seed publishes no dtype, shape and checksum for {name} (an "
-                    "upstream SGLang seed?); fork from a seed running this runtime, or use the nccl backend",
-                )
-            _, numel, esize, dtype, shape, checksum = entry[:6]
-            specs.append(TensorSpec(name, str(dtype), tuple(int(x) for x in shape), int(numel) * int(esize)))
-            checksums[name] = str(checksum)
-        return RemoteManifest(specs, checksums)
+            meta = self.info.meta.get(name)
+            if not isinstance(meta, dict) or not {"dtype", "shape", "checksum"} <= meta.keys():
+                raise RemoteInstanceError(ctx.seed.name, "manifest", f"malformed weights_meta for {name}")
+            numel, esize = int(entry[1]), int(entry[2])
+            specs.append(TensorSpec(name, str(meta["dtype"]), tuple(int(x) for x in meta["shape"]), numel * esize))
+            checksums[name] = str(meta["checksum"])
+        unverified = None if self.info.http_port is not None else "the seed does not say which instance it is"
+        return RemoteManifest(specs, checksums, unverified)
 
     def transfer(self, model: nn.Module, ctx: ForkContext) -> int:
         """Read every non-empty parameter of this rank from the seed rank; returns bytes moved."""
@@ -122,7 +136,16 @@ class TransferEngineBackend(RemoteWeightBackend):
                 continue  # zero-length slices abort Mooncake batches
             if not t.is_contiguous():
                 raise RemoteInstanceError(ctx.seed.name, "transfer", f"local parameter {name} is not contiguous")
-            entries.append(ReadEntry(name, t.data_ptr(), int(self.info.weights[name][0]), t.numel() * t.element_size()))
+            entry = self.info.weights.get(name)
+            if entry is None or (int(entry[1]), int(entry[2])) != (t.numel(), t.element_size()):
+                # Only reachable with an upstream seed: ours were compared with the manifest already.
+                raise RemoteInstanceError(
+                    ctx.seed.name,
+                    "transfer",
+                    f"the seed has no tensor {name} of {t.numel()} elements of {t.element_size()} bytes "
+                    f"(it publishes {entry}); start the client with the seed's model, --dtype and --tp-size",
+                )
+            entries.append(ReadEntry(name, t.data_ptr(), int(entry[0]), t.numel() * t.element_size()))
         if ctx.device.type == "cpu":
             # Untouched pages would fault inside Mooncake's single IO thread and cut throughput by ~4x.
             with torch.no_grad():
@@ -193,7 +216,15 @@ def parse_info(seed: str, payload: Any) -> SeedRankInfo:
         for e in payload.get("transfer_engine_endpoints") or []
         if isinstance(e, dict) and isinstance(e.get("session_id"), str)
     ]
-    return SeedRankInfo(endpoints or [Endpoint(None, info[0])], info[1])
+    meta = payload.get("weights_meta")
+    instance = payload.get("instance")
+    http_port = instance.get("http_port") if isinstance(instance, dict) else None
+    return SeedRankInfo(
+        endpoints or [Endpoint(None, info[0])],
+        info[1],
+        meta if isinstance(meta, dict) else None,
+        http_port if isinstance(http_port, int) else None,
+    )
 
 
 def choose_endpoint(endpoints: list[Endpoint], device: torch.device) -> Endpoint:

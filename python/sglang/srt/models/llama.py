@@ -49,6 +49,8 @@ class LlamaAttention(nn.Module):
         num_heads = config.num_attention_heads
         num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
         self.head_dim = head_dim_of(config)
+        # Before the projections: registration order is parameter order, which an NCCL fork sends by position.
+        self.add_qk_norms(config)
         qkv_bias, o_bias = self.projection_biases(config)
         self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, num_heads, num_kv_heads, bias=qkv_bias)
         self.o_proj = RowParallelLinear(num_heads * self.head_dim, config.hidden_size, bias=o_bias)
@@ -57,6 +59,9 @@ class LlamaAttention(nn.Module):
         self.attn = RadixAttention(
             self.qkv_proj.num_heads, self.head_dim, self.head_dim**-0.5, self.qkv_proj.num_kv_heads, layer_id
         )
+
+    def add_qk_norms(self, config: PretrainedConfig) -> None:
+        """Hook for per-head q/k norm modules; Llama has none."""
 
     @staticmethod
     def projection_biases(config: PretrainedConfig) -> tuple[bool, bool]:
@@ -85,14 +90,19 @@ class LlamaDecoderLayer(nn.Module):
     def __init__(self, config: PretrainedConfig, layer_id: int, rotary_emb: RotaryEmbedding) -> None:
         super().__init__()
         self.self_attn = self.attention_cls(config, layer_id, rotary_emb)
-        self.mlp = LlamaMLP(
+        self.mlp = self.make_mlp(config, layer_id)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    @staticmethod
+    def make_mlp(config: PretrainedConfig, layer_id: int) -> nn.Module:
+        """The feed-forward block of layer layer_id; a mixture-of-experts model overrides this."""
+        return LlamaMLP(
             config.hidden_size,
             config.intermediate_size,
             config.hidden_act,
             bool(getattr(config, "mlp_bias", False)),
         )
-        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def forward(
         self,
@@ -173,12 +183,14 @@ class LlamaForCausalLM(nn.Module):
                 return ".".join(parts), shard_id
         return ckpt_name, None
 
+    def required_shards(self, param_name: str) -> set[Any]:
+        """Shard ids that must all be loaded into param_name; {None} for a parameter loaded whole."""
+        kind = param_name.split(".")[-2]
+        return {shard for fused, _, shard in self.stacked_params_mapping if fused == kind} or {None}
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy HF checkpoint tensors into the fused, TP-sharded parameters; every tensor and parameter must match."""
         params = dict(self.named_parameters())
-        required: dict[str, set[Any]] = defaultdict(set)
-        for fused, _, shard_id in self.stacked_params_mapping:
-            required[fused].add(shard_id)
         loaded: dict[str, set[Any]] = defaultdict(set)
         unexpected: list[str] = []
         for ckpt_name, tensor in weights:
@@ -198,12 +210,11 @@ class LlamaForCausalLM(nn.Module):
                     loader(param, tensor, shard_id)
             except (RuntimeError, ValueError) as e:
                 raise WeightLoadingError(f"cannot load checkpoint tensor {ckpt_name!r} into {name!r}: {e}") from e
-            kind = name.split(".")[-2]
-            loaded[name] |= required.get(kind, {None}) if shard_id is None else {shard_id}
+            loaded[name] |= self.required_shards(name) if shard_id is None else {shard_id}
         model_name = type(self).__name__
         if unexpected:
             raise WeightLoadingError(f"checkpoint tensors with no destination in {model_name}: {', '.join(unexpected)}")
-        missing = [n for n in params if not required.get(n.split(".")[-2], {None}) <= loaded[n]]
+        missing = [n for n in params if not self.required_shards(n) <= loaded[n]]
         if missing:
             raise WeightLoadingError(f"{model_name} parameters not found in the checkpoint: {', '.join(missing)}")
 

@@ -6,15 +6,14 @@ import torch
 from transformers import PretrainedConfig
 
 from sglang.srt.layers.layernorm import RMSNorm
-from sglang.srt.layers.rotary_embedding import RotaryEmbedding
 from sglang.srt.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM
 
 
 class Qwen3Attention(LlamaAttention):
     """Llama attention plus q_norm / k_norm over each head's channels."""
 
-    def __init__(self, config: PretrainedConfig, layer_id: int, rotary_emb: RotaryEmbedding) -> None:
-        super().__init__(config, layer_id, rotary_emb)
+    def add_qk_norms(self, config: PretrainedConfig) -> None:
+        """q_norm and k_norm, registered before qkv_proj as upstream SGLang's Qwen3 does."""
         self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
 

@@ -11,6 +11,7 @@ _MODEL_MODULES: dict[str, str] = {
     "LlamaForCausalLM": "sglang.srt.models.llama",
     "Qwen2ForCausalLM": "sglang.srt.models.qwen2",
     "Qwen3ForCausalLM": "sglang.srt.models.qwen3",
+    "Qwen3MoeForCausalLM": "sglang.srt.models.qwen3_moe",
 }
 
 

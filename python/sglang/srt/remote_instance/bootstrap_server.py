@@ -33,8 +33,9 @@ class EngineInfoStore:
             "rank": rank,
             "remote_instance_transfer_engine_info": [info["session_id"], info["weights_info_dict"]],
         }
-        if isinstance(info.get("transfer_engine_endpoints"), list):
-            answer["transfer_engine_endpoints"] = info["transfer_engine_endpoints"]
+        for key in ("transfer_engine_endpoints", "weights_meta", "instance"):  # ours, beside upstream's keys
+            if key in info:
+                answer[key] = info[key]
         data = json.dumps(answer).encode()
         with self.lock:
             self.answers[rank] = data

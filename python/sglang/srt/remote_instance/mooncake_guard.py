@@ -13,6 +13,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from sglang.srt.metrics import rfork_progress
+
 logger = logging.getLogger(__name__)
 
 NIC_PROTOCOLS = ("tcp", "rdma")
@@ -293,6 +295,7 @@ class GuardedEngine:
                     f"{describe(rc)}; the peer died, dropped the connection or does not hold those addresses"
                 )
             done += sum(e.length for e in chunk)
+            rfork_progress.advance(sum(e.length for e in chunk))
         return done
 
     def _read_loop(
@@ -328,6 +331,7 @@ class GuardedEngine:
                             "dropped the connection or does not hold that address"
                         )
                     done += entry.length
+                    rfork_progress.advance(entry.length)
                     progressed = True
                 if not progressed:
                     if time.monotonic() > deadline:

@@ -46,6 +46,10 @@ class TransferEngineSeed:
     endpoints: list[dict[str, Any]]
     register_seconds: float
     regions: dict[str, int] = field(default_factory=dict)
+    # Ours, beside upstream's three-value entries: {name: {"dtype", "shape", "checksum"}}.
+    weights_meta: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Which instance published this (its HTTP port), so a client can tell it got the info of the seed it asked.
+    http_port: int | None = None
 
     @property
     def session_id(self) -> str:
@@ -61,6 +65,8 @@ class TransferEngineSeed:
                 "session_id": self.session_id,
                 "weights_info_dict": self.weights_info_dict,
                 "transfer_engine_endpoints": self.endpoints,
+                "weights_meta": self.weights_meta,
+                "instance": {"http_port": self.http_port},
             },
         }
 
@@ -71,6 +77,7 @@ def start_transfer_engine_seed(runner: ModelRunner) -> TransferEngineSeed | None
     try:
         checksums = cached_checksums(runner)
         seed = create_seed(runner.model, runner.device, runner.tp_rank, advertised_host(args), checksums)
+        seed.http_port = args.port
     except Exception as e:  # publishing is optional: the instance must keep serving whatever went wrong
         logger.error("TP%d: NOT a TransferEngine seed (clients cannot fork from this instance): %s", runner.tp_rank, e)
         return None
@@ -131,18 +138,13 @@ def create_seed(
         for engine in engines:
             engine.close()
         raise
-    info = {
-        name: [
-            t.data_ptr(),
-            t.numel(),
-            t.element_size(),
-            str(t.dtype).removeprefix("torch."),
-            list(t.shape),
-            checksums[name],
-        ]
+    # Exactly three values per entry: upstream's clients (and tools written for them) unpack three.
+    info = {name: [t.data_ptr(), t.numel(), t.element_size()] for name, t in tensors}
+    meta = {
+        name: {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape), "checksum": checksums[name]}
         for name, t in tensors
     }
-    return TransferEngineSeed(tp_rank, engines, info, endpoints, register_seconds, regions)
+    return TransferEngineSeed(tp_rank, engines, info, endpoints, register_seconds, regions, meta)
 
 
 def seed_protocols(device: torch.device) -> list[str]:

@@ -1,0 +1,1 @@
+"""Observability: batch log lines, Prometheus metrics, request logs (see docs/advanced_features/observability.md)."""

@@ -1,0 +1,174 @@
+"""Peers that act on the wire as upstream SGLang's R-Fork does, written from reading its code, for interop tests.
+
+Clients (print one JSON line {"name": checksum} per TP rank, received bytes checksummed here):
+  python rfork_upstream_peer.py nccl-client SEED_URL PORTS TP [DELAY]  # init, own group, send, receive
+  python rfork_upstream_peer.py te-client SEED_URL TP              # GET info, unpack 3 values, one batch read
+Seeds (TP1; print {"ready": checksums} once serving; load MODEL_DIR from disk):
+  python rfork_upstream_peer.py nccl-seed MODEL_DIR HTTP_PORT
+  python rfork_upstream_peer.py te-seed MODEL_DIR HTTP_PORT
+
+Upstream's pair group: torch's rendezvous over tcp://master:port, PrefixStore(group_name), then torch's own
+process-group helper (which nests the store further), a barrier, one broadcast per named parameter from rank 0.
+Buffers of a client come from the seed's parameter list in the order the seed reports it; the recorded-order test
+(test_rfork_upstream_wire.py) pins that order to upstream's model classes.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import requests
+import torch
+import torch.distributed as dist
+from torch.distributed.distributed_c10d import Backend, PrefixStore, _new_process_group_helper, _world, rendezvous
+
+from sglang.srt.remote_instance.manifest import tensor_checksum
+
+TIMEOUT = datetime.timedelta(seconds=60)
+
+
+def upstream_group(master: str, port: int, rank: int, group_name: str) -> dist.ProcessGroup:
+    """The pair group as upstream's init_custom_process_group forms it (gloo: this is a CPU test)."""
+    store, rank, world = next(rendezvous(f"tcp://{master}:{port}", rank, 2, timeout=TIMEOUT))
+    store.set_timeout(TIMEOUT)
+    store = PrefixStore(group_name, store)
+    pg, _ = _new_process_group_helper(2, rank, [], Backend("gloo"), store, group_name=group_name, timeout=TIMEOUT)
+    _world.pg_group_ranks[pg] = {0: 0, 1: 1}
+    dist.barrier(group=pg)
+    return pg
+
+
+def _buffers(seed_url: str, rank: int) -> list[tuple[str, torch.Tensor]]:
+    specs = requests.get(f"{seed_url}/remote_instance_weight_manifest", params={"rank": rank}, timeout=30).json()
+    return [(s["name"], torch.empty(s["shape"], dtype=getattr(torch, s["dtype"]))) for s in specs["tensors"]]
+
+
+def nccl_client(seed_url: str, ports: str, tp: int, delay: float = 0.0) -> None:
+    host = seed_url.split("//")[1].rsplit(":", 1)[0]
+    body = {"master_address": host, "ports": ports, "group_name": f"send_weights_{host}"}
+    port_list = [int(p) for p in ports.split(",")]
+    buffers = [_buffers(seed_url, r) for r in range(tp)]
+    # Upstream: rank 0 fires init from a thread and does not look at the answer.
+    init = {**body, "group_rank": 0, "world_size": 2, "backend": "nccl"}
+    threading.Thread(
+        target=requests.post, args=(f"{seed_url}/init_weights_send_group_for_remote_instance",), kwargs={"json": init}
+    ).start()
+    results: list[dict[str, str] | None] = [None] * tp
+
+    def rank_main(r: int) -> None:
+        if r:
+            time.sleep(delay)  # a slower rank: rank 0's send reaches the seed before this rank's group exists
+        pg = upstream_group(host, port_list[r], 1, f"send_weights_{host}_{port_list[r]}_{r}")
+        if r == 0:  # right after its own group forms, as upstream does
+            threading.Thread(
+                target=requests.post, args=(f"{seed_url}/send_weights_to_remote_instance",), kwargs={"json": body}
+            ).start()
+        for _, t in buffers[r]:
+            dist.broadcast(t, src=0, group=pg)
+        results[r] = {n: tensor_checksum(t) for n, t in buffers[r]}
+
+    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(tp)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for r in results:
+        print(json.dumps(r), flush=True)
+
+
+def te_client(seed_url: str, tp: int) -> None:
+    from mooncake.engine import TransferEngine
+
+    for r in range(tp):
+        info = requests.get(f"{seed_url}/remote_instance_transfer_engine_info", params={"rank": r}, timeout=30).json()
+        session_id, weights = info["remote_instance_transfer_engine_info"]
+        engine = TransferEngine()
+        assert engine.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "") == 0
+        out, locals_, remotes, lengths = {}, [], [], []
+        for name, (ptr, numel, esize) in weights.items():  # exactly three, as upstream unpacks
+            t = torch.zeros(numel * esize, dtype=torch.uint8)
+            out[name] = t
+            locals_.append(t.data_ptr())
+            remotes.append(ptr)
+            lengths.append(numel * esize)
+        assert engine.batch_transfer_sync_read(session_id, locals_, remotes, lengths) == 0
+        print(json.dumps({n: tensor_checksum(t) for n, t in out.items()}), flush=True)
+
+
+class _Seed(BaseHTTPRequestHandler):
+    """Upstream's seed endpoints (only these: our manifest and lease are 404 here, as upstream)."""
+
+    tensors: list[tuple[str, torch.Tensor]] = []
+    groups: dict[str, dist.ProcessGroup] = {}
+    te_info: list = []
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def _reply(self, status: int, data: object) -> None:
+        raw = json.dumps(data).encode()
+        self.send_response(status)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(raw)))
+        self.end_headers()
+        self.wfile.write(raw)
+
+    def do_GET(self) -> None:
+        if self.path.startswith("/remote_instance_transfer_engine_info") and self.te_info:
+            self._reply(200, {"rank": 0, "remote_instance_transfer_engine_info": self.te_info})
+        elif self.path.startswith("/get_server_info"):
+            self._reply(200, {"tp_size": 1})
+        else:
+            self._reply(404, {"detail": "Not Found"})
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["content-length"])) or b"{}")
+        port = int(body.get("ports", "0").split(",")[0])
+        key = f"{body.get('group_name')}_{port}_0"
+        if self.path == "/init_weights_send_group_for_remote_instance":
+            self.groups[key] = upstream_group(body["master_address"], port, 0, key)
+            self._reply(200, {"success": True, "message": "Succeeded to init group through nccl."})
+        elif self.path == "/send_weights_to_remote_instance":
+            pg = self.groups.pop(key)
+            for _, t in self.tensors:
+                dist.broadcast(t, src=0, group=pg)
+            dist.destroy_process_group(pg)
+            self._reply(200, {"success": True, "message": "Succeeded to send weights through nccl."})
+        else:
+            self._reply(404, {"detail": "Not Found"})
+
+
+def seed(kind: str, model_dir: str, http_port: int) -> None:
+    from sglang.srt.configs.load_config import LoadConfig
+    from sglang.srt.configs.model_config import ModelConfig
+    from sglang.srt.model_loader import get_model_loader
+
+    model = get_model_loader(LoadConfig()).load_model(ModelConfig.from_path(model_dir), torch.device("cpu"))
+    _Seed.tensors = [(n, p.data) for n, p in model.named_parameters()]
+    if kind == "te-seed":
+        from mooncake.engine import TransferEngine
+
+        engine = TransferEngine()
+        assert engine.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "") == 0
+        for _, t in _Seed.tensors:
+            assert engine.register_memory(t.data_ptr(), t.numel() * t.element_size()) == 0
+        weights = {n: [t.data_ptr(), t.numel(), t.element_size()] for n, t in _Seed.tensors}
+        _Seed.te_info = [f"127.0.0.1:{engine.get_rpc_port()}", weights]
+    server = ThreadingHTTPServer(("127.0.0.1", http_port), _Seed)
+    print(json.dumps({"ready": {n: tensor_checksum(t) for n, t in _Seed.tensors}}), flush=True)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    role = sys.argv[1]
+    if role == "nccl-client":
+        nccl_client(sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5]) if len(sys.argv) > 5 else 0.0)
+    elif role == "te-client":
+        te_client(sys.argv[2], int(sys.argv[3]))
+    else:
+        seed(role, sys.argv[2], int(sys.argv[3]))
