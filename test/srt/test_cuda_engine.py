@@ -45,3 +45,29 @@ def test_llama3_8b_shaped_dummy_generates(tiny_model_dir, tmp_path):
         info = engine.get_server_info()
     assert all(len(o["output_ids"]) == 16 for o in out)
     assert info["weight_bytes"] > 15e9
+
+
+def test_cuda_graph_server_start_and_structured_output(tmp_path):
+    """bf16 + FlashInfer + CUDA graphs: the start-up timeline's GPU phases, and grammar masks applied on the GPU."""
+    import re
+
+    from sglang.test.test_utils import TINY_BF16_LLAMA, tiny_model
+
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string", "pattern": "^[a-z]{1,6}$"}, "ok": {"type": "boolean"}},
+        "required": ["name", "ok"],
+        "additionalProperties": False,
+    }
+    regex = r"[a-z]{3}-[0-9]{2}"
+    greedy = {"temperature": 0, "max_new_tokens": 48}
+    with sglang.Engine(model_path=tiny_model("llama", **TINY_BF16_LLAMA), max_total_tokens=8192) as engine:
+        names = {p["name"] for p in engine.startup_timeline["phases"] if p["process"] == "TP0"}
+        outs = engine.generate(
+            ["JSON:", "Free text", "Code:", "Batch row"],
+            [{**greedy, "json_schema": json.dumps(schema)}, greedy, {**greedy, "regex": regex}, greedy],
+        )
+    assert {"FlashInfer kernels (wait for build)", "CUDA graphs", "weights (auto)"} <= names, names
+    parsed = json.loads(outs[0]["text"])
+    assert set(parsed) == {"name", "ok"} and re.fullmatch("[a-z]{1,6}", parsed["name"]), outs[0]["text"]
+    assert re.fullmatch(regex, outs[2]["text"]), outs[2]["text"]

@@ -115,6 +115,8 @@ def launch_engine(
             infos = ranks.wait_ready()
     except BaseException:
         handle.shutdown()
+        if handle.tokenizer_manager is not None:
+            handle.tokenizer_manager.close_sockets()
         raise
     for info in infos:
         handle.rank_phases += startup_timeline.phases_from_json(info.pop("startup_timeline"), timeline.origin)

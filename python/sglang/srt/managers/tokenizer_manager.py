@@ -121,6 +121,9 @@ class TokenizerManager:
         if scheduler_info is not None:
             self.attach_schedulers(scheduler_info)
         ctx = zmq.asyncio.Context(2)
+        # Never block closing (or garbage-collecting) a socket on messages no scheduler will read: this manager is
+        # built while the ranks start, so a start that fails leaves it with peers that never came up.
+        ctx.setsockopt(zmq.LINGER, 0)
         self.send_sock = ctx.socket(zmq.PUSH)
         self.send_sock.connect(port_args.scheduler_input_ipc_name)
         self.recv_sock = ctx.socket(zmq.PULL)
@@ -335,6 +338,10 @@ class TokenizerManager:
             self._loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._loop_task
+        self.close_sockets()
+
+    def close_sockets(self) -> None:
+        """Close the IPC sockets now (idempotent; for a start that failed before any loop ran)."""
         self.recv_sock.close(linger=0)
         self.send_sock.close(linger=0)
         self.tokenize_pool.shutdown(wait=False, cancel_futures=True)

@@ -72,35 +72,72 @@ def diff_manifests(local: list[TensorSpec], remote: list[TensorSpec], limit: int
     return diffs[:limit]
 
 
-@torch.inference_mode()
 def tensor_checksum(t: torch.Tensor) -> str:
     """64-bit position-weighted sum of the tensor's bytes taken as 64-bit words, computed where the tensor lives.
 
     Integer addition wraps modulo 2**64 and is associative, so the value does not depend on the
     device or the reduction order: a CPU seed and a CUDA client agree on equal bytes.
     """
-    raw = t.detach().contiguous().reshape(-1).view(torch.uint8)
-    body = raw.numel() - raw.numel() % 8
-    words = raw[:body].view(torch.int64)
-    weighted = torch.zeros((), dtype=torch.int64, device=t.device)
-    plain = torch.zeros((), dtype=torch.int64, device=t.device)
+    return tensor_checksums([t])[0]
+
+
+@torch.inference_mode()
+def tensor_checksums(tensors: list[torch.Tensor]) -> list[str]:
+    """tensor_checksum of each tensor, with one copy to the host per device for all of them.
+
+    A fork verifies ~200 tensors (tens of thousands for a MoE model); a host sync per tensor cost more than the
+    arithmetic on the GPU.
+    """
+    sums: list[torch.Tensor] = []
+    tails: list[torch.Tensor | None] = []
+    sizes: list[int] = []
+    for t in tensors:
+        raw = t.detach().contiguous().reshape(-1).view(torch.uint8)
+        body = raw.numel() - raw.numel() % 8
+        sums.append(_word_sums(raw[:body].view(torch.int64)))
+        tails.append(raw[body:] if body < raw.numel() else None)  # the last < 8 bytes, if any
+        sizes.append(raw.numel())
+    host = _to_host(sums)
+    out = []
+    for (weighted, plain), tail_bytes, size in zip(host, tails, sizes):
+        tail = 0 if tail_bytes is None else int.from_bytes(bytes(tail_bytes.cpu().tolist()), "little")
+        out.append(f"{(weighted * 1_000_003 + plain + tail * 7 + size) & _MASK:016x}")
+    return out
+
+
+def _word_sums(words: torch.Tensor) -> torch.Tensor:
+    """[position-weighted sum, plain sum] of int64 words, on their device, without a host sync."""
+    weighted = torch.zeros((), dtype=torch.int64, device=words.device)
+    plain = torch.zeros((), dtype=torch.int64, device=words.device)
     # Word i is weighted by (i % _MOD) + 1: viewing each chunk as rows of _MOD words makes that one
     # broadcast multiply (chunks start at multiples of _MOD).
-    pattern = torch.arange(1, _MOD + 1, device=t.device, dtype=torch.int64)
+    pattern = torch.arange(1, _MOD + 1, device=words.device, dtype=torch.int64)
     for start in range(0, words.numel(), _CHUNK_WORDS):
         chunk = words[start : start + _CHUNK_WORDS]
         rows = chunk.numel() // _MOD * _MOD
         weighted += (chunk[:rows].view(-1, _MOD) * pattern).sum()
         weighted += (chunk[rows:] * pattern[: chunk.numel() - rows]).sum()
         plain += chunk.sum()
-    tail = int.from_bytes(bytes(raw[body:].cpu().tolist()), "little")  # the last < 8 bytes, if any
-    value = (int(weighted) * 1_000_003 + int(plain) + tail * 7 + raw.numel()) & _MASK
-    return f"{value:016x}"
+    return torch.stack([weighted, plain])
+
+
+def _to_host(pairs: list[torch.Tensor]) -> list[tuple[int, int]]:
+    """The [weighted, plain] pairs as Python ints, one device-to-host copy per device."""
+    by_device: dict[torch.device, list[int]] = {}
+    for i, pair in enumerate(pairs):
+        by_device.setdefault(pair.device, []).append(i)
+    out: list[tuple[int, int]] = [(0, 0)] * len(pairs)
+    for indices in by_device.values():
+        values = torch.stack([pairs[i] for i in indices]).cpu().tolist()
+        for i, (weighted, plain) in zip(indices, values):
+            out[i] = (weighted, plain)
+    return out
 
 
 def model_checksums(model: nn.Module) -> dict[str, str]:
     """Checksum of every transferred tensor, keyed by name."""
-    return {name: tensor_checksum(t) for name, t in weight_tensors(model)}
+    named = list(weight_tensors(model))
+    return dict(zip((name for name, _ in named), tensor_checksums([t for _, t in named])))
 
 
 def verify_checksums(model: nn.Module, expected: dict[str, str]) -> list[str]:
