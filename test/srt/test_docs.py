@@ -43,6 +43,7 @@ PAGES = [
     "advanced_features/server_arguments.md",
     "references/supported_models.md",
     "references/benchmarks.md",
+    "references/reliability.md",
     "developer_guide/architecture.md",
     "developer_guide/contributing.md",
     "index.md",

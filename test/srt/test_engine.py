@@ -173,6 +173,9 @@ def test_huge_weight_reads_need_truncate_size(tiny_model_dir):
         assert MAX_WEIGHT_ELEMENTS < 270_000 * 64
         with pytest.raises(RuntimeError, match="pass truncate_size"):
             eng.get_weights_by_name("model.embed_tokens.weight")
+        # A truncate_size above the tensor's size asks for all of it: refused the same (it used to be served).
+        with pytest.raises(RuntimeError, match="pass truncate_size"):
+            eng.get_weights_by_name("model.embed_tokens.weight", truncate_size=10**12)
         assert len(eng.get_weights_by_name("model.embed_tokens.weight", truncate_size=7)) == 7
         assert eng.generate("still serving", {"max_new_tokens": 2})["meta_info"]["completion_tokens"] == 2
 

@@ -105,6 +105,17 @@ class ServerArgs:
         choices=(0, 1, 2, 3),
     )
 
+    # Request limits (ours): bad or oversized input is refused with a 4xx naming the field and the flag
+    max_request_body_bytes: int = _opt(
+        "Largest HTTP request body accepted; a larger one gets 413 before it is parsed.", default=32 << 20
+    )
+    max_stop_strings: int = _opt("Most stop strings one request may give ('stop').", default=64)
+    max_stop_string_length: int = _opt("Longest stop string (characters) a request may give.", default=512)
+    max_n: int = _opt("Largest 'n' (choices sampled per prompt) a request may ask for.", default=64)
+    max_top_logprobs_num: int = _opt(
+        "Largest top_logprobs_num of a native /generate request (the OpenAI routes allow at most 20).", default=256
+    )
+
     # Device and parallelism
     device: str | None = _opt("Device: cuda or cpu; defaults to cuda when available.", choices=DEVICES)
     tp_size: int = _opt("Tensor parallel size.", default=1)
@@ -280,6 +291,11 @@ class ServerArgs:
             raise ServerArgsError(f"--max-running-requests must be >= 1, got {self.max_running_requests}.")
         if self.decode_log_interval < 1:
             raise ServerArgsError(f"--decode-log-interval must be >= 1, got {self.decode_log_interval}.")
+        for name in ("max_request_body_bytes", "max_stop_strings", "max_stop_string_length", "max_n"):
+            if getattr(self, name) < 1:
+                raise ServerArgsError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}.")
+        if self.max_top_logprobs_num < 0:
+            raise ServerArgsError(f"--max-top-logprobs-num must be >= 0, got {self.max_top_logprobs_num}.")
         if self.stream_interval < 1:
             raise ServerArgsError(f"--stream-interval must be >= 1, got {self.stream_interval}.")
         if self.grammar_backend == "xgrammar" and importlib.util.find_spec("xgrammar") is None:

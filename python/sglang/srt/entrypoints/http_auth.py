@@ -17,17 +17,27 @@ class ApiKeyMiddleware:
 
     def __init__(self, app: Any, api_key: str) -> None:
         self.app = app
-        self.expected = f"Bearer {api_key}".encode()
+        self.expected = api_key.encode()
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         # A plain ASGI middleware (not BaseHTTPMiddleware) so that streamed responses and client
         # disconnects reach the endpoint untouched.
-        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS and scope["method"] != "OPTIONS":
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.expected):
-                await _reject(send)
-                return
+        guarded = scope["type"] == "http" and scope["path"] not in OPEN_PATHS and scope["method"] != "OPTIONS"
+        if guarded and not hmac.compare_digest(self._token(scope), self.expected):
+            await _reject(send)
+            return
         await self.app(scope, receive, send)
+
+    @staticmethod
+    def _token(scope: dict[str, Any]) -> bytes:
+        return bearer_token(dict(scope["headers"]).get(b"authorization", b""))
+
+
+def bearer_token(header: bytes) -> bytes:
+    """The credentials of an `Authorization: Bearer <token>` header (b"" when it is not one). The scheme is
+    case-insensitive (RFC 9110, section 11.1), so "bearer" and "BEARER" are accepted too."""
+    scheme, _, token = header.strip().partition(b" ")
+    return token.strip() if scheme.lower() == b"bearer" else b""
 
 
 async def _reject(send: Any) -> None:

@@ -65,7 +65,11 @@ def add_extra_routes(app: FastAPI) -> None:
     async def tokenize(req: TokenizeRequest, request: Request) -> dict[str, Any]:
         tm = tm_of(request)
         texts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
-        tokens = [tm.tokenizer.encode(t, add_special_tokens=req.add_special_tokens) for t in texts]
+        try:
+            # Off the event loop when long; no context check: counting a long document's tokens is a fair question.
+            tokens = [await tm.encode(t, "prompt", req.add_special_tokens, check_length=False) for t in texts]
+        except ValueError as e:
+            raise APIError(str(e), param="prompt") from None
         counts = [len(t) for t in tokens]
         single = isinstance(req.prompt, str)
         return {

@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import sglang
 from sglang.srt.entrypoints.http_auth import ApiKeyMiddleware
 from sglang.srt.entrypoints.http_extra import add_extra_routes, model_card
+from sglang.srt.entrypoints.http_limits import BodyLimitMiddleware
 from sglang.srt.entrypoints.http_metrics import add_metrics_routes
 from sglang.srt.entrypoints.http_profile import add_profile_routes
 from sglang.srt.entrypoints.http_rfork import add_rfork_routes
@@ -37,6 +38,7 @@ from sglang.srt.entrypoints.openai.serving_base import (
 from sglang.srt.entrypoints.openai.serving_chat import serve_chat
 from sglang.srt.entrypoints.openai.serving_completions import serve_completions
 from sglang.srt.managers.io_struct import GenerateReqInput
+from sglang.srt.server_args import ServerArgs
 
 if TYPE_CHECKING:
     from sglang.srt.managers.tokenizer_manager import TokenizerManager
@@ -81,7 +83,11 @@ def create_app(tokenizer_manager: TokenizerManager, api_key: str | None = None) 
     app = FastAPI(title="SGLang")
     app.state.tokenizer_manager = tokenizer_manager
     app.state.created = int(time.time())
+    # The docs build makes an app without a TokenizerManager (to list its routes): the flag's default then.
+    limits = tokenizer_manager.server_args if tokenizer_manager is not None else ServerArgs
+    app.add_middleware(BodyLimitMiddleware, max_bytes=limits.max_request_body_bytes)
     if api_key:
+        # Added last, so it runs first: a caller without the key cannot even make the server read a body.
         app.add_middleware(ApiKeyMiddleware, api_key=api_key)
     _add_error_handlers(app)
     _add_native_routes(app)
@@ -120,7 +126,7 @@ def _add_native_routes(app: FastAPI) -> None:
     async def generate(req: GenerateRequest, request: Request) -> Response:
         tm = _tm(request)
         obj = with_rids(GenerateReqInput(**req.model_dump()))
-        prompt_param = "text" if req.text is not None else "input_ids"
+        prompt_param = "input_ids" if req.input_ids is not None else "text"
         first, rest = await start_generation(request, tm, obj, prompt_param, cumulative=None)
         if not req.stream:
             return JSONResponse(first)
@@ -131,7 +137,7 @@ def _add_native_routes(app: FastAPI) -> None:
                 yield sse_event(out)
             yield SSE_DONE
 
-        return StreamingResponse(guard_stream(events(), tm, obj), media_type="text/event-stream")
+        return StreamingResponse(guard_stream(events(), rest), media_type="text/event-stream")
 
     @app.get("/get_model_info")
     async def get_model_info(request: Request) -> dict[str, Any]:
@@ -202,7 +208,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> Response:
-        error = validation_error(exc.errors())
+        error = validation_error(exc.errors(), request.headers.get("content-type"))
         return JSONResponse(error.body(), status_code=error.status_code)
 
     @app.exception_handler(ClientDisconnected)
@@ -220,11 +226,22 @@ def _add_error_handlers(app: FastAPI) -> None:
         return JSONResponse(error_body(message, None, 500), status_code=500)
 
 
-def validation_error(errors: Any) -> APIError:
+def _is_json(content_type: str | None) -> bool:
+    media = (content_type or "").split(";")[0].strip().lower()
+    return media == "application/json" or media.endswith("+json")
+
+
+def validation_error(errors: Any, content_type: str | None = None) -> APIError:
     """Turn FastAPI's request-validation errors into a 400 naming the first bad field."""
     error = errors[0]
     loc = [str(part) for part in error["loc"][1:]]  # the first entry says where: body, query, ...
     kind = error["type"]
+    if error["loc"][:1] == ("body",) and not loc and not _is_json(content_type):
+        # Without a JSON content type the body is never parsed as JSON (`curl -d` sends a form type).
+        return APIError(
+            f"The request body must be JSON sent with 'Content-Type: application/json'; this request's content "
+            f"type is {content_type or 'missing'!r}. With curl, add -H 'Content-Type: application/json'."
+        )
     if kind == "json_invalid":
         detail = error.get("ctx", {}).get("error", error["msg"])
         return APIError(f"Malformed JSON in the request body: {detail}.")

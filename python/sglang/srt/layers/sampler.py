@@ -20,11 +20,12 @@ logger = logging.getLogger(__name__)
 class SampleOutput:
     """Chosen tokens and, where asked, their log-probabilities."""
 
-    token_ids: list[int]
+    token_ids: list[int | None]
     logprobs: list[float | None]
     top_logprobs: list[list[tuple[float, int]] | None]
     # Per row, a finish reason that the row's grammar decided (complete, or a token it could not accept), else None.
     grammar_finish: list[dict[str, Any] | None] = field(default_factory=list)
+    errors: dict[int, str] = field(default_factory=dict)  # row -> why it could not be sampled (no token then)
 
 
 class Sampler:
@@ -82,6 +83,26 @@ class Sampler:
                     n = req.top_logprobs_num
                     tops[i] = list(zip(top_vals[i][:n], top_ids[i][:n]))
         return SampleOutput(ids, logprobs, tops, grammar_finish)
+
+    def sample_guarded(self, logits: torch.Tensor, reqs: list[Req]) -> SampleOutput:
+        """As calling the sampler, but a request whose row cannot be sampled (input that slipped past validation, a
+        bug) is reported in `errors` instead of raising: it ends alone, and the scheduler goes on serving the rest."""
+        try:
+            return self(logits, reqs)
+        except Exception:
+            logger.exception("Sampling a batch of %d failed; sampling its requests one at a time", len(reqs))
+        out = SampleOutput([], [], [])
+        for i, req in enumerate(reqs):
+            try:
+                one = self(logits[i : i + 1], [req])
+            except Exception as e:
+                out.errors[i] = f"sampling failed: {type(e).__name__}: {e}"
+                one = SampleOutput([None], [None], [None], grammar_finish=[None])
+            out.token_ids += one.token_ids
+            out.logprobs += one.logprobs
+            out.top_logprobs += one.top_logprobs
+            out.grammar_finish += one.grammar_finish
+        return out
 
     def _sample(self, logits: torch.Tensor, reqs: list[Req]) -> torch.Tensor:
         """One token per row of logits [n, vocab], all rows at once, with each request's temperature and filters:

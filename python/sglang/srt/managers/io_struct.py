@@ -27,20 +27,20 @@ class GenerateReqInput:
             return isinstance(self.text, list)
         return bool(self.input_ids) and isinstance(self.input_ids[0], list)
 
-    def split(self) -> list[GenerateReqInput]:
+    def split(self, max_n: int) -> list[GenerateReqInput]:
         """One GenerateReqInput per prompt and choice: a batch, and `n` > 1, are served as independent requests.
 
-        Choices of a prompt come one after another; choice j of a seeded prompt uses seed + j.
+        Choices of a prompt come one after another; choice j of a seeded prompt uses seed + j and rid r-j.
         """
-        return [choice for prompt in self._split_prompts() for choice in prompt._split_choices()]
+        return [choice for prompt in self._split_prompts() for choice in prompt._split_choices(max_n)]
 
-    def _split_choices(self) -> list[GenerateReqInput]:
+    def _split_choices(self, max_n: int) -> list[GenerateReqInput]:
         params = self.sampling_params
         n = params.get("n", 1) if isinstance(params, dict) else 1
         if not isinstance(n, int) or isinstance(n, bool) or n <= 1:
             return [self]  # n == 1, or a bad n that SamplingParams validation will name
-        if n > 64:
-            raise SamplingParamsError("n", f"must be in [1, 64], got {n}")
+        if n > max_n:
+            raise SamplingParamsError("n", f"must be in [1, {max_n}] (--max-n), got {n}")
         choices = []
         for j in range(n):
             choice = {**params, "n": 1}
@@ -56,6 +56,12 @@ class GenerateReqInput:
         if self.text is not None and self.input_ids is not None:
             raise ValueError("Give either 'text' or 'input_ids', not both.")
         if not self.is_batch():
+            if isinstance(self.rid, list):
+                raise InvalidRequestError("rid", "one prompt takes one rid (a string); a list is for a batch.")
+            if isinstance(self.sampling_params, list):
+                raise InvalidRequestError(
+                    "sampling_params", "one prompt takes one sampling_params object; a list is for a batch."
+                )
             return [self]
         prompts = self.text if self.text is not None else self.input_ids
         n = len(prompts)
@@ -65,8 +71,10 @@ class GenerateReqInput:
         if isinstance(params, list) and len(params) != n:
             raise ValueError(f"'sampling_params' has {len(params)} entries for {n} prompts.")
         rids = self.rid
+        if isinstance(rids, str):
+            raise InvalidRequestError("rid", f"a batch of {n} prompts takes a list of {n} rids, not one string.")
         if isinstance(rids, list) and len(rids) != n:
-            raise ValueError(f"'rid' has {len(rids)} entries for {n} prompts.")
+            raise InvalidRequestError("rid", f"'rid' has {len(rids)} entries for {n} prompts.")
         return [
             GenerateReqInput(
                 text=prompts[i] if self.text is not None else None,

@@ -116,10 +116,7 @@ class Scheduler:
             if msg.grammar is not None and self.tp_rank == 0:
                 req.grammar = self.grammar_backend.matcher(msg.grammar)
             if len(req.origin_input_ids) > self.max_req_input_len:
-                req.finished_reason = {
-                    "type": "abort",
-                    "message": f"prompt of {len(req.origin_input_ids)} tokens exceeds {self.max_req_input_len}",
-                }
+                fail(req, f"prompt of {len(req.origin_input_ids)} tokens exceeds {self.max_req_input_len}")
                 self.send_outputs([req])
                 return
             self.waiting.append(req)
@@ -331,14 +328,21 @@ class Scheduler:
         """Rank 0 samples one token per request and shares the choice, so every rank stays in step."""
         sample = None
         if self.tp_rank == 0:
-            sample = self.sampler(logits[torch.tensor(rows, device=logits.device)], reqs)
+            sample = self.sampler.sample_guarded(logits[torch.tensor(rows, device=logits.device)], reqs)
         sample = broadcast_pyobj(sample, src=0)
         for j, req in enumerate(reqs):
+            if j in sample.errors:
+                fail(req, sample.errors[j])
+                continue
             req.output_ids.append(sample.token_ids[j])
             if req.return_logprob:
                 req.new_logprobs.append(sample.logprobs[j])
                 req.new_top_logprobs.append(sample.top_logprobs[j] or [])
-            self.stop_checker.check(req, self.model_config.context_len)
+            try:
+                self.stop_checker.check(req, self.model_config.context_len)
+            except Exception as e:  # every rank fails alike: they check the same tokens
+                logger.exception("Stop check of request %s failed", req.rid)
+                fail(req, f"stop check failed: {type(e).__name__}: {e}")
             if sample.grammar_finish[j] is not None and not req.finished:
                 req.finished_reason = sample.grammar_finish[j]  # e.g. a complete grammar under ignore_eos
 
@@ -374,6 +378,12 @@ class Scheduler:
             "max_total_num_tokens": self.max_total_num_tokens,
             "cached_tokens_total": self.cached_tokens_total,
         }
+
+
+def fail(req: Req, message: str) -> None:
+    """End req alone with an abort carrying message (what the client reads)."""
+    logger.warning("Request %s aborted: %s", req.rid, message)
+    req.finished_reason = {"type": "abort", "message": message}
 
 
 def _pages(tokens: int, page_size: int) -> int:

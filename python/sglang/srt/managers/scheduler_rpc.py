@@ -95,11 +95,13 @@ def _get_weights_by_name(scheduler: Scheduler, name: str, truncate_size: int | N
     if name not in params:
         raise KeyError(f"no parameter named {name!r}; see /get_model_info for the model's parameters")
     param = params[name]
-    if truncate_size is None and param.numel() > MAX_WEIGHT_ELEMENTS:
-        # A full 128k-vocab embedding as JSON would take the server's memory with it.
+    count = param.numel() if truncate_size is None else min(truncate_size, param.numel())
+    if count > MAX_WEIGHT_ELEMENTS:
+        # A full 128k-vocab embedding as JSON would take the server's memory with it (a truncate_size above the
+        # parameter's size asks for all of it, so it counts the same).
         raise ValueError(
             f"{name} has {param.numel()} elements, more than {MAX_WEIGHT_ELEMENTS} can be returned at once; "
-            "pass truncate_size"
+            f"pass truncate_size <= {MAX_WEIGHT_ELEMENTS}"
         )
     tensor = param.detach()
     if truncate_size is not None:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +29,7 @@ from sglang.srt.managers.io_struct import (
     TokenizedGenerateReqInput,
     new_rid,
 )
+from sglang.srt.managers.request_limits import RequestLimits
 from sglang.srt.managers.stop_checker import eos_token_ids
 from sglang.srt.metrics.scheduler_stats import SchedulerStats
 from sglang.srt.metrics.telemetry import RequestTelemetry
@@ -35,6 +38,11 @@ from sglang.srt.sampling.sampling_params import SamplingParams
 from sglang.srt.server_args import PortArgs, ServerArgs
 
 logger = logging.getLogger(__name__)
+
+# Texts up to this many characters are tokenized on the event loop (well under a millisecond); longer ones on
+# a worker thread. Two workers: one huge prompt cannot hold up every other long one.
+INLINE_TOKENIZE_CHARS = 16384
+TOKENIZE_WORKERS = 2
 
 
 @dataclass
@@ -64,7 +72,8 @@ class ReqState:
     as tokens arrive: a caller that falls behind gets one output covering everything new, and a request that does
     not stream is decoded once, at its end."""
 
-    rid: str
+    rid: str  # the client's (or a fresh) request id, as the output's id says
+    wire_id: str  # this request's id towards the scheduler: unique even when a client reuses a finished rid
     prompt_tokens: int
     detokenizer: IncrementalDetokenizer
     output_ids: list[int] = field(default_factory=list)
@@ -105,6 +114,9 @@ class TokenizerManager:
         self.telemetry = RequestTelemetry.from_args(server_args, self.tokenizer)
         self.scheduler_info: dict[str, Any] = {}
         self.max_req_input_len = 0
+        # Complete once the schedulers report how many prompt tokens they take (attach_schedulers).
+        self.limits = RequestLimits.build(server_args, self.model_config.vocab_size, 0, self.tokenizer)
+        self.tokenize_pool = ThreadPoolExecutor(TOKENIZE_WORKERS, thread_name_prefix="tokenize")
         self.startup_timeline: dict[str, Any] | None = None
         if scheduler_info is not None:
             self.attach_schedulers(scheduler_info)
@@ -117,6 +129,7 @@ class TokenizerManager:
         self.recv_sock = ctx.socket(zmq.PULL)
         self.recv_sock.bind(port_args.tokenizer_ipc_name)
         self.rid_to_state: dict[str, ReqState] = {}
+        self.wire_to_state: dict[str, ReqState] = {}
         self.rpc_waiters: dict[str, asyncio.Future] = {}
         self.dead_reason: str | None = None
         self._loop_task: asyncio.Task | None = None
@@ -131,15 +144,26 @@ class TokenizerManager:
         self._ensure_loop()
         if cumulative is None:
             cumulative = not self.server_args.incremental_streaming_output
-        parts = obj.split()
+        parts = obj.split(self.limits.max_n)
         # Validate the whole batch before sending any of it.
-        prepared = [(*self._tokenize(p), cumulative) for p in parts]
-        if not obj.is_batch() and len(prepared) == 1:
-            async for out in self._run_one(*prepared[0]):
+        reqs = [await self._tokenize(p) for p in parts]
+        states = self._admit(reqs)
+        try:
+            async for out in self._outputs(obj, states, cumulative):
+                yield out
+        finally:
+            for state in states:
+                self._forget(state)
+
+    async def _outputs(
+        self, obj: GenerateReqInput, states: list[ReqState], cumulative: bool
+    ) -> AsyncIterator[dict[str, Any] | list[dict[str, Any]]]:
+        if not obj.is_batch() and len(states) == 1:
+            async for out in self._run_one(states[0], obj.stream, cumulative):
                 yield out
             return
         if not obj.stream:
-            yield list(await asyncio.gather(*(last_output(self._run_one(*p)) for p in prepared)))
+            yield list(await asyncio.gather(*(last_output(self._run_one(s, False, cumulative)) for s in states)))
             return
         queue: asyncio.Queue = asyncio.Queue()
 
@@ -150,7 +174,7 @@ class TokenizerManager:
             finally:
                 await queue.put(None)
 
-        tasks = [asyncio.create_task(pump(i, self._run_one(*p))) for i, p in enumerate(prepared)]
+        tasks = [asyncio.create_task(pump(i, self._run_one(s, True, cumulative))) for i, s in enumerate(states)]
         try:
             remaining = len(tasks)
             while remaining:
@@ -163,23 +187,48 @@ class TokenizerManager:
             for t in tasks:
                 t.cancel()
 
-    def _tokenize(self, obj: GenerateReqInput) -> tuple[TokenizedGenerateReqInput, bool]:
+    async def encode(
+        self, text: Any, field_name: str, add_special_tokens: bool = True, check_length: bool = True
+    ) -> list[int]:
+        """Token ids of a prompt text. Long texts are tokenized on a worker thread (the tokenizer lets go of the
+        GIL), so that a megabyte prompt does not stop the event loop, and every other client, for seconds. With
+        check_length, a text too long for any prompt this server takes is refused without tokenizing it."""
+        if not isinstance(text, str):
+            raise InvalidRequestError(field_name, f"expected a string, got {type(text).__name__}.")
+        if check_length:
+            self.limits.check_prompt_text(text, field_name)
+        work = functools.partial(self.tokenizer.encode, text, add_special_tokens=add_special_tokens)
+        try:
+            if len(text) <= INLINE_TOKENIZE_CHARS:
+                return work()
+            return await asyncio.get_running_loop().run_in_executor(self.tokenize_pool, work)
+        except (TypeError, ValueError) as e:  # e.g. a lone surrogate (\ud800), which is not text the tokenizer takes
+            raise InvalidRequestError(field_name, f"the prompt cannot be tokenized: {e}") from None
+
+    async def _tokenize(self, obj: GenerateReqInput) -> TokenizedGenerateReqInput:
         params = SamplingParams.from_dict(obj.sampling_params, self.sampling_defaults)
         params.check_vocab(self.model_config.vocab_size)
+        self.limits.check_sampling(params)
+        if obj.return_logprob:
+            self.limits.check_top_logprobs_num(obj.top_logprobs_num)
         # Compiled here, so a bad schema is a 400 before anything is queued and the scheduler never compiles.
         grammar = compile_request_grammar(self.grammar_backend, params)
         if obj.input_ids is not None:
             ids = list(obj.input_ids)
+            self._check_length(ids, "input_ids")  # first: the vocabulary check below reads every id
             vocab = self.model_config.vocab_size
             bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
             if bad:
                 raise InvalidRequestError("input_ids", f"token id {bad[0]!r} is not in the vocabulary [0, {vocab}).")
             field_name = "input_ids"
         else:
-            if not isinstance(obj.text, str):
-                raise InvalidRequestError("text", f"expected a string, got {type(obj.text).__name__}.")
-            ids = self.tokenizer.encode(obj.text)
+            ids = await self.encode(obj.text, "text")
             field_name = "text"
+        self._check_length(ids, field_name)
+        rid = obj.rid if isinstance(obj.rid, str) else new_rid()
+        return TokenizedGenerateReqInput(rid, ids, params, obj.return_logprob, obj.top_logprobs_num, grammar)
+
+    def _check_length(self, ids: list[int], field_name: str) -> None:
         if not ids:
             raise InvalidRequestError(field_name, "the prompt is empty; send at least one token.")
         if len(ids) > self.max_req_input_len:
@@ -188,47 +237,64 @@ class TokenizerManager:
                 f"the prompt has {len(ids)} tokens, more than this server accepts ({self.max_req_input_len}; "
                 f"context length {self.model_config.context_len}). Shorten the prompt.",
             )
-        rid = obj.rid if isinstance(obj.rid, str) else new_rid()
-        if rid in self.rid_to_state:
-            raise InvalidRequestError("rid", f"request id {rid!r} is already in use.")
-        req = TokenizedGenerateReqInput(rid, ids, params, obj.return_logprob, obj.top_logprobs_num, grammar)
-        return req, obj.stream
 
-    async def _run_one(
-        self, req: TokenizedGenerateReqInput, stream: bool, cumulative: bool
-    ) -> AsyncIterator[dict[str, Any]]:
+    def _admit(self, reqs: list[TokenizedGenerateReqInput]) -> list[ReqState]:
+        """Register reqs and send them to the scheduler, all or none. No await in here: a request id is checked and
+        taken in one step, so two requests can never share one (the second would wait forever for its answers)."""
         if self.dead_reason:
             raise RuntimeError(self.dead_reason)
-        params = req.sampling_params
-        detokenizer = IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens)
-        state = ReqState(req.rid, len(req.input_ids), detokenizer)
-        self.rid_to_state[req.rid] = state
-        self.send_sock.send_pyobj(req)
-        self.telemetry.on_submit(req)
-        try:
-            while True:
-                await state.event.wait()
-                state.event.clear()
-                done = state.finished
-                if done:
-                    # Forget the request before handing out the last answer: a caller that stops iterating
-                    # here must not leave its state behind.
-                    self.rid_to_state.pop(req.rid, None)
-                if stream or done:
-                    # Built now, from everything received so far (nothing can arrive while this runs).
-                    out = self._output(state, incremental=stream)
-                    yield out if cumulative or not stream else state.sent.cut(out)
-                if done:
-                    return
-        finally:
-            if not state.finished:
-                self.abort_request(req.rid)
-            self.rid_to_state.pop(req.rid, None)
-            self.telemetry.on_close(state)
+        seen: set[str] = set()
+        for req in reqs:
+            if req.rid in self.rid_to_state or req.rid in seen:
+                raise InvalidRequestError(
+                    "rid",
+                    f"request id {req.rid!r} is already in use (by a running request, or twice in this batch; "
+                    "with n > 1, choice j of rid r is r-j). Give every request its own rid, or none.",
+                )
+            seen.add(req.rid)
+        states = []
+        for req in reqs:
+            detokenizer = IncrementalDetokenizer(self.tokenizer, req.sampling_params.skip_special_tokens)
+            state = ReqState(req.rid, new_rid(), len(req.input_ids), detokenizer)
+            self.rid_to_state[state.rid] = self.wire_to_state[state.wire_id] = state
+            states.append(state)
+        for req, state in zip(reqs, states):
+            self.send_sock.send_pyobj(dataclasses.replace(req, rid=state.wire_id))
+            self.telemetry.on_submit(req)
+        return states
+
+    def _forget(self, state: ReqState) -> None:
+        """Drop state (aborting it in the scheduler if it still runs); its rid is free for a new request then.
+        Only the first call acts: by a later one, a new request may hold the rid."""
+        if self.wire_to_state.pop(state.wire_id, None) is None:
+            return
+        if self.rid_to_state.get(state.rid) is state:
+            del self.rid_to_state[state.rid]
+        if not state.finished:
+            self.send_sock.send_pyobj(AbortReq(state.wire_id))
+        self.telemetry.on_close(state)
+
+    async def _run_one(self, state: ReqState, stream: bool, cumulative: bool) -> AsyncIterator[dict[str, Any]]:
+        while True:
+            await state.event.wait()
+            state.event.clear()
+            done = state.finished
+            if done:
+                # Forget the request before handing out the last answer: a caller that stops iterating
+                # here must not leave its state behind.
+                self._forget(state)
+            if stream or done:
+                # Built now, from everything received so far (nothing can arrive while this runs).
+                out = self._output(state, incremental=stream)
+                yield out if cumulative or not stream else state.sent.cut(out)
+            if done:
+                return
 
     def abort_request(self, rid: str) -> None:
-        """Ask the scheduler to stop rid and free its memory."""
-        self.send_sock.send_pyobj(AbortReq(rid))
+        """Ask the scheduler to stop the running request with this rid and free its memory (none: nothing to do)."""
+        state = self.rid_to_state.get(rid)
+        if state is not None and not state.finished:
+            self.send_sock.send_pyobj(AbortReq(state.wire_id))
 
     def abort_all(self) -> None:
         """Abort every request in flight (used at shutdown)."""
@@ -278,6 +344,7 @@ class TokenizerManager:
         """Close the IPC sockets now (idempotent; for a start that failed before any loop ran)."""
         self.recv_sock.close(linger=0)
         self.send_sock.close(linger=0)
+        self.tokenize_pool.shutdown(wait=False, cancel_futures=True)
 
     # ---- receiving ----------------------------------------------------------------------------
 
@@ -298,8 +365,8 @@ class TokenizerManager:
                 self.telemetry.on_scheduler_stats(msg)
 
     def _handle_tokens(self, msg: BatchTokenIDOut) -> None:
-        for i, rid in enumerate(msg.rids):
-            state = self.rid_to_state.get(rid)
+        for i, wire_id in enumerate(msg.rids):
+            state = self.wire_to_state.get(wire_id)
             if state is None:
                 continue
             state.output_ids.extend(msg.new_token_ids[i])
@@ -350,6 +417,7 @@ class TokenizerManager:
         """Take what rank 0 reported once it has started (this manager is built while the ranks load)."""
         self.scheduler_info = scheduler_info
         self.max_req_input_len = scheduler_info["max_req_input_len"]
+        self.limits = dataclasses.replace(self.limits, max_prompt_tokens=self.max_req_input_len)
 
     def server_info(self) -> dict[str, Any]:
         """Static part of /get_server_info: the arguments, what the schedulers reported and the start-up timeline."""

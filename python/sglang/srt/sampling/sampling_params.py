@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,7 +80,8 @@ class SamplingParams:
             ("presence_penalty", -2 <= self.presence_penalty <= 2, "must be in [-2, 2]"),
             ("repetition_penalty", 0 < self.repetition_penalty <= 2, "must be in (0, 2]"),
             ("min_new_tokens", self.min_new_tokens >= 0, "must be >= 0"),
-            ("n", 1 <= self.n <= 64, "must be in [1, 64]"),
+            ("n", self.n >= 1, "must be >= 1"),
+            ("seed", self.seed is None or SEED_MIN <= self.seed <= SEED_MAX, f"must be in [{SEED_MIN}, {SEED_MAX}]"),
         )
         for name, ok, message in checks:
             if not ok:
@@ -105,6 +107,8 @@ class SamplingParams:
         return self.frequency_penalty != 0 or self.presence_penalty != 0 or self.repetition_penalty != 1
 
 
+# A seed is a signed 64-bit integer, as in OpenAI's API; the sampler's generators take no more.
+SEED_MIN, SEED_MAX = -(1 << 63), (1 << 63) - 1
 # Keys where an explicit null means something other than "use the default": max_new_tokens null is no limit.
 _NULLABLE_KEYS = {"max_new_tokens"}
 
@@ -114,6 +118,9 @@ _IGNORED_KEYS = {"spaces_between_special_tokens", "no_stop_trim"}
 
 def _coerce(key: str, value: Any, annotation: str) -> Any:
     text = str(annotation)
+    if isinstance(value, float) and not math.isfinite(value):
+        # NaN and infinities pass or fail range checks by accident, so they never get that far.
+        raise SamplingParamsError(key, f"must be a finite number, got {value!r}")
     try:
         if text.startswith("bool"):
             if not isinstance(value, bool):
@@ -147,5 +154,6 @@ def _coerce(key: str, value: Any, annotation: str) -> Any:
                 raise TypeError
             return value
     except TypeError:
-        raise SamplingParamsError(key, f"expected {text}, got {type(value).__name__} {value!r}") from None
+        shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:80] + "..."
+        raise SamplingParamsError(key, f"expected {text}, got {type(value).__name__} {shown}") from None
     return value

@@ -12,6 +12,8 @@ ERROR_TYPES = {
     401: "AuthenticationError",
     404: "NotFoundError",
     405: "MethodNotAllowedError",
+    408: "RequestTimeoutError",
+    413: "RequestTooLargeError",
     500: "InternalServerError",
     503: "ServiceUnavailableError",
 }
@@ -84,7 +86,7 @@ class SamplingRequest(_Tolerant):
     max_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
-    n: int = Field(default=1, ge=1, le=64)
+    n: int = Field(default=1, ge=1)  # the upper bound is the server's --max-n
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import Request
 
 from sglang.srt.entrypoints.openai.protocol import OPENAI_NAME_OF, APIError, SamplingRequest
+from sglang.srt.entrypoints.openai.stop_prefix import StopAutomaton, StopPrefixTracker
 from sglang.srt.managers.io_struct import GenerateReqInput, new_rid
 from sglang.srt.sampling.sampling_params import SamplingParamsError
 
@@ -53,15 +54,13 @@ async def start_generation(
         watcher.cancel()
         gone = not step.done()
         if gone:
-            step.cancel()
-            abort_all(tm, obj)
+            step.cancel()  # the TokenizerManager aborts what obj started as the cancellation unwinds it
     if gone:
         raise ClientDisconnected()
     try:
         first = step.result()
     except SamplingParamsError as e:
-        param = rename(e.field)
-        raise APIError(str(e).replace(f"sampling_params.{e.field}", param), param=param) from None
+        raise renamed(e, rename) from None
     except ValueError as e:
         field = getattr(e, "field", None)
         # The TokenizerManager names the prompt "text" or "input_ids"; each API calls it its own way.
@@ -74,30 +73,36 @@ async def start_generation(
     return first, gen
 
 
+def renamed(e: SamplingParamsError, rename: Callable[[str], str]) -> APIError:
+    """A sampling-parameter error as a 400 naming the field the way the route's API calls it."""
+    param = rename(e.field)
+    return APIError(str(e).replace(f"sampling_params.{e.field}", param), param=param)
+
+
+def check_choices(tm: TokenizerManager, req: SamplingRequest) -> None:
+    """Refuse an n above --max-n before the route copies each prompt n times."""
+    try:
+        tm.limits.check_n(req.n)
+    except SamplingParamsError as e:
+        raise renamed(e, openai_param) from None
+
+
 async def _wait_for_disconnect(request: Request) -> None:
     # The body has been read already, so the next message the server hands us is the disconnect.
     while (await request.receive())["type"] != "http.disconnect":
         pass
 
 
-def abort_all(tm: TokenizerManager, obj: GenerateReqInput) -> None:
-    """Abort every request of obj (a finished one is ignored by the scheduler)."""
-    rids = obj.rid if isinstance(obj.rid, list) else [obj.rid]
-    for rid in rids:
-        if rid is not None:
-            tm.abort_request(rid)
-
-
-async def guard_stream(events: AsyncIterator[str], tm: TokenizerManager, obj: GenerateReqInput) -> AsyncIterator[str]:
-    """Pass events through; if the stream stops early (client gone, server shutting down), abort obj."""
-    complete = False
+async def guard_stream(events: AsyncIterator[str], rest: AsyncIterator[Any]) -> AsyncIterator[str]:
+    """Pass events through; if the stream stops early (client gone, server shutting down), close rest, the
+    generation behind it, so the TokenizerManager aborts its requests. Never an abort by request id here: by the
+    time it ran, a new request could have taken the id of a request that has ended."""
     try:
         async for event in events:
             yield event
-        complete = True
     finally:
-        if not complete:
-            abort_all(tm, obj)
+        await events.aclose()  # type: ignore[attr-defined]
+        await rest.aclose()  # type: ignore[attr-defined]
 
 
 def with_rids(obj: GenerateReqInput) -> GenerateReqInput:
@@ -115,33 +120,25 @@ class DeltaText:
     text, and a streamed character cannot be taken back.
     """
 
-    def __init__(self, stop: list[str]) -> None:
-        self.stop = [s for s in stop if s]
+    def __init__(self, stops: StopAutomaton) -> None:
+        self.stop_prefix = StopPrefixTracker(stops)
         self.sent = 0
 
     def next(self, text: str, final: bool) -> str:
         """The part of text not sent yet (all of it when final)."""
-        end = len(text) if final else len(text) - self._stop_prefix_len(text)
+        end = len(text) if final else len(text) - self.stop_prefix.held_back(text)
         if end <= self.sent:
             return ""
         piece, self.sent = text[self.sent : end], end
         return piece
-
-    def _stop_prefix_len(self, text: str) -> int:
-        longest = 0
-        for stop in self.stop:
-            for k in range(min(len(stop) - 1, len(text)), longest, -1):
-                if text.endswith(stop[:k]):
-                    longest = k
-                    break
-        return longest
 
 
 async def stream_deltas(
     first: dict[str, Any], rest: AsyncIterator[dict[str, Any]], count: int, stop: list[str]
 ) -> AsyncIterator[tuple[int, str, int, dict[str, Any]]]:
     """For each streamed output of a batch of count: (index, new text, first new logprob index, output)."""
-    deltas = [DeltaText(stop) for _ in range(count)]
+    stops = StopAutomaton([s for s in stop if s])
+    deltas = [DeltaText(stops) for _ in range(count)]
     sent_logprobs = [0] * count
     out: dict[str, Any] | None = first
     while out is not None:

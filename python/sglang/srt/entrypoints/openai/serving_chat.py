@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from sglang.srt.entrypoints.openai.protocol import APIError, ChatCompletionRequest
 from sglang.srt.entrypoints.openai.request_checks import check_extra_fields
 from sglang.srt.entrypoints.openai.serving_base import (
+    check_choices,
     finish_reason,
     guard_stream,
     matched_stop,
@@ -39,7 +40,8 @@ RESERVED_TEMPLATE_ARGS = frozenset(
 async def serve_chat(request: Request, tm: TokenizerManager, req: ChatCompletionRequest) -> Any:
     """Answer a chat completions request, streamed or not."""
     check_extra_fields(req)
-    prompt_ids = chat_prompt_ids(tm, req)
+    check_choices(tm, req)
+    prompt_ids = await chat_prompt_ids(tm, req)
     top_n = req.top_logprobs or 0
     obj = GenerateReqInput(
         input_ids=[prompt_ids] * req.n,
@@ -54,7 +56,7 @@ async def serve_chat(request: Request, tm: TokenizerManager, req: ChatCompletion
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model}
     if req.stream:
         events = _stream(tm, req, head, first, rest)
-        return StreamingResponse(guard_stream(events, tm, obj), media_type="text/event-stream")
+        return StreamingResponse(guard_stream(events, rest), media_type="text/event-stream")
     choices = [
         {
             "index": i,
@@ -69,7 +71,7 @@ async def serve_chat(request: Request, tm: TokenizerManager, req: ChatCompletion
     return JSONResponse(body)
 
 
-def chat_prompt_ids(tm: TokenizerManager, req: ChatCompletionRequest) -> list[int]:
+async def chat_prompt_ids(tm: TokenizerManager, req: ChatCompletionRequest) -> list[int]:
     """Render the messages with the model's chat template and tokenize the result."""
     tokenizer = tm.tokenizer
     if not getattr(tokenizer, "chat_template", None):
@@ -91,7 +93,10 @@ def chat_prompt_ids(tm: TokenizerManager, req: ChatCompletionRequest) -> list[in
     except Exception as e:  # jinja raises whatever the template author chose (e.g. role order rules)
         raise APIError(f"The chat template rejected the messages: {e}", param="messages") from None
     # The template already spells out any special tokens it wants, so none are added here.
-    return tokenizer.encode(text, add_special_tokens=False)
+    try:
+        return await tm.encode(text, "messages", add_special_tokens=False)
+    except ValueError as e:
+        raise APIError(str(e), param="messages") from None
 
 
 async def _stream(

@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from sglang.srt.entrypoints.openai.protocol import APIError, CompletionRequest
 from sglang.srt.entrypoints.openai.request_checks import check_extra_fields
 from sglang.srt.entrypoints.openai.serving_base import (
+    check_choices,
     finish_reason,
     guard_stream,
     matched_stop,
@@ -34,13 +35,12 @@ if TYPE_CHECKING:
 async def serve_completions(request: Request, tm: TokenizerManager, req: CompletionRequest) -> Any:
     """Answer a completions request, streamed or not."""
     check_extra_fields(req)
+    check_choices(tm, req)
     prompts = _prompts(req.prompt)
     expanded = [p for p in prompts for _ in range(req.n)]
     as_text = isinstance(prompts[0], str)
     if req.echo and req.logprobs is not None:
         raise APIError("'echo' with 'logprobs' needs prompt logprobs, which are not supported; drop one.", "echo")
-    # With echo, each choice's text starts with its prompt (token-id prompts decoded).
-    echoed = [(p if as_text else tm.tokenizer.decode(p)) if req.echo else "" for p in expanded]
     obj = GenerateReqInput(
         text=expanded if as_text else None,
         input_ids=None if as_text else expanded,
@@ -51,6 +51,9 @@ async def serve_completions(request: Request, tm: TokenizerManager, req: Complet
     )
     with_rids(obj)
     first, rest = await start_generation(request, tm, obj, "prompt", openai_param)
+    # With echo, each choice's text starts with its prompt (token-id prompts decoded, once they are known to be
+    # token ids of this vocabulary and no longer than the context).
+    echoed = [(p if as_text else tm.tokenizer.decode(p)) if req.echo else "" for p in expanded]
     model = req.model or tm.server_args.served_model_name
     head = {
         "id": f"cmpl-{uuid.uuid4().hex}",
@@ -60,7 +63,7 @@ async def serve_completions(request: Request, tm: TokenizerManager, req: Complet
     }
     if req.stream:
         events = _stream(tm, req, head, first, rest, echoed)
-        return StreamingResponse(guard_stream(events, tm, obj), media_type="text/event-stream")
+        return StreamingResponse(guard_stream(events, rest), media_type="text/event-stream")
     choices = [
         {
             "index": i,
@@ -111,9 +114,43 @@ def _logprobs(tm: TokenizerManager, meta: dict[str, Any], start: int, top_n: int
     entries = meta.get("output_token_logprobs", [])[start:]
     top = None
     if top_n:
-        top = [{token_text(tm, t): lp for lp, t in alts} for alts in meta.get("output_top_logprobs", [])[start:]]
+        top = [{_alt_key(tm, t): lp for lp, t in alts} for alts in meta.get("output_top_logprobs", [])[start:]]
     return {
         "tokens": [token_text(tm, token_id) for _, token_id in entries],
         "token_logprobs": [lp for lp, _ in entries],
         "top_logprobs": top,
     }
+
+
+def _alt_key(tm: TokenizerManager, token_id: int) -> str:
+    """A token's key in a top_logprobs dict. A token that is only part of a character (a byte of UTF-8) reads as
+    U+FFFD like every other such token, and would overwrite them in the dict; it is keyed by its bytes instead,
+    written the way OpenAI writes them ("bytes:\\xe2\\x80")."""
+    text = token_text(tm, token_id)
+    if "\ufffd" not in text:
+        return text
+    raw = token_bytes(tm.tokenizer.convert_ids_to_tokens(token_id))
+    return "bytes:" + "".join(f"\\x{b:02x}" for b in raw) if raw is not None else text
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    # Byte-level BPE (GPT-2 and its descendants) spells each byte as one printable character: printable Latin-1
+    # bytes as themselves, the others as the code points from 256 on, in byte order.
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    shifted = (b for b in range(256) if b not in printable)
+    spelled = {chr(b): b for b in printable}
+    spelled.update({chr(256 + i): b for i, b in enumerate(shifted)})
+    return spelled
+
+
+_BYTE_LEVEL = _byte_level_alphabet()
+
+
+def token_bytes(piece: str) -> bytes | None:
+    """The bytes a vocabulary piece stands for: a byte-fallback piece ("<0xE2>") or a byte-level one ("âĢ");
+    None when it is neither."""
+    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+        return bytes([int(piece[3:5], 16)])
+    if all(ch in _BYTE_LEVEL for ch in piece):
+        return bytes(_BYTE_LEVEL[ch] for ch in piece)
+    return None
