@@ -93,11 +93,14 @@ def test_stop_string_found_at_the_same_token_as_with_the_whole_text(tokenizer):
         if not stop.strip():
             continue
 
-        def first_stop(check) -> int | None:
-            return next((k for k in range(2, len(ids) + 1) if stop in check(ids[:k])), None)
-
-        whole = first_stop(lambda prefix: tokenizer.decode(prefix, skip_special_tokens=True))
-        tail = first_stop(lambda prefix: tail_text(tokenizer, prefix, len(stop), True))
+        whole = _first_stop(ids, stop, lambda prefix: tokenizer.decode(prefix, skip_special_tokens=True))
+        width = len(stop)
+        tail = _first_stop(ids, stop, lambda prefix, width=width: tail_text(tokenizer, prefix, width, True))
         assert tail == whole, (text, stop)
         checked += 1
     assert checked > 100
+
+
+def _first_stop(ids: list[int], stop: str, check) -> int | None:
+    """The shortest prefix of ids (at least 2 tokens) whose text, as check decodes it, contains stop."""
+    return next((k for k in range(2, len(ids) + 1) if stop in check(ids[:k])), None)
