@@ -24,10 +24,15 @@ myst_heading_anchors = 3
 # Flags like --model-path must stay two hyphens, not become dashes.
 smartquotes = False
 
-html_theme = "alabaster"
-html_static_path: list[str] = []
+# Furo: a sidebar that follows the reader, a page-contents column, and a content area wide enough for the
+# R-Fork page's five-column tables; wider tables scroll inside their own box instead of squeezing words.
+html_theme = "furo"
+html_static_path = ["_static"]
+html_css_files = ["custom.css"]
 html_title = "SGLang with Tensor R-Fork"
-html_theme_options = {"description": "LLM serving with GPU-to-GPU weight forking", "fixed_sidebar": True}
+html_theme_options = {
+    "navigation_with_keys": True,
+}
 
 # Where the benchmarks page reads results from (override with -D benchmark_results_dir=...).
 benchmark_results_dir = str(DOCS.parent / "benchmark" / "results")

@@ -123,7 +123,7 @@ RFORK_FLAGS: dict[str, tuple[str, str, str]] = {
 
 EXTRAS: dict[str, str] = {
     "test": "Running the test suite (`pytest`, the `openai` client the API tests use).",
-    "docs": "Building these docs (Sphinx, MyST, matplotlib for the benchmark charts).",
+    "docs": "Building these docs (Sphinx, MyST, the Furo theme, matplotlib for the benchmark charts).",
     "transfer-engine": "Mooncake TransferEngine, CUDA 12 build: the R-Fork TransferEngine backend on GPUs.",
     "transfer-engine-cpu": "Mooncake TransferEngine, CPU-only build: the same backend over TCP on any machine.",
     "flashinfer": "FlashInfer attention kernels (CUDA): the default attention backend on GPUs when installed.",
