@@ -6,7 +6,8 @@ At `builder-inited` it writes into `docs/_generated/`:
 - `sampling_params.md`, `request_fields_*.md`: the fields the native and OpenAI requests accept;
 - `endpoints.md`: every HTTP route of the server, each with a one-line description written here;
 - `rfork_*.svg`, `request_flow.svg`: sequence diagrams (see `diagrams.py`);
-- `benchmarks.md` and one PNG per plot (see `../plot_benchmarks.py`).
+- `benchmarks.md` and one PNG per plot (see `../plot_benchmarks.py`);
+- `headline.md` and its charts: the numbers the landing page leads with (see `../headline.py`).
 
 Anything the code has and these docs do not describe (a route, a sampling parameter), or the other
 way round, stops the build with an error naming it.
@@ -165,6 +166,7 @@ def _generate(app: Sphinx) -> None:
     out.mkdir(exist_ok=True)
     sys.path.insert(0, str(DOCS))
     import diagrams
+    import headline
     import plot_benchmarks
 
     files = {
@@ -179,6 +181,9 @@ def _generate(app: Sphinx) -> None:
     }
     results = plot_benchmarks.load_results(Path(app.config.benchmark_results_dir))
     files["benchmarks.md"] = plot_benchmarks.render(results, out, link_prefix="/_generated/")
+    files["headline.md"] = headline.render(
+        headline.headlines(Path(app.config.benchmark_results_dir)), out, "/_generated/"
+    )
     for name, text in files.items():
         write_if_changed(out / name, text)
 

@@ -446,6 +446,34 @@ def test_benchmark_results_render(tmp_path: Path) -> None:
         plot_benchmarks.load_results(results)
 
 
+def test_headline_numbers_come_from_the_committed_results(tmp_path: Path) -> None:
+    sys.path.insert(0, str(DOCS))
+    import headline
+
+    results = ROOT / "benchmark" / "results"
+    text = headline.render(headline.headlines(results), tmp_path, "/_generated/")
+    cold = json.loads((results / "rfork_cold_start_h200x2.json").read_text())["clients"]
+    for client in ("transfer_engine", "nccl", "disk"):
+        assert f"{cold[client]['launch_to_first_token_s']:.1f} s" in text, client
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == sorted(
+        f"headline_{k}.png" for k in ("cold_start", "decode", "fork_bandwidth")
+    )
+    assert text.count("Measured on ") == 3 and "vm: 2x NVIDIA H200" in text
+    # A renamed key must stop the build, naming the file and the key, rather than leave a stale number.
+    for path in results.glob("*.json"):
+        (tmp_path / path.name).write_text(path.read_text().replace('"fork_transfer_gbps"', '"renamed"'))
+    with pytest.raises(headline.HeadlineError, match="rfork_nccl_h200x2.json has no key 'fork_transfer_gbps'"):
+        headline.headlines(tmp_path)
+
+
+def test_landing_page_leads_with_the_headline_and_names_the_interop_test(built_site: Path) -> None:
+    html = (built_site / "index.html").read_text()
+    first_chart = html.index("headline_cold_start.png")
+    assert first_chart < html.index("What it is") and "headline_decode.png" in html
+    assert "wire-compatible" not in html and "test_rfork_upstream_wire.py" in html
+    assert (ROOT / "test" / "srt" / "test_rfork_upstream_wire.py").is_file()
+
+
 @pytest.fixture
 def sandbox(tmp_path: Path):
     if shutil.which("curl") is None:
