@@ -40,6 +40,7 @@ class Headline:
     sentence: str
     bars: Bars
     sources: list[tuple[str, str, str]]  # (results file, machine, date)
+    ratios: list[tuple[str, str, str, str]]  # (what is compared, the two numbers, the ratio, results file stem)
 
     @property
     def image(self) -> str:
@@ -105,7 +106,19 @@ def cold_start(r: Results) -> Headline:
         },
         colours=[OURS_2, OURS],
     )
-    return Headline("cold_start", "A forked replica against a disk load", sentence, bars, [r.source(COLD_START)])
+    ratios = [
+        (
+            f"{label}: {what} vs disk",
+            f"{values[c]:.2f} s vs {values['disk']:.2f} s",
+            f"{values['disk'] / values[c]:.1f}x sooner",
+            COLD_START,
+        )
+        for what, values in (("launch to first token", first), ("weights ready", ready))
+        for c, label in clients[:2]
+    ]
+    return Headline(
+        "cold_start", "A forked replica against a disk load", sentence, bars, [r.source(COLD_START)], ratios
+    )
 
 
 def fork_bandwidth(r: Results) -> Headline:
@@ -126,7 +139,15 @@ def fork_bandwidth(r: Results) -> Headline:
         colours=[LIMIT, OURS],
     )
     sources = [r.source(TE), r.source(NCCL)]
-    return Headline("fork_bandwidth", "Fork bandwidth against the raw link", sentence, bars, sources)
+    ratios = [
+        (f"Fork, {name}: GB/s vs bare transfer", f"{fork} vs {raw}", f"{fork / raw:.0%} of the link", stem)
+        for name, fork, raw, stem in (
+            ("TransferEngine NVLink", te_fork, te_raw, TE),
+            ("NCCL NVLink", nccl_fork, nccl_raw, NCCL),
+            ("TransferEngine TCP", tcp_fork, tcp_raw, TE),
+        )
+    ]
+    return Headline("fork_bandwidth", "Fork bandwidth against the raw link", sentence, bars, sources, ratios)
 
 
 def decode(r: Results) -> Headline:
@@ -151,9 +172,20 @@ def decode(r: Results) -> Headline:
         series={"roofline": [roofline] * len(rows), "this runtime": ours, "HF transformers": hf},
         colours=[LIMIT, OURS, BASELINE],
     )
-    return Headline(
-        "decode", "Decode against the memory roofline and HF transformers", sentence, bars, [r.source(DECODE)]
-    )
+    ratios = [
+        (
+            f"Decode step, {name}: vs roofline",
+            f"{ms:.2f} ms vs {roofline:.2f} ms",
+            f"{ms / roofline:.2f}x the roofline",
+            DECODE,
+        )
+        for name, ms in zip(names, ours)
+    ] + [
+        (f"Decode step, {name}: HF vs ours", f"{h:.1f} ms vs {ms:.2f} ms", f"{h / ms:.1f}x faster", DECODE)
+        for name, ms, h in zip(names, ours, hf)
+    ]
+    title = "Decode against the memory roofline and HF transformers"
+    return Headline("decode", title, sentence, bars, [r.source(DECODE)], ratios)
 
 
 HEADLINES: list[Callable[[Results], Headline]] = [cold_start, fork_bandwidth, decode]
@@ -165,11 +197,24 @@ def headlines(directory: Path) -> list[Headline]:
     return [make(results) for make in HEADLINES]
 
 
-def render(items: list[Headline], out: Path, link_prefix: str = "", level: str = "##") -> str:
-    """Markdown for the headlines (charts written to out, linked as link_prefix + file name)."""
-    lines: list[str] = []
+def render(items: list[Headline], out: Path, link_prefix: str = "") -> dict[str, str]:
+    """Draw the charts into out; return the landing page's markdown and the benchmarks page's summary.
+
+    Charts are linked as link_prefix + file name. `headline.md` has a `##` section per headline;
+    `benchmark_summary.md` has the ratio table, then the same sections one level down.
+    """
     for h in items:
         draw(h, out / h.image)
+    return {
+        "headline.md": sections(items, link_prefix, "##"),
+        "benchmark_summary.md": summary_table(items) + "\n" + sections(items, link_prefix, "###"),
+    }
+
+
+def sections(items: list[Headline], link_prefix: str, level: str) -> str:
+    """One section per headline: title, sentence, chart, and the machine and date of its numbers."""
+    lines: list[str] = []
+    for h in items:
         where = "; ".join(f"{machine}, {date} (`{path}`)" for path, machine, date in h.sources)
         lines += [
             f"{level} {h.title}",
@@ -185,6 +230,14 @@ def render(items: list[Headline], out: Path, link_prefix: str = "", level: str =
             "",
         ]
     return "\n".join(lines)
+
+
+def summary_table(items: list[Headline]) -> str:
+    """Markdown table of every headline's ratios, each with the file it comes from."""
+    rows = ["| Comparison | Measured | Ratio | Results file |", "|---|---|---|---|"]
+    for h in items:
+        rows += [f"| {what} | {numbers} | {ratio} | `{stem}.json` |" for what, numbers, ratio, stem in h.ratios]
+    return "\n".join(rows) + "\n"
 
 
 def draw(h: Headline, path: Path) -> None:

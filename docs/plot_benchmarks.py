@@ -105,7 +105,7 @@ def _is_number(value: Any) -> bool:
 
 
 def _render_one(stem: str, data: dict[str, Any], out: Path, link_prefix: str) -> str:
-    lines = [f"## {data.get('benchmark', stem)}", ""]
+    lines = [f"### {data.get('benchmark', stem)}", ""]
     for key in ("description", "notes", "note"):
         if data.get(key):
             lines += [_escape(str(data[key])), ""]
@@ -121,17 +121,99 @@ def _render_one(stem: str, data: dict[str, Any], out: Path, link_prefix: str) ->
         "",
     ]
     scalars, tables = _flatten(data)
+    lines += readable_tables(data)
+    for i, (title, unit, chart) in enumerate(charts(data)):
+        image = f"bench_{re.sub(r'[^A-Za-z0-9_.-]', '_', stem)}_{i}.png"
+        _bar_chart(f"{stem}: {title}", unit, chart, out / image)
+        lines += [f"![{stem}: {title}]({link_prefix}{image})", ""]
+    # Every value as the file spells it, folded away: for readers who check a number against the JSON.
+    lines += ["<details>", f"<summary>Every value in <code>{stem}.json</code>, by its key</summary>", ""]
     if scalars:
-        lines += ["| Quantity | Value |", "|---|---|"]
+        lines += ["| Key | Value |", "|---|---|"]
         lines += [f"| `{key}` | {_cell(value)} |" for key, value in scalars.items()]
         lines.append("")
     for name, rows in tables.items():
-        lines += [f"`{name}`:", "", *_table(rows), ""]
-    for i, (title, unit, numbers) in enumerate(charts(data)):
-        image = f"bench_{re.sub(r'[^A-Za-z0-9_.-]', '_', stem)}_{i}.png"
-        _bar_chart(f"{stem}: {title}", unit, numbers, out / image)
-        lines += [f"![{stem}: {title}]({link_prefix}{image})", ""]
+        lines += [f"`{name}`:", "", *_table(rows, code=True), ""]
+    lines += ["</details>", ""]
     return "\n".join(lines)
+
+
+def _kind(key: str) -> str | None:
+    """The unit of a dotted key (its last part's, else its nearest parent's: `fork_steps_s.transfer` is in
+    seconds), "ratio" for a comparison, or None for other values."""
+    parts = key.split(".")
+    if "_vs_" in parts[-1] or "speedup" in parts[-1] or parts[-1].endswith("_vs") or parts[-1].startswith("vs_"):
+        return "ratio"
+    return next((unit for part in reversed(parts) if (unit := unit_of("_" + part))), None)
+
+
+def _label(key: str) -> str:
+    """A dotted key in words: units and underscores dropped (`fork_steps_s.transfer` -> fork steps › transfer)."""
+    parts = []
+    for part in key.split("."):
+        for suffix in UNITS:
+            if ("_" + part).endswith(suffix) and "_vs_" not in part:
+                part = part[: -len(suffix)] or "rate"  # a bare unit (`gbps`) names a rate
+                break
+        parts.append(part.replace("_", " "))
+    return " › ".join(parts)
+
+
+SHORT = {"milliseconds": "ms", "seconds": "s", "tokens/s": "tok/s", "GB/s": "GB/s", "ratio": "x"}
+
+
+def _heading(key: str) -> str:
+    """A column or row heading: the key in words, with its unit in short form."""
+    kind = _kind(key)
+    return f"{_label(key)} ({SHORT[kind]})" if kind else _label(key)
+
+
+def readable_tables(data: dict[str, Any]) -> list[str]:
+    """The numbers that matter as tables with words for headings.
+
+    An object of objects (one per variant: `clients.disk`, `clients.nccl`) becomes one table with a row per
+    variant; other numbers with a unit or a ratio are rows of one "Quantity | Value" table; a list of
+    objects keeps its rows, cut to their text columns and their numbers with a unit or ratio.
+    """
+    lines: list[str] = []
+    quantities: list[tuple[str, Any]] = []
+    for key, value in data.items():
+        if key in META:
+            continue
+        if isinstance(value, dict) and value and all(isinstance(v, dict) for v in value.values()):
+            rows = [{"": _label(name), **_leaf_numbers(sub)} for name, sub in value.items()]
+            lines += [f"{_label(key)}:", "", *_table(rows, format_cell=_readable_cell), ""]
+        elif isinstance(value, list) and value and all(isinstance(row, dict) for row in value):
+            rows = [
+                {_heading(k): v for k, v in row.items() if _is_number(v) and _kind(k) or _is_label(k, v)}
+                for row in value
+            ]
+            lines += [f"{_label(key)}:", "", *_table(rows, format_cell=_readable_cell), ""]
+        else:
+            walked, _ = _flatten({key: value})
+            quantities += [(_heading(k), v) for k, v in walked.items() if _is_number(v) and _kind(k)]
+    if quantities:
+        head = ["| Quantity | Value |", "|---|---|"]
+        lines = head + [f"| {name} | {_readable_cell(v)} |" for name, v in quantities] + [""] + lines
+    return lines
+
+
+def _leaf_numbers(sub: dict[str, Any]) -> dict[str, Any]:
+    """A variant's numbers (with a unit or a ratio if it has any such, else all of them), by heading."""
+    numbers = {k: v for k, v in sub.items() if _is_number(v)}
+    with_unit = {k: v for k, v in numbers.items() if _kind(k)}
+    return {_heading(k): v for k, v in (with_unit or numbers).items()}
+
+
+def _is_label(key: str, value: Any) -> bool:
+    """Whether a row's cell says what the row is (a name, a batch size) rather than a result."""
+    return isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool) and not _kind(key))
+
+
+def _readable_cell(value: Any) -> str:
+    if _is_number(value) and abs(value) >= 1000:
+        return f"{value:,.0f}"
+    return _cell(value)
 
 
 def _flatten(data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
@@ -154,13 +236,16 @@ def _flatten(data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, list[dict[
     return scalars, tables
 
 
-def _table(rows: list[dict[str, Any]]) -> list[str]:
+def _table(rows: list[dict[str, Any]], code: bool = False, format_cell: Any = None) -> list[str]:
+    """A Markdown table of rows (nested objects spread into dotted columns); headings as code if code."""
+    format_cell = format_cell or _cell
     rows = [_flat_row(row) for row in rows]
     columns: list[str] = []
     for row in rows:
         columns += [c for c in row if c not in columns]
-    lines = ["| " + " | ".join(f"`{c}`" for c in columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_cell(row.get(c, "")) for c in columns) + " |" for row in rows]
+    header = [f"`{c}`" if code else c for c in columns]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(format_cell(row.get(c, "")) for c in columns) + " |" for row in rows]
     return lines
 
 

@@ -7,7 +7,8 @@ At `builder-inited` it writes into `docs/_generated/`:
 - `endpoints.md`: every HTTP route of the server, each with a one-line description written here;
 - `rfork_*.svg`, `request_flow.svg`: sequence diagrams (see `diagrams.py`);
 - `benchmarks.md` and one PNG per plot (see `../plot_benchmarks.py`);
-- `headline.md` and its charts: the numbers the landing page leads with (see `../headline.py`).
+- `headline.md`, `benchmark_summary.md` and their charts: the numbers the landing page leads with, and
+  the summary atop the benchmarks page (see `../headline.py`).
 
 Anything the code has and these docs do not describe (a route, a sampling parameter), or the other
 way round, stops the build with an error naming it.
@@ -181,9 +182,7 @@ def _generate(app: Sphinx) -> None:
     }
     results = plot_benchmarks.load_results(Path(app.config.benchmark_results_dir))
     files["benchmarks.md"] = plot_benchmarks.render(results, out, link_prefix="/_generated/")
-    files["headline.md"] = headline.render(
-        headline.headlines(Path(app.config.benchmark_results_dir)), out, "/_generated/"
-    )
+    files.update(headline.render(headline.headlines(Path(app.config.benchmark_results_dir)), out, "/_generated/"))
     for name, text in files.items():
         write_if_changed(out / name, text)
 

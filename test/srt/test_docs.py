@@ -437,6 +437,10 @@ def test_benchmark_results_render(tmp_path: Path) -> None:
     (results / "example_run.json").write_text(example)
     text = plot_benchmarks.render(plot_benchmarks.load_results(results), tmp_path, "/_generated/")
     assert "`fork_steps_s.transfer` | 0.6 |" in text and "python benchmark/rfork/bench_nccl.py" in text
+    # Readable first (words and units for headings), the keys as the file spells them folded below.
+    readable, raw = text.split("<details>")
+    assert "| fork steps › transfer (s) | 0.6 |" in readable and "`fork_steps_s" not in readable
+    assert "`fork_steps_s.transfer`" in raw and raw.rstrip().endswith("</details>")
     charts = sorted(p.name for p in tmp_path.glob("*.png"))
     assert charts == ["bench_example_run_0.png", "bench_example_run_1.png", "bench_example_run_2.png"]
     assert all(f"(/_generated/{c})" in text for c in charts)
@@ -451,7 +455,8 @@ def test_headline_numbers_come_from_the_committed_results(tmp_path: Path) -> Non
     import headline
 
     results = ROOT / "benchmark" / "results"
-    text = headline.render(headline.headlines(results), tmp_path, "/_generated/")
+    pages = headline.render(headline.headlines(results), tmp_path, "/_generated/")
+    text = pages["headline.md"]
     cold = json.loads((results / "rfork_cold_start_h200x2.json").read_text())["clients"]
     for client in ("transfer_engine", "nccl", "disk"):
         assert f"{cold[client]['launch_to_first_token_s']:.1f} s" in text, client
@@ -459,6 +464,10 @@ def test_headline_numbers_come_from_the_committed_results(tmp_path: Path) -> Non
         f"headline_{k}.png" for k in ("cold_start", "decode", "fork_bandwidth")
     )
     assert text.count("Measured on ") == 3 and "vm: 2x NVIDIA H200" in text
+    assert (
+        "| Fork, NCCL: launch to first token vs disk | 8.37 s vs 18.49 s | 2.2x sooner |"
+        in pages["benchmark_summary.md"]
+    )
     # A renamed key must stop the build, naming the file and the key, rather than leave a stale number.
     for path in results.glob("*.json"):
         (tmp_path / path.name).write_text(path.read_text().replace('"fork_transfer_gbps"', '"renamed"'))
