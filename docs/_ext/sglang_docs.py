@@ -5,6 +5,7 @@ At `builder-inited` it writes into `docs/_generated/`:
   grouped by the section comments of the dataclass;
 - `sampling_params.md`, `request_fields_*.md`: the fields the native and OpenAI requests accept;
 - `endpoints.md`: every HTTP route of the server, each with a one-line description written here;
+- `support_matrix.md`: architectures x features, each cell naming its tests (see `support_matrix.py`);
 - `rfork_*.svg`, `request_flow.svg`: sequence diagrams (see `diagrams.py`);
 - `benchmarks.md` and one PNG per plot (see `../plot_benchmarks.py`);
 - `headline.md`, `benchmark_summary.md` and their charts: the numbers the landing page leads with, and
@@ -169,6 +170,7 @@ def _generate(app: Sphinx) -> None:
     import diagrams
     import headline
     import plot_benchmarks
+    import support_matrix
 
     files = {
         "server_args.md": server_args_markdown(),
@@ -177,6 +179,7 @@ def _generate(app: Sphinx) -> None:
         "extras.md": extras_markdown(),
         "rfork_flags.md": rfork_flags_markdown(),
         "source_map.md": source_map_markdown(),
+        "support_matrix.md": support_matrix.support_matrix_markdown(),
         **request_fields_markdown(),
         **diagrams.all_svgs(),
     }

@@ -483,6 +483,31 @@ def test_landing_page_leads_with_the_headline_and_names_the_interop_test(built_s
     assert (ROOT / "test" / "srt" / "test_rfork_upstream_wire.py").is_file()
 
 
+def test_support_matrix_follows_the_registries(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sphinx.errors import ExtensionError
+
+    from sglang.srt import server_args
+    from sglang.srt.models.registry import ModelRegistry
+
+    docs_ext()
+    import support_matrix
+
+    text = support_matrix.support_matrix_markdown()
+    header = text.splitlines()[0]
+    assert re.findall(r"`(\w+)`", header) == ModelRegistry.supported()
+    hand_table = (DOCS / "references" / "supported_models.md").read_text()
+    assert sorted(re.findall(r"^\| `(\w+ForCausalLM)`", hand_table, re.M)) == ModelRegistry.supported()
+    assert "| `--remote-instance-weight-loader-backend` | `nccl`, `transfer_engine` |" in text
+    # A cell cites a test file only if that file builds the architecture.
+    feature = support_matrix.Feature("x", ("test_structured_output.py",), "CI")
+    assert support_matrix.covering_tests(feature, "llama") == ["test_structured_output.py"]
+    assert support_matrix.covering_tests(feature, "no_such_arch") == []
+    # A flag choice with no registered implementation (or the other way round) stops the build.
+    monkeypatch.setattr(server_args, "ATTENTION_BACKENDS", (*server_args.ATTENTION_BACKENDS, "triton"))
+    with pytest.raises(ExtensionError, match="--attention-backend.*'triton'"):
+        support_matrix.registries()
+
+
 @pytest.fixture
 def sandbox(tmp_path: Path):
     if shutil.which("curl") is None:
