@@ -20,6 +20,7 @@ import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
@@ -334,6 +335,49 @@ def built_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_sphinx_build_has_no_warnings(built_site: Path) -> None:
     pages = {p.relative_to(built_site).as_posix() for p in built_site.rglob("*.html")}
     assert {page.replace(".md", ".html") for page in PAGES} <= pages
+
+
+class _LinkCollector(HTMLParser):
+    """The href/src targets and the element ids of one HTML page."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.targets: list[tuple[str, str]] = []
+        self.ids: set[str] = set()
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        for name, value in attrs:
+            if name == "id" and value:
+                self.ids.add(value)
+            if name in ("href", "src") and value:
+                self.targets.append((tag, value))
+
+
+def _parse_page(path: Path) -> _LinkCollector:
+    collector = _LinkCollector()
+    collector.feed(path.read_text())
+    return collector
+
+
+def test_every_internal_link_and_image_resolves(built_site: Path) -> None:
+    pages = {p: _parse_page(p) for p in built_site.rglob("*.html")}
+    broken, checked = [], 0
+    for page, parsed in pages.items():
+        for tag, target in parsed.targets:
+            if re.match(r"^[a-z][a-z0-9+.-]*:", target) or target.startswith("//"):
+                continue  # another site: not checked offline
+            path_part, _, fragment = target.partition("#")
+            path_part = path_part.split("?", 1)[0]
+            resolved = (page.parent / path_part).resolve() if path_part else page
+            checked += 1
+            where = f"{page.relative_to(built_site)}: <{tag}> {target}"
+            if not resolved.is_file():
+                broken.append(f"{where} (no file {resolved})")
+            elif fragment and resolved.suffix == ".html":
+                ids = pages[resolved].ids if resolved in pages else _parse_page(resolved).ids
+                if fragment not in ids:
+                    broken.append(f"{where} (no id {fragment!r} there)")
+    assert checked > 500 and not broken, "\n".join(broken)
 
 
 def test_server_arguments_page_lists_exactly_the_launchers_flags(built_site: Path) -> None:
