@@ -261,7 +261,8 @@ def draw(h: Headline, path: Path) -> None:
     ax.margins(x=0.18)
     ax.grid(axis="x", alpha=0.3)
     ax.spines[["top", "right"]].set_visible(False)
-    ax.legend(loc="best", fontsize=9, frameon=False)
+    # Below the axis, so it never covers a bar.
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=n, fontsize=9, frameon=False)
     fig.tight_layout()
     fig.savefig(path, metadata={"Software": None})
     plt.close(fig)
