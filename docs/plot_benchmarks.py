@@ -144,7 +144,10 @@ def _kind(key: str) -> str | None:
     parts = key.split(".")
     if "_vs_" in parts[-1] or "speedup" in parts[-1] or parts[-1].endswith("_vs") or parts[-1].startswith("vs_"):
         return "ratio"
-    return next((unit for part in reversed(parts) if (unit := unit_of("_" + part))), None)
+    if parts[-1].endswith("_pct"):
+        return "percent"
+    infix = next((unit for token, unit in INFIX_UNITS.items() if token in f"_{parts[-1]}"), None)
+    return infix or next((unit for part in reversed(parts) if (unit := unit_of("_" + part))), None)
 
 
 def _label(key: str) -> str:
@@ -155,11 +158,16 @@ def _label(key: str) -> str:
             if ("_" + part).endswith(suffix) and "_vs_" not in part:
                 part = part[: -len(suffix)] or "rate"  # a bare unit (`gbps`) names a rate
                 break
+        for token in (*INFIX_UNITS, "_pct"):
+            part = f"_{part}_".replace(token if token.endswith("_") else token + "_", "_").strip("_")
         parts.append(part.replace("_", " "))
     return " › ".join(parts)
 
 
-SHORT = {"milliseconds": "ms", "seconds": "s", "tokens/s": "tok/s", "GB/s": "GB/s", "ratio": "x"}
+SHORT = {"milliseconds": "ms", "seconds": "s", "tokens/s": "tok/s", "GB/s": "GB/s", "ratio": "x", "percent": "%"}
+# Units the readable tables also find inside a key (`decode_step_ms_metrics_off`) or as a percentage; the
+# charts go by the suffixes of UNITS only.
+INFIX_UNITS = {"_ms_": "milliseconds", "_tok_s_": "tokens/s", "_gbps_": "GB/s"}
 
 
 def _heading(key: str) -> str:
