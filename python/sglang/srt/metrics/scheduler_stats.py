@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -59,7 +59,7 @@ class BatchStatsLogger:
             self.decode_steps += 1
             self.generated += len(reqs)
             if self.decode_steps % self.interval == 0:
-                self._decode_line(len(reqs))
+                self._decode_line(reqs)
         sched = self.scheduler
         if not (sched.running or sched.waiting or sched.chunked_req):
             self.on_idle()  # now, not after the idle loop's next poll: a scrape right after a reply sees it drained
@@ -77,7 +77,7 @@ class BatchStatsLogger:
         new_tokens = sum(r.extend_len for r in reqs)
         # A request's cached prefix counts in the batch that computes its first chunk (where kv_len started from it).
         cached = sum(r.cached_len for r in reqs if r.kv_len - r.extend_len == r.cached_len)
-        used, usage = self._token_usage()
+        used, usage = self._token_usage(reqs)
         sched = self.scheduler
         logger.info(
             "Prefill batch. #new-seq: %d, #new-token: %d, #cached-token: %d, token usage: %.2f, #running-req: %d, "
@@ -93,12 +93,13 @@ class BatchStatsLogger:
         self.last_hit_rate = cached / total if total else 0.0
         self._publish(used, usage)
 
-    def _decode_line(self, batch_size: int) -> None:
+    def _decode_line(self, reqs: list[Req]) -> None:
+        batch_size = len(reqs)
         now = time.perf_counter()
         throughput = self.generated / max(now - self.since, 1e-9)
         self.since, self.generated = now, 0
         self.last_throughput = throughput
-        used, usage = self._token_usage()
+        used, usage = self._token_usage(reqs)
         sched = self.scheduler
         graphs = getattr(sched.runner, "cuda_graph_runner", None)
         graph = f"cuda graph: {graphs.takes(batch_size, False)}, " if graphs is not None else ""
@@ -114,11 +115,16 @@ class BatchStatsLogger:
         )
         self._publish(used, usage)
 
-    def _token_usage(self) -> tuple[int, float]:
-        """KV slots held by requests (cached but evictable prefixes count as free), and their share of the pool."""
+    def _token_usage(self, batch: Sequence[Req] = ()) -> tuple[int, float]:
+        """KV slots held by requests (cached but evictable prefixes count as free), and their share of the pool.
+
+        The batch's requests that finished in it were released before this is called; their slots count, so the
+        line describes the batch that ran rather than the pool after it.
+        """
         sched = self.scheduler
         total = sched.max_total_num_tokens
         used = total - sched.allocator.available_size() - sched.tree_cache.evictable_size()
+        used += sum(r.kv_len for r in batch if r.finished)
         return used, used / total if total else 0.0
 
     def _publish(self, used: int, usage: float) -> None:

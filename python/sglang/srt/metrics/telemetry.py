@@ -10,7 +10,7 @@ from sglang.srt.metrics.request_log import RequestLogger
 
 if TYPE_CHECKING:
     from sglang.srt.managers.io_struct import TokenizedGenerateReqInput
-    from sglang.srt.managers.tokenizer_manager import ReqState
+    from sglang.srt.managers.request_state import ReqState
     from sglang.srt.metrics.collector import ServerMetrics
     from sglang.srt.metrics.scheduler_stats import SchedulerStats
     from sglang.srt.server_args import ServerArgs
