@@ -42,7 +42,7 @@ ENDPOINTS: dict[str, str] = {
     "/get_server_info": "Every server argument (keys redacted), start-up facts (weight load time, fork report, "
     "`startup_timeline`: every phase of the start, timed from the launch) and live load counters.",
     "/flush_cache": "Empty the radix (prefix) cache; refused while requests are running.",
-    "/get_weights_by_name": "Values of one parameter of TP rank 0, optionally truncated.",
+    "/get_weights_by_name": "One weight by runtime or checkpoint name, as upstream reads it (rows of TP rank 0).",
     "/abort_request": 'Stop a running request by its `rid`, or every request in flight with `"abort_all": true`.',
     "/tokenize": "Token ids of a text (or of each text of a list), their count and the context length.",
     "/detokenize": "Text of a list of token ids (or of each list of a list).",

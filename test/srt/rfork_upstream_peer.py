@@ -3,6 +3,7 @@
 Clients (print one JSON line {"name": checksum} per TP rank, received bytes checksummed here):
   python rfork_upstream_peer.py nccl-client SEED_URL PORTS TP [DELAY]  # init, own group, send, receive
   python rfork_upstream_peer.py te-client SEED_URL TP              # GET info, unpack 3 values, one batch read
+  python rfork_upstream_peer.py dying-nccl-client SEED_URL PORT join|send  # TP1: joins, then exits at once
 Seeds (TP1; print {"ready": checksums} once serving; load MODEL_DIR from disk):
   python rfork_upstream_peer.py nccl-seed MODEL_DIR HTTP_PORT
   python rfork_upstream_peer.py te-seed MODEL_DIR HTTP_PORT
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import sys
 import threading
 import time
@@ -79,6 +81,24 @@ def nccl_client(seed_url: str, ports: str, tp: int, delay: float = 0.0) -> None:
         t.join()
     for r in results:
         print(json.dumps(r), flush=True)
+
+
+def dying_nccl_client(seed_url: str, port: int, when: str) -> None:
+    """An upstream-style TP1 client that joins the seed's group and then dies: at once ("join"), or right after
+    asking for the weights ("send"), without reading them."""
+    host = seed_url.split("//")[1].rsplit(":", 1)[0]
+    body = {"master_address": host, "ports": str(port), "group_name": f"send_weights_{host}"}
+    init = {**body, "group_rank": 0, "world_size": 2, "backend": "nccl"}
+    threading.Thread(
+        target=requests.post, args=(f"{seed_url}/init_weights_send_group_for_remote_instance",), kwargs={"json": init}
+    ).start()
+    upstream_group(host, port, 1, f"send_weights_{host}_{port}_0")
+    if when == "send":
+        url = f"{seed_url}/send_weights_to_remote_instance"
+        threading.Thread(target=requests.post, args=(url,), kwargs={"json": body}, daemon=True).start()
+        time.sleep(0.5)  # the request is out; its answer and the weights are never read
+    print(json.dumps({"joined": True}), flush=True)
+    os._exit(0)  # no teardown: as a killed process leaves the group
 
 
 def te_client(seed_url: str, tp: int) -> None:
@@ -168,6 +188,8 @@ if __name__ == "__main__":
     role = sys.argv[1]
     if role == "nccl-client":
         nccl_client(sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5]) if len(sys.argv) > 5 else 0.0)
+    elif role == "dying-nccl-client":
+        dying_nccl_client(sys.argv[2], int(sys.argv[3]), sys.argv[4])
     elif role == "te-client":
         te_client(sys.argv[2], int(sys.argv[3]))
     else:

@@ -165,7 +165,7 @@ def test_bad_requests_name_the_problem(engine):
 
 
 def test_huge_weight_reads_need_truncate_size(tiny_model_dir):
-    from sglang.srt.managers.scheduler_rpc import MAX_WEIGHT_ELEMENTS
+    from sglang.srt.model_executor.weights_by_name import MAX_WEIGHT_ELEMENTS
 
     # A 270k-row embedding (17M elements) is past the limit; a whole-tensor read of it is refused, not served.
     path = tiny_model_dir("llama", vocab_size=270_000, tie_word_embeddings=True, num_layers=1)

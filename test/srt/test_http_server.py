@@ -182,10 +182,13 @@ def test_get_weights_by_name_matches_checkpoint(http, model_path):
         expected = f.get_tensor(DOWN_PROJ)
     full = torch.tensor(get(http, "/get_weights_by_name", json={"name": DOWN_PROJ}).json())
     assert torch.equal(full, expected)
+    # As upstream, truncate_size counts rows; raw counts elements of the flattened tensor (this fork's older reading).
     by_post = post(http, "/get_weights_by_name", {"name": DOWN_PROJ, "truncate_size": 5}).json()
-    assert by_post == expected.flatten()[:5].tolist()
+    assert by_post == expected[:5].tolist()
     by_query = get(http, "/get_weights_by_name", params={"name": DOWN_PROJ, "truncate_size": 3}).json()
-    assert by_query == expected.flatten()[:3].tolist()
+    assert by_query == expected[:3].tolist()
+    raw = post(http, "/get_weights_by_name", {"name": DOWN_PROJ, "truncate_size": 5, "raw": True}).json()
+    assert raw == expected.flatten()[:5].tolist()
     bad_size = get(http, "/get_weights_by_name", params={"name": DOWN_PROJ, "truncate_size": 0})
     assert bad_size.status_code == 400 and bad_size.json()["error"]["param"] == "truncate_size"
     missing = post(http, "/get_weights_by_name", {"name": "model.no_such.weight"})
@@ -319,11 +322,14 @@ def tp2_server(model_path: str):
     kill_process_tree(proc.pid)
 
 
-def test_get_weights_by_name_tp2_is_rank0_shard(tp2_server, model_path):
+def test_get_weights_by_name_tp2_joins_row_parallel_and_raw_is_rank0_shard(tp2_server, model_path):
     with safe_open(os.path.join(model_path, "model.safetensors"), "pt") as f:
         full = f.get_tensor(DOWN_PROJ)
-    got = torch.tensor(requests.post(f"{tp2_server.base_url}/get_weights_by_name", json={"name": DOWN_PROJ}).json())
-    assert torch.equal(got, full[:, : full.shape[1] // 2])  # down_proj is row-parallel: split along its input
+    url = f"{tp2_server.base_url}/get_weights_by_name"
+    # down_proj is row-parallel (split along its input): upstream answers it whole, raw gives rank 0's columns.
+    assert torch.equal(torch.tensor(requests.post(url, json={"name": DOWN_PROJ}).json()), full)
+    raw = torch.tensor(requests.post(url, json={"name": DOWN_PROJ, "raw": True}).json())
+    assert torch.equal(raw, full[:, : full.shape[1] // 2])
 
 
 def test_sigterm_under_load_leaves_no_process(tp2_server):

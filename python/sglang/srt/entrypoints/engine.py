@@ -16,6 +16,7 @@ from sglang.srt import startup_timeline
 from sglang.srt.entrypoints.rank_processes import RankProcesses, stop_processes
 from sglang.srt.managers.io_struct import GenerateReqInput
 from sglang.srt.managers.tokenizer_manager import last_output
+from sglang.srt.model_executor.weights_by_name import join_rank_answers
 from sglang.srt.server_args import PortArgs, ServerArgs
 
 logger = logging.getLogger(__name__)
@@ -188,9 +189,9 @@ class Engine:
         """Run a control method on every TP rank (see scheduler_rpc)."""
         return self.loop.run_until_complete(self.tokenizer_manager.rpc(method, **params))
 
-    def get_weights_by_name(self, name: str, truncate_size: int | None = None) -> list:
-        """The named parameter of TP rank 0, as nested lists."""
-        return self.rpc("get_weights_by_name", name=name, truncate_size=truncate_size)[0]
+    def get_weights_by_name(self, name: str, truncate_size: int | None = None, raw: bool = False) -> list:
+        """A weight as nested lists, read as /get_weights_by_name reads it (see weights_by_name)."""
+        return join_rank_answers(self.rpc("get_weights_by_name", name=name, truncate_size=truncate_size, raw=raw))
 
     def flush_cache(self) -> bool:
         """Empty the radix cache; False if requests are running."""

@@ -38,6 +38,7 @@ from sglang.srt.entrypoints.openai.serving_base import (
 from sglang.srt.entrypoints.openai.serving_chat import serve_chat
 from sglang.srt.entrypoints.openai.serving_completions import serve_completions
 from sglang.srt.managers.io_struct import GenerateReqInput
+from sglang.srt.model_executor.weights_by_name import join_rank_answers
 from sglang.srt.server_args import ServerArgs
 
 if TYPE_CHECKING:
@@ -69,6 +70,7 @@ class WeightsRequest(_Strict):
 
     name: str
     truncate_size: int | None = Field(default=None, ge=1)
+    raw: bool = False
 
 
 class AbortRequest(_Strict):
@@ -165,16 +167,17 @@ def _add_native_routes(app: FastAPI) -> None:
         body: WeightsRequest | None = None,
         name: str | None = None,
         truncate_size: int | None = Query(default=None, ge=1),
+        raw: bool = False,
     ) -> Response:
         if body is None:
             if name is None:
                 raise APIError("'name' is required: the parameter to read, e.g. model.norm.weight.", param="name")
-            body = WeightsRequest(name=name, truncate_size=truncate_size)
+            body = WeightsRequest(name=name, truncate_size=truncate_size, raw=raw)
         try:
-            values = await _tm(request).rpc("get_weights_by_name", name=body.name, truncate_size=body.truncate_size)
+            answers = await _tm(request).rpc("get_weights_by_name", **body.model_dump())
         except RuntimeError as e:
             raise APIError(f"Cannot read parameter {body.name!r}: {e}", param="name") from None
-        return JSONResponse(values[0])
+        return JSONResponse(join_rank_answers(answers))
 
     @app.post("/abort_request")
     async def abort_request(req: AbortRequest, request: Request) -> Response:

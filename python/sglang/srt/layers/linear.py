@@ -76,12 +76,16 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
             for index, part in enumerate(torch.split(loaded_weight, self.output_sizes, dim=0)):
                 self.weight_loader(param, part, index)
             return
+        offset, size = self.shard_rows(shard_id)
+        shard = _narrow_checked(loaded_weight, 0, self.tp_rank * size, size)
+        default_weight_loader(param.data.narrow(0, offset, size), shard)
+
+    def shard_rows(self, shard_id: Any) -> tuple[int, int]:
+        """(offset, rows) of projection number shard_id within this rank's fused weight."""
         if not isinstance(shard_id, int) or not 0 <= shard_id < len(self.output_sizes):
             raise WeightLoadingError(f"shard id {shard_id!r} is not one of 0..{len(self.output_sizes) - 1}")
         size = divide(self.output_sizes[shard_id], self.tp_size)
-        offset = divide(sum(self.output_sizes[:shard_id]), self.tp_size)
-        shard = _narrow_checked(loaded_weight, 0, self.tp_rank * size, size)
-        default_weight_loader(param.data.narrow(0, offset, size), shard)
+        return divide(sum(self.output_sizes[:shard_id]), self.tp_size), size
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -120,15 +124,18 @@ class QKVParallelLinear(ColumnParallelLinear):
             for name, part in zip("qkv", torch.split(loaded_weight, self.total_sizes, dim=0)):
                 self.weight_loader(param, part, name)
             return
-        if shard_id == "q":
-            offset, size, shard_rank = 0, self.q_size, self.tp_rank
-        elif shard_id in ("k", "v"):
-            offset = self.q_size if shard_id == "k" else self.q_size + self.kv_size
-            size, shard_rank = self.kv_size, self.tp_rank // self.num_kv_head_replicas
-        else:
-            raise WeightLoadingError(f"shard id {shard_id!r} is not one of 'q', 'k', 'v'")
+        offset, size = self.shard_rows(shard_id)
+        shard_rank = self.tp_rank if shard_id == "q" else self.tp_rank // self.num_kv_head_replicas
         shard = _narrow_checked(loaded_weight, 0, shard_rank * size, size)
         default_weight_loader(param.data.narrow(0, offset, size), shard)
+
+    def shard_rows(self, shard_id: Any) -> tuple[int, int]:
+        """(offset, rows) of "q", "k" or "v" within this rank's fused weight."""
+        if shard_id == "q":
+            return 0, self.q_size
+        if shard_id in ("k", "v"):
+            return (self.q_size if shard_id == "k" else self.q_size + self.kv_size), self.kv_size
+        raise WeightLoadingError(f"shard id {shard_id!r} is not one of 'q', 'k', 'v'")
 
 
 class RowParallelLinear(nn.Module):

@@ -52,6 +52,20 @@ def settled(method: str, value: Any = None, error: BaseException | None = None) 
     return Deferred(method, future)
 
 
+def without_tracebacks(error: BaseException) -> BaseException:
+    """error, and the errors it was raised from, stripped of their tracebacks. A stored traceback keeps the failed
+    call's frames alive in a cycle (frame -> future -> error -> traceback -> frame) until a GC pass that an idle
+    scheduler may not run for minutes, and those frames hold a failed fork's process group: its sockets and threads.
+    The caller is only told the message."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        current.__traceback__ = None
+        current = current.__cause__ or current.__context__
+    return error
+
+
 def in_background(method: str, work: Callable[[], Any], device: torch.device) -> Deferred:
     """Run work() on a new thread bound to device (CUDA's current device is per thread) and defer the answer."""
     future: Future = Future()
@@ -62,7 +76,7 @@ def in_background(method: str, work: Callable[[], Any], device: torch.device) ->
         try:
             future.set_result(work())
         except BaseException as e:  # handed to the caller as the call's error
-            future.set_exception(e)
+            future.set_exception(without_tracebacks(e))
 
     threading.Thread(target=body, name=f"rpc-{method}", daemon=True).start()
     return Deferred(method, future)

@@ -7,14 +7,12 @@ from typing import TYPE_CHECKING, Any
 
 from sglang.srt.distributed.parallel_state import all_gather_pyobj
 from sglang.srt.managers.rpc_registry import DEFERRING, RPC_HANDLERS, Deferred, register_rpc, settled
+from sglang.srt.model_executor.weights_by_name import read_weight
 
 if TYPE_CHECKING:
     from sglang.srt.managers.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
-
-# Largest parameter /get_weights_by_name returns without truncate_size (as JSON, about 20 bytes per element).
-MAX_WEIGHT_ELEMENTS = 1 << 24
 
 
 def run(scheduler: Scheduler, method: str, params: dict[str, Any]) -> dict[str, Any] | Deferred:
@@ -90,20 +88,7 @@ def _flush_cache(scheduler: Scheduler) -> bool:
 
 
 @register_rpc("get_weights_by_name")
-def _get_weights_by_name(scheduler: Scheduler, name: str, truncate_size: int | None = None) -> list:
-    params = dict(scheduler.runner.model.named_parameters())
-    if name not in params:
-        raise KeyError(f"no parameter named {name!r}; see /get_model_info for the model's parameters")
-    param = params[name]
-    count = param.numel() if truncate_size is None else min(truncate_size, param.numel())
-    if count > MAX_WEIGHT_ELEMENTS:
-        # A full 128k-vocab embedding as JSON would take the server's memory with it (a truncate_size above the
-        # parameter's size asks for all of it, so it counts the same).
-        raise ValueError(
-            f"{name} has {param.numel()} elements, more than {MAX_WEIGHT_ELEMENTS} can be returned at once; "
-            f"pass truncate_size <= {MAX_WEIGHT_ELEMENTS}"
-        )
-    tensor = param.detach()
-    if truncate_size is not None:
-        tensor = tensor.flatten()[:truncate_size]
-    return tensor.float().cpu().tolist()
+def _get_weights_by_name(
+    scheduler: Scheduler, name: str, truncate_size: int | None = None, raw: bool = False
+) -> dict[str, Any]:
+    return read_weight(scheduler.runner.model, name, truncate_size, raw, scheduler.server_args.tp_size)

@@ -175,7 +175,8 @@ class LlamaForCausalLM(nn.Module):
         hidden_states = self.model(input_ids, positions, forward_batch)
         return self.logits_processor(hidden_states, self.lm_head, forward_batch)
 
-    def _destination(self, ckpt_name: str) -> tuple[str, Any]:
+    def checkpoint_destination(self, ckpt_name: str) -> tuple[str, Any]:
+        """(runtime parameter, shard id) that checkpoint tensor ckpt_name loads into; shard id None: the whole one."""
         parts = ckpt_name.split(".")
         for fused, separate, shard_id in self.stacked_params_mapping:
             if separate in parts:
@@ -197,7 +198,7 @@ class LlamaForCausalLM(nn.Module):
             # Rotary tables are recomputed from the config; a tied head is the embedding already loaded.
             if "rotary_emb." in ckpt_name or (self.tie_word_embeddings and ckpt_name == "lm_head.weight"):
                 continue
-            name, shard_id = self._destination(ckpt_name)
+            name, shard_id = self.checkpoint_destination(ckpt_name)
             param = params.get(name)
             if param is None:
                 unexpected.append(ckpt_name)

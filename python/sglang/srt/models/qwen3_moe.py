@@ -60,13 +60,13 @@ class Qwen3MoeForCausalLM(Qwen3ForCausalLM):
 
     layer_cls = Qwen3MoeDecoderLayer
 
-    def _destination(self, ckpt_name: str) -> tuple[str, Any]:
+    def checkpoint_destination(self, ckpt_name: str) -> tuple[str, Any]:
         # model.layers.L.mlp.experts.E.gate_proj.weight -> model.layers.L.mlp.experts.w13_weight, ("w1", E)
         parts = ckpt_name.split(".")
         if len(parts) >= 4 and parts[-4] == "experts" and parts[-3].isdigit() and parts[-2] in EXPERT_PROJECTIONS:
             param, shard = EXPERT_PROJECTIONS[parts[-2]]
             return ".".join([*parts[:-3], param]), (shard, int(parts[-3]))
-        return super()._destination(ckpt_name)
+        return super().checkpoint_destination(ckpt_name)
 
     def required_shards(self, param_name: str) -> set[Any]:
         if param_name.endswith((".experts.w13_weight", ".experts.w2_weight")):

@@ -58,9 +58,7 @@ class FusedMoE(nn.Module):
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: tuple[str, int]) -> None:
         """Copy this rank's slice of one expert's checkpoint projection; shard_id is (w1|w3|w2, expert id)."""
-        name, expert = shard_id
-        if not 0 <= expert < self.num_experts:
-            raise WeightLoadingError(f"expert {expert} is out of range: the model has {self.num_experts} experts")
+        name = shard_id[0]
         size = self.intermediate_size_per_partition
         # gate_proj and up_proj are [I, H] (split rows); down_proj is [H, I] (split columns).
         dim = 1 if name == "w2" else 0
@@ -70,12 +68,20 @@ class FusedMoE(nn.Module):
                 f"{size * self.tp_size} intermediate channels along dim {dim}"
             )
         shard = loaded_weight.narrow(dim, self.tp_rank * size, size)
+        default_weight_loader(self.expert_view(param, shard_id), shard)
+
+    def expert_view(self, param: nn.Parameter, shard_id: tuple[str, int]) -> torch.Tensor:
+        """This rank's part of one expert's projection inside param; shard_id is (w1|w3|w2, expert id)."""
+        name, expert = shard_id
+        if not 0 <= expert < self.num_experts:
+            raise WeightLoadingError(f"expert {expert} is out of range: the model has {self.num_experts} experts")
         target = param.data[expert]
+        size = self.intermediate_size_per_partition
         if name == "w1":
-            target = target.narrow(0, 0, size)
-        elif name == "w3":
-            target = target.narrow(0, size, size)
-        default_weight_loader(target, shard)
+            return target.narrow(0, 0, size)
+        if name == "w3":
+            return target.narrow(0, size, size)
+        return target
 
     def required_shards(self, param_name: str) -> set[tuple[str, int]]:
         """Every (shard, expert) that loading must fill for w13_weight or w2_weight."""
