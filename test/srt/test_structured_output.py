@@ -136,3 +136,30 @@ def test_grammar_backend_none_refuses(model_path):
         with pytest.raises(ValueError, match="--grammar-backend none"):
             engine.generate("x", {"json_schema": json.dumps(SCHEMA)})
         assert engine.generate("x", {"max_new_tokens": 2})["meta_info"]["completion_tokens"] == 2
+
+
+def test_forked_client_gives_the_seeds_constrained_answers(server, model_path, tmp_path):
+    """A client that took its weights from this server over R-Fork (NCCL; gloo on CPU) applies grammars the same."""
+    from sglang.test.test_utils import config_only_copy, find_free_port
+
+    seed_port = server.base_url.rsplit(":", 1)[1]
+    client = popen_launch_server(
+        config_only_copy(model_path, tmp_path / "client"),
+        other_args=[
+            "--load-format", "remote_instance",
+            "--remote-instance-weight-loader-seed-instance-ip", "127.0.0.1",
+            "--remote-instance-weight-loader-seed-instance-service-port", seed_port,
+            "--remote-instance-weight-loader-send-weights-group-ports", f"[{find_free_port()}]",
+        ],
+    )  # fmt: skip
+    try:
+        body = {
+            "text": PROMPTS[:3],
+            "sampling_params": [{**GREEDY, "json_schema": json.dumps(SCHEMA)}, GREEDY, {**GREEDY, "regex": REGEX}],
+        }
+        forked = _post(client, body).json()
+        assert [o["text"] for o in forked] == [o["text"] for o in _post(server, body).json()]
+        Pet.model_validate_json(forked[0]["text"])
+        assert re.fullmatch(REGEX, forked[2]["text"]), forked[2]["text"]
+    finally:
+        kill_process_tree(client.pid)
