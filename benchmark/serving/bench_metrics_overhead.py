@@ -23,14 +23,17 @@ from sglang.bench_one_batch import emit_report, machine_name
 from sglang.srt.entrypoints.engine import Engine
 
 
-def decode_step_ms(engine: Engine, batch_size: int, input_len: int, output_len: int, seed: int) -> float:
-    """One measurement of a decode step of a batch of fresh random prompts (fresh: no prefix-cache hits)."""
+def decode_step_ms(
+    engine: Engine, batch_size: int, input_len: int, output_len: int, seed: int, extra: dict | None = None
+) -> float:
+    """One measurement of a decode step of a batch of fresh random prompts (fresh: no prefix-cache hits); extra:
+    more sampling parameters for every row (a grammar, say)."""
     rng = random.Random(seed)
     vocab = engine.tokenizer_manager.model_config.vocab_size
     prompts = [[rng.randrange(10, vocab) for _ in range(input_len)] for _ in range(batch_size)]
 
     def timed(n: int) -> float:
-        params = {"max_new_tokens": n, "ignore_eos": True, "temperature": 0}
+        params = {"max_new_tokens": n, "ignore_eos": True, "temperature": 0, **(extra or {})}
         start = time.perf_counter()
         engine.generate(input_ids=prompts, sampling_params=params)
         return time.perf_counter() - start

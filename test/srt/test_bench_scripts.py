@@ -126,6 +126,19 @@ def test_profile_decode_host_runs_the_scheduler_with_and_without_the_model(model
         assert row["model_step_ms_median"] > 0 and row["null_model_step_ms_median"] > 0
 
 
+def test_bench_grammar_compares_free_and_constrained_steps(model_path, tmp_path) -> None:
+    """The structured-output cost script times free and regex-constrained decode steps of one engine."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "grammar.json"
+    cmd = [sys.executable, "benchmark/serving/bench_grammar.py", "--model-path", model_path, "--device", "cpu"]
+    cmd += ["--batch-size", "2", "--input-len", "6", "--output-len", "6", "--rounds", "1", "--max-total-tokens", "4096"]
+    subprocess.run([*cmd, "--result-filename", str(out)], check=True, capture_output=True, timeout=300)
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["batch_size"] == 2 and row["decode_step_ms_free"] > 0 and row["decode_step_ms_constrained"] > 0
+
+
 def test_bench_moe_reports_the_active_bytes_roofline_and_hf(tmp_path) -> None:
     """bench_moe on a shrunken Qwen3-MoE shape: our decode, HF's, and a roofline of only the experts read."""
     import subprocess

@@ -1,0 +1,89 @@
+"""Cost of structured output on a decode step: the same engine decoding free rows and grammar-constrained rows,
+in alternating rounds of one run.
+
+    python benchmark/serving/bench_grammar.py --model-path DIR --batch-size 1 32 [--input-len 128] \\
+        [--output-len 64] [--rounds 5] [--result-filename FILE]
+
+A constrained row carries the regex `[a-z ]+`, which never completes, so every one of its output-len steps fills
+and applies a token mask (xgrammar); a decode step is measured as in bench_metrics_overhead.py. Prints JSON: per
+batch size, the median milliseconds per step free and constrained, and the overhead in percent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_metrics_overhead import decode_step_ms  # noqa: E402
+
+from sglang.bench_one_batch import emit_report, machine_name  # noqa: E402
+from sglang.srt.entrypoints.engine import Engine  # noqa: E402
+
+CONSTRAINED = {"regex": "[a-z ]+"}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the comparison and print its JSON report."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model-path", required=True)
+    parser.add_argument("--batch-size", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--input-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--load-format", default="auto")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--max-total-tokens", type=int, default=None)
+    parser.add_argument("--result-filename", default=None)
+    args = parser.parse_args(argv)
+    engine = Engine(
+        model_path=args.model_path,
+        load_format=args.load_format,
+        device=args.device,
+        max_total_tokens=args.max_total_tokens,
+        max_running_requests=max(args.batch_size),
+    )
+    kinds = {"free": None, "constrained": CONSTRAINED}
+    samples: dict[tuple[str, int], list[float]] = {(k, bs): [] for k in kinds for bs in args.batch_size}
+    try:
+        for bs in args.batch_size:  # warm-up: kernels, graphs, xgrammar's tokenizer info
+            for extra in kinds.values():
+                decode_step_ms(engine, bs, args.input_len, min(args.output_len, 8), -1, extra)
+        for r in range(args.rounds):
+            for bs in args.batch_size:
+                order = list(kinds) if r % 2 == 0 else list(reversed(kinds))
+                for kind in order:
+                    step = decode_step_ms(engine, bs, args.input_len, args.output_len, r, kinds[kind])
+                    samples[kind, bs].append(step)
+    finally:
+        engine.shutdown()
+    results = []
+    for bs in args.batch_size:
+        free, constrained = statistics.median(samples["free", bs]), statistics.median(samples["constrained", bs])
+        results.append(
+            {
+                "batch_size": bs,
+                "decode_step_ms_free": round(free, 4),
+                "decode_step_ms_constrained": round(constrained, 4),
+                "overhead_pct": round((constrained / free - 1) * 100, 2),
+            }
+        )
+    report = {
+        "benchmark": "Structured output (xgrammar masks) on a decode step",
+        "command": "python benchmark/serving/bench_grammar.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "machine": machine_name(engine.server_args.device),
+        "date": datetime.date.today().isoformat(),
+        "description": f"Median decode-step time through the whole serving path, {args.rounds} alternating rounds, "
+        f"input {args.input_len} tokens, output {args.output_len}; constrained rows carry {CONSTRAINED}.",
+        "results": results,
+    }
+    emit_report(report, args.result_filename)
+    return report
+
+
+if __name__ == "__main__":
+    main()
