@@ -37,42 +37,60 @@ POLL_S = 0.02
 ONE_TOKEN = {"text": "Hello", "sampling_params": {"max_new_tokens": 1, "temperature": 0}}
 
 
-def timed_launch(model_dir: Path, args: list[str], log: Path, env: dict[str, str], timeout: float) -> dict:
-    """Start a server and measure launch -> /health 200 and launch -> first 1-token /generate; stops it after."""
+def start_timed(
+    model_dir: Path, args: list[str], log: Path, env: dict[str, str], timeout: float
+) -> tuple[subprocess.Popen, str, dict]:
+    """Start a server; (process, its URL, launch -> /health 200 and -> first 1-token /generate with its start-up
+    facts). The server keeps running; on failure it is stopped and the error raised."""
     port = free_port()
     cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_dir), "--port", str(port), *args]
     url = f"http://127.0.0.1:{port}"
     launched = time.time()
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
-    result: dict = {}
     try:
         ready = _poll(proc, lambda: requests.get(f"{url}/health", timeout=5), launched + timeout, log)
-        result["launch_to_ready_s"] = round(ready - launched, 3)
         first = _poll(
             proc, lambda: requests.post(f"{url}/generate", json=ONE_TOKEN, timeout=600), launched + timeout, log
         )
-        result["launch_to_first_token_s"] = round(first - launched, 3)
         info = requests.get(f"{url}/get_server_info", timeout=30).json()
-        result["weight_load_s"] = round(info["weight_load_seconds"], 3)
-        result["weight_gb"] = round(info["weight_bytes"] / 1e9, 2)
-        if info.get("fork_report"):
-            rep = info["fork_report"]
-            result["fork_steps_s"] = {k: round(v, 3) for k, v in rep["timings"].items()}
-            result["fork_gbps"] = round(rep["gbps"], 1)
-        timeline = info.get("startup_timeline") or {}
-        result["server_launch_to_ready_s"] = timeline.get("launch_to_ready_s")
-        result["timeline"] = [
-            {k: p[k] for k in ("process", "name", "start_s", "seconds")} for p in timeline.get("phases", [])
-        ]
+    except BaseException:
+        stop(proc)
+        raise
+    result = {
+        "launch_to_ready_s": round(ready - launched, 3),
+        "launch_to_first_token_s": round(first - launched, 3),
+        "weight_load_s": round(info["weight_load_seconds"], 3),
+        "weight_gb": round(info["weight_bytes"] / 1e9, 2),
+    }
+    if info.get("fork_report"):
+        rep = info["fork_report"]
+        result["fork_steps_s"] = {k: round(v, 3) for k, v in rep["timings"].items()}
+        result["fork_gbps"] = round(rep["gbps"], 1)
+    timeline = info.get("startup_timeline") or {}
+    result["server_launch_to_ready_s"] = timeline.get("launch_to_ready_s")
+    result["timeline"] = [
+        {k: p[k] for k in ("process", "name", "start_s", "seconds")} for p in timeline.get("phases", [])
+    ]
+    return proc, url, result
+
+
+def timed_launch(model_dir: Path, args: list[str], log: Path, env: dict[str, str], timeout: float) -> dict:
+    """start_timed, then stop the server; a failed start is reported under "error"."""
+    try:
+        proc, _, result = start_timed(model_dir, args, log, env, timeout)
     except (RuntimeError, TimeoutError) as e:
-        result["error"] = str(e)[-1500:]
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        return {"error": str(e)[-1500:]}
+    stop(proc)
     return result
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Terminate a server, killing it if it has not exited within 30 s."""
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 def _poll(proc: subprocess.Popen, call, deadline: float, log: Path) -> float:
@@ -130,30 +148,17 @@ def main() -> None:
         model_dir = ensure_checkpoint(Path(args.model_dir))
     client_dir = Path(config_only_copy(model_dir, Path(tempfile.mkdtemp(prefix="cold_client_"))))
     env = {**os.environ, "MOONCAKE_PROTOCOL": args.protocol}
-    seed_port = free_port()
-    seed_cmd = [
-        sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_dir), "--port", str(seed_port),
+    seed_args = [
         "--base-gpu-id", str(args.seed_gpu), "--remote-instance-weight-loader-start-seed-via-transfer-engine",
         "--engine-info-bootstrap-port", str(free_port()),
         *(["--load-format", "dummy"] if args.seed_dummy_weights else []),
         *args.seed_args.split(),
     ]  # fmt: skip
     result: dict = {**stamp(" ".join(["python", *sys.argv])), "clients": {}}
-    launched = time.time()
-    seed = subprocess.Popen(seed_cmd, stdout=(logs / "cold_seed.log").open("w"), stderr=subprocess.STDOUT, env=env)
+    seed, seed_url, result["seed"] = start_timed(model_dir, seed_args, logs / "cold_seed.log", env, 900)
+    result["seed"]["note"] = "first start on this machine: meets whatever FlashInfer JIT cache the machine has"
+    seed_port = int(seed_url.rsplit(":", 1)[1])
     try:
-        url = f"http://127.0.0.1:{seed_port}"
-        ready = _poll(seed, lambda: requests.get(f"{url}/health", timeout=5), launched + 900, logs / "cold_seed.log")
-        first = _poll(seed, lambda: requests.post(f"{url}/generate", json=ONE_TOKEN, timeout=600), ready + 900,
-                      logs / "cold_seed.log")  # fmt: skip
-        info = requests.get(f"{url}/get_server_info", timeout=30).json()
-        result["seed"] = {
-            "launch_to_ready_s": round(ready - launched, 3),
-            "launch_to_first_token_s": round(first - launched, 3),
-            "weight_load_s": round(info["weight_load_seconds"], 3),
-            "note": "first start on this machine: meets whatever FlashInfer JIT cache the machine has",
-            "timeline": (info.get("startup_timeline") or {}).get("phases"),
-        }
         print("seed", {k: v for k, v in result["seed"].items() if k != "timeline"}, flush=True)
         for kind in args.clients.split(","):
             fresh = kind.endswith("_fresh_jit")
@@ -179,8 +184,7 @@ def main() -> None:
                 "runs_launch_to_first_token_s": [r.get("launch_to_first_token_s") for r in runs],
             }
     finally:
-        seed.terminate()
-        seed.wait(60)
+        stop(seed)
     disk = result["clients"].get("disk", {})
     ratios = {}
     for kind, r in result["clients"].items():

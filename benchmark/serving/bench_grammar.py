@@ -5,7 +5,7 @@ in alternating rounds of one run.
         [--output-len 64] [--rounds 5] [--result-filename FILE]
 
 A constrained row carries the regex `[a-z ]+`, which never completes, so every one of its output-len steps fills
-and applies a token mask (xgrammar); a decode step is measured as in bench_metrics_overhead.py. Prints JSON: per
+and applies a token mask (xgrammar); a decode step is measured as decode_compare.py says. Prints JSON: per
 batch size, the median milliseconds per step free and constrained, and the overhead in percent.
 """
 
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_metrics_overhead import decode_step_ms  # noqa: E402
+from decode_compare import add_args, alternate  # noqa: E402
 
 from sglang.bench_one_batch import emit_report, machine_name  # noqa: E402
 from sglang.srt.entrypoints.engine import Engine  # noqa: E402
@@ -30,15 +30,7 @@ CONSTRAINED = {"regex": "[a-z ]+"}
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the comparison and print its JSON report."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model-path", required=True)
-    parser.add_argument("--batch-size", type=int, nargs="+", default=[1, 32])
-    parser.add_argument("--input-len", type=int, default=128)
-    parser.add_argument("--output-len", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--load-format", default="auto")
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--max-total-tokens", type=int, default=None)
-    parser.add_argument("--result-filename", default=None)
+    add_args(parser)
     args = parser.parse_args(argv)
     engine = Engine(
         model_path=args.model_path,
@@ -47,18 +39,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         max_total_tokens=args.max_total_tokens,
         max_running_requests=max(args.batch_size),
     )
-    kinds = {"free": None, "constrained": CONSTRAINED}
-    samples: dict[tuple[str, int], list[float]] = {(k, bs): [] for k in kinds for bs in args.batch_size}
     try:
-        for bs in args.batch_size:  # warm-up: kernels, graphs, xgrammar's tokenizer info
-            for extra in kinds.values():
-                decode_step_ms(engine, bs, args.input_len, min(args.output_len, 8), -1, extra)
-        for r in range(args.rounds):
-            for bs in args.batch_size:
-                order = list(kinds) if r % 2 == 0 else list(reversed(kinds))
-                for kind in order:
-                    step = decode_step_ms(engine, bs, args.input_len, args.output_len, r, kinds[kind])
-                    samples[kind, bs].append(step)
+        samples = alternate({"free": (engine, None), "constrained": (engine, CONSTRAINED)}, args)
     finally:
         engine.shutdown()
     results = []

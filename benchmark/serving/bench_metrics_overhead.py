@@ -4,59 +4,31 @@ measured in alternating rounds in one run so that drift of the machine hits both
     python benchmark/serving/bench_metrics_overhead.py --model-path DIR --batch-size 1 32 \\
         [--input-len 128] [--output-len 64] [--rounds 5] [--mem-fraction-static 0.4] [--result-filename FILE]
 
-A decode step's time is (time of a batch generating output-len tokens - time of the same batch generating one) /
-(output-len - 1), through the whole serving path (TokenizerManager, scheduler, model). Prints JSON: per batch
-size, the median milliseconds per step with metrics off and on, and the overhead in percent.
+A decode step is measured as decode_compare.py says. Prints JSON: per batch size, the median milliseconds per
+step with metrics off and on, and the overhead in percent.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import random
 import statistics
 import sys
-import time
+from pathlib import Path
 from typing import Any
 
-from sglang.bench_one_batch import emit_report, machine_name
-from sglang.srt.entrypoints.engine import Engine
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from decode_compare import add_args, alternate  # noqa: E402
 
-
-def decode_step_ms(
-    engine: Engine, batch_size: int, input_len: int, output_len: int, seed: int, extra: dict | None = None
-) -> float:
-    """One measurement of a decode step of a batch of fresh random prompts (fresh: no prefix-cache hits); extra:
-    more sampling parameters for every row (a grammar, say)."""
-    rng = random.Random(seed)
-    vocab = engine.tokenizer_manager.model_config.vocab_size
-    prompts = [[rng.randrange(10, vocab) for _ in range(input_len)] for _ in range(batch_size)]
-
-    def timed(n: int) -> float:
-        params = {"max_new_tokens": n, "ignore_eos": True, "temperature": 0, **(extra or {})}
-        start = time.perf_counter()
-        engine.generate(input_ids=prompts, sampling_params=params)
-        return time.perf_counter() - start
-
-    engine.flush_cache()
-    one = timed(1)
-    engine.flush_cache()
-    return (timed(output_len) - one) / (output_len - 1) * 1e3
+from sglang.bench_one_batch import emit_report, machine_name  # noqa: E402
+from sglang.srt.entrypoints.engine import Engine  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the comparison and print its JSON report."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model-path", required=True)
-    parser.add_argument("--batch-size", type=int, nargs="+", default=[1, 32])
-    parser.add_argument("--input-len", type=int, default=128)
-    parser.add_argument("--output-len", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--load-format", default="auto")
-    parser.add_argument("--device", default=None)
+    add_args(parser)
     parser.add_argument("--mem-fraction-static", type=float, default=None, help="per engine; both share the GPU")
-    parser.add_argument("--max-total-tokens", type=int, default=None)
-    parser.add_argument("--result-filename", default=None)
     args = parser.parse_args(argv)
     common = {
         "model_path": args.model_path,
@@ -69,16 +41,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     engines = {"off": Engine(**common), "on": Engine(**common, enable_metrics=True)}
     try:
-        for engine in engines.values():  # warm-up: first-use costs (kernels, graphs, allocator) out of the numbers
-            for bs in args.batch_size:
-                decode_step_ms(engine, bs, args.input_len, min(args.output_len, 8), seed=-1)
-        samples: dict[tuple[str, int], list[float]] = {(k, bs): [] for k in engines for bs in args.batch_size}
-        for r in range(args.rounds):
-            for bs in args.batch_size:
-                # Alternate which engine goes first, so neither always runs on a just-warmed machine.
-                order = ["off", "on"] if r % 2 == 0 else ["on", "off"]
-                for key in order:
-                    samples[key, bs].append(decode_step_ms(engines[key], bs, args.input_len, args.output_len, r))
+        samples = alternate({name: (engine, None) for name, engine in engines.items()}, args)
     finally:
         for engine in engines.values():
             engine.shutdown()
