@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # The ranks start importing torch and the model stack now, while this process resolves the arguments.
     spawned = time.time()
-    ranks = RankProcesses.start(len(rank_gpu_hints(cli)), rank_gpu_hints(cli))
+    ranks = RankProcesses.start(rank_gpu_hints(cli))
     timeline.add("start rank processes", spawned, time.time(), log=False)
     resolving = time.time()
     try:

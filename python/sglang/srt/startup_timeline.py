@@ -14,7 +14,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 logger = logging.getLogger("sglang.startup")
 
@@ -123,10 +123,9 @@ class StartupTimeline:
 
 def phase_json(phase: Phase, origin: float) -> dict:
     """A phase as JSON with its times relative to origin."""
-    raw = asdict(phase)
     return {
-        "name": raw["name"],
-        "process": raw["process"],
+        "name": phase.name,
+        "process": phase.process,
         "start_s": round(phase.start - origin, 4),
         "end_s": round(phase.end - origin, 4),
         "seconds": round(phase.seconds, 4),

@@ -80,7 +80,7 @@ def launch_engine(
     if ranks is None:
         with timeline.phase("start rank processes"):
             hints = [server_args.base_gpu_id + i if server_args.device == "cuda" else None for i in range(per_node)]
-            ranks = RankProcesses.start(per_node, hints)
+            ranks = RankProcesses.start(hints)
     try:
         if len(ranks.procs) != per_node:
             raise RuntimeError(f"{len(ranks.procs)} rank processes were started for {per_node} TP ranks on this node")
@@ -97,9 +97,10 @@ def launch_engine(
     try:
         # Checked here too, while the ranks load, so a bad path or architecture reads as one clear line.
         with timeline.phase("model config"):
-            ModelConfig.from_path(
+            model_config = ModelConfig.from_path(
                 server_args.model_path, server_args.dtype, server_args.context_length, server_args.device
-            ).check_tp(server_args.tp_size)
+            )
+            model_config.check_tp(server_args.tp_size)
         if server_args.remote_instance_weight_loader_start_seed_via_transfer_engine and server_args.node_rank == 0:
             from sglang.srt.remote_instance.bootstrap_server import start_bootstrap_server
 
@@ -109,7 +110,7 @@ def launch_engine(
 
             # Built while the ranks load: the tokenizer and the IPC sockets do not need them.
             with timeline.phase("tokenizer manager"):
-                handle.tokenizer_manager = TokenizerManager(server_args, port_args)
+                handle.tokenizer_manager = TokenizerManager(server_args, port_args, model_config=model_config)
         if while_loading is not None:
             while_loading(handle)
         with timeline.phase("wait for ranks"):

@@ -18,17 +18,18 @@ class RankProcesses:
     pipes: list[Any]
 
     @staticmethod
-    def start(count: int, gpu_hints: list[int | None]) -> RankProcesses:
-        """Spawn count rank processes (spawn, not fork: CUDA cannot survive a fork); they wait for RankOrders."""
+    def start(gpu_hints: list[int | None]) -> RankProcesses:
+        """Spawn one rank process per GPU hint (spawn, not fork: CUDA cannot survive a fork); they wait for
+        RankOrders."""
         from sglang.srt.managers.scheduler_process import run_scheduler_process
 
         ctx = mp.get_context("spawn")
         procs, pipes = [], []
-        for local_rank in range(count):
+        for local_rank, gpu_hint in enumerate(gpu_hints):
             ours, theirs = ctx.Pipe(duplex=True)
             proc = ctx.Process(
                 target=run_scheduler_process,
-                args=(theirs, gpu_hints[local_rank]),
+                args=(theirs, gpu_hint),
                 name=f"sglang-scheduler-{local_rank}",
                 daemon=True,
             )

@@ -49,12 +49,17 @@ class TokenizerManager:
     """Routes generate and control requests to the schedulers and their answers back to callers."""
 
     def __init__(
-        self, server_args: ServerArgs, port_args: PortArgs, scheduler_info: dict[str, Any] | None = None
+        self,
+        server_args: ServerArgs,
+        port_args: PortArgs,
+        scheduler_info: dict[str, Any] | None = None,
+        model_config: ModelConfig | None = None,
     ) -> None:
+        """model_config: the server's, when the caller has read it already."""
         from sglang.srt.configs.hf_files import load_tokenizer
 
         self.server_args = server_args
-        self.model_config = ModelConfig.from_path(
+        self.model_config = model_config or ModelConfig.from_path(
             server_args.model_path, server_args.dtype, server_args.context_length, server_args.device
         )
         self.tokenizer = load_tokenizer(server_args.tokenizer_path)
