@@ -76,8 +76,12 @@ def main() -> None:
     parser.add_argument("--model-dir", default="/tmp/llama8b")
     parser.add_argument("--seed-gpu", type=int, default=0)
     parser.add_argument("--client-gpu", type=int, default=1)
+    parser.add_argument("--seed-dummy-weights", action="store_true", help="seed with --load-format dummy (no disk)")
+    parser.add_argument("--model-name", default="Llama-3-8B-shaped", help="what --model-dir holds, for the JSON")
+    parser.add_argument("--result-name", default="rfork_nccl_h200x2.json")
     args = parser.parse_args()
-    model_dir = ensure_checkpoint(Path(args.model_dir))
+    # Dummy seed weights need only a config-only directory (make_llama3_8b_dummy.py): no checkpoint, no disk baseline.
+    model_dir = Path(args.model_dir) if args.seed_dummy_weights else ensure_checkpoint(Path(args.model_dir))
     shapes = param_shapes(model_dir)
     results = mp.Manager().dict()
     mp.spawn(_raw_broadcast, args=([args.seed_gpu, args.client_gpu], free_port(), shapes, results), nprocs=2)
@@ -88,6 +92,8 @@ def main() -> None:
     logs = log_dir()
     seed_port, client_port = free_port(), free_port()
     seed_args = [*common, "--base-gpu-id", str(args.seed_gpu)]
+    if args.seed_dummy_weights:
+        seed_args += ["--load-format", "dummy"]
     seed = launch(model_dir, seed_port, seed_args, logs / "seed.log")
     client = None
     try:
@@ -119,8 +125,9 @@ def main() -> None:
     report = forked["fork_report"]
     write_result(
         {
-            **stamp("python benchmark/rfork/bench_nccl.py"),
-            "model": "Llama-3-8B-shaped, bf16, random weights",
+            **stamp(" ".join(["python benchmark/rfork/bench_nccl.py", *sys.argv[1:]])),
+            "model": f"{args.model_name}, bf16, random weights",
+            "num_tensors": len(shapes),
             "weight_bytes": forked["weight_bytes"],
             "raw_nccl_broadcast_gbps": round(raw["gbps"], 1),
             "raw_nccl_first_pass_s": round(raw["first_pass_s"], 3),
@@ -132,12 +139,14 @@ def main() -> None:
                 sum(report["timings"][k] for k in ("group setup", "transfer", "teardown")), 3
             ),
             "fork_weight_load_s": round(forked["weight_load_seconds"], 2),
-            "disk_weight_load_s": round(disk["weight_load_seconds"], 2),
+            "disk_weight_load_s": None if args.seed_dummy_weights else round(disk["weight_load_seconds"], 2),
             "disk_page_cache_dropped": cold,
-            "fork_speedup_vs_disk": round(disk["weight_load_seconds"] / forked["weight_load_seconds"], 2),
+            "fork_speedup_vs_disk": None
+            if args.seed_dummy_weights
+            else round(disk["weight_load_seconds"] / forked["weight_load_seconds"], 2),
             "seed_log": [line for line in (logs / "seed.log").read_text().splitlines() if "R-Fork" in line][-4:],
         },
-        "rfork_nccl_h200x2.json",
+        args.result_name,
     )
 
 

@@ -295,6 +295,7 @@ def main() -> None:
     parser.add_argument("--result-name", default="rfork_transfer_engine_h200x2.json")
     parser.add_argument("--seed-dummy-weights", action="store_true", help="seed with --load-format dummy")
     parser.add_argument("--skip-raw", action="store_true", help="no raw Mooncake baseline")
+    parser.add_argument("--model-name", default="Llama-3-8B-shaped", help="what --model-dir holds, for the JSON")
     args = parser.parse_args()
     args.protocols = args.protocols.split(",")
     # Dummy seed weights skip the 16 GB checkpoint (and so the disk baseline): for a quick look at one seed setting.
@@ -324,7 +325,8 @@ def main() -> None:
     write_result(
         {
             **stamp(" ".join(["python benchmark/rfork/bench_transfer_engine.py", *sys.argv[1:]])),
-            "model": "Llama-3-8B-shaped, bf16, random weights; clients: torch_native, no CUDA graphs",
+            "model": f"{args.model_name}, bf16, random weights; clients: torch_native, no CUDA graphs",
+            "num_tensors": len(shapes),
             "disk_weight_load_s": disk,
             "disk_page_cache_dropped": cold,
             "raw_mooncake_read": raw,

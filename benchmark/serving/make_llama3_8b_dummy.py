@@ -1,13 +1,15 @@
-"""Write a Llama-3-8B-shaped model directory without weights, for `--load-format dummy` benchmarks.
+"""Write a model directory without weights (Llama-3-8B-shaped by default), for `--load-format dummy` benchmarks.
 
     python benchmark/serving/make_llama3_8b_dummy.py /tmp/llama3-8b-shape
+    python benchmark/serving/make_llama3_8b_dummy.py /tmp/qwen3-30b-a3b --shape qwen3-30b-a3b
 
-The tokenizer is a word-level one with one word per id of the 128256-token vocabulary, so whatever ids random
+The tokenizer is a word-level one with one word per id of the whole vocabulary, so whatever ids random
 weights produce detokenize to text and every streamed token arrives as its own chunk.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -16,7 +18,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 VOCAB_SIZE = 128256
 BOS, EOS, UNK = "<|begin_of_text|>", "<|end_of_text|>", "<unk>"
-BOS_ID, EOS_ID, UNK_ID = 128000, 128001, 128002
+BOS_ID, EOS_ID = 128000, 128001
 
 CONFIG = {
     "architectures": ["LlamaForCausalLM"],
@@ -42,11 +44,14 @@ CONFIG = {
 }
 
 
-def write_model_dir(out: Path) -> Path:
+def write_model_dir(out: Path, config: dict | None = None) -> Path:
     """config.json plus a tokenizer covering the whole vocabulary; returns out."""
+    config = dict(config or CONFIG)
+    vocab_size, bos_id, eos_id = config["vocab_size"], config["bos_token_id"], config["eos_token_id"]
+    unk_id = eos_id + 1 if eos_id + 1 < vocab_size and eos_id + 1 != bos_id else 0
     out.mkdir(parents=True, exist_ok=True)
-    vocab = {f"w{i}": i for i in range(VOCAB_SIZE)}
-    for token, token_id in ((BOS, BOS_ID), (EOS, EOS_ID), (UNK, UNK_ID)):
+    vocab = {f"w{i}": i for i in range(vocab_size)}
+    for token, token_id in ((BOS, bos_id), (EOS, eos_id), (UNK, unk_id)):
         del vocab[f"w{token_id}"]
         vocab[token] = token_id
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
@@ -58,14 +63,24 @@ def write_model_dir(out: Path) -> Path:
         "bos_token": BOS,
         "eos_token": EOS,
         "unk_token": UNK,
-        "model_max_length": CONFIG["max_position_embeddings"],
+        "model_max_length": config["max_position_embeddings"],
     }
     (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
-    (out / "config.json").write_text(json.dumps(CONFIG, indent=2) + "\n")
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return out
 
 
+def shapes() -> dict[str, dict]:
+    """The shapes this script writes, by name (the MoE one is bench_moe's Qwen3-30B-A3B config)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_moe import QWEN3_30B_A3B
+
+    return {"llama3-8b": CONFIG, "qwen3-30b-a3b": QWEN3_30B_A3B}
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        raise SystemExit("usage: make_llama3_8b_dummy.py OUT_DIR")
-    print(write_model_dir(Path(sys.argv[1])))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--shape", default="llama3-8b", choices=["llama3-8b", "qwen3-30b-a3b"])
+    args = parser.parse_args()
+    print(write_model_dir(args.out_dir, shapes()[args.shape]))
