@@ -29,8 +29,17 @@ def decode_step_ms(
     def timed(n: int) -> float:
         params = {"max_new_tokens": n, "ignore_eos": True, "temperature": 0, **(extra or {})}
         start = time.perf_counter()
-        engine.generate(input_ids=prompts, sampling_params=params)
-        return time.perf_counter() - start
+        outs = engine.generate(input_ids=prompts, sampling_params=params)
+        elapsed = time.perf_counter() - start
+        short = [o["meta_info"] for o in outs if o["meta_info"]["completion_tokens"] != n]
+        if short:
+            # A row that ends early (a grammar that no token of this vocabulary fits, say) times nothing.
+            raise RuntimeError(
+                f"{len(short)} of {batch_size} rows did not generate {n} tokens with {extra}, e.g. "
+                f"{short[0]['completion_tokens']} tokens, finish_reason {short[0]['finish_reason']}; "
+                "pick sampling parameters that let every row run its full length"
+            )
+        return elapsed
 
     engine.flush_cache()
     one = timed(1)
