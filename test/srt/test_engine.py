@@ -171,8 +171,10 @@ def test_huge_weight_reads_need_truncate_size(tiny_model_dir):
     path = tiny_model_dir("llama", vocab_size=270_000, tie_word_embeddings=True, num_layers=1)
     with sglang.Engine(model_path=path, max_total_tokens=1024) as eng:
         assert MAX_WEIGHT_ELEMENTS < 270_000 * 64
+        # Without truncate_size, upstream's first 100 rows; with raw (the whole tensor) it is refused.
+        assert len(eng.get_weights_by_name("model.embed_tokens.weight")) == 100
         with pytest.raises(RuntimeError, match="pass truncate_size"):
-            eng.get_weights_by_name("model.embed_tokens.weight")
+            eng.get_weights_by_name("model.embed_tokens.weight", raw=True)
         # A truncate_size above the tensor's size asks for all of it: refused the same (it used to be served).
         with pytest.raises(RuntimeError, match="pass truncate_size"):
             eng.get_weights_by_name("model.embed_tokens.weight", truncate_size=10**12)

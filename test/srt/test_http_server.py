@@ -180,8 +180,11 @@ def test_info_endpoints(http, model_path):
 def test_get_weights_by_name_matches_checkpoint(http, model_path):
     with safe_open(os.path.join(model_path, "model.safetensors"), "pt") as f:
         expected = f.get_tensor(DOWN_PROJ)
-    full = torch.tensor(get(http, "/get_weights_by_name", json={"name": DOWN_PROJ}).json())
+    full = torch.tensor(get(http, "/get_weights_by_name", json={"name": DOWN_PROJ, "truncate_size": 10**6}).json())
     assert torch.equal(full, expected)
+    # Upstream's default: the first 100 rows (the tiny model's down_proj has fewer, so all of them).
+    embed = get(http, "/get_weights_by_name", json={"name": "model.embed_tokens.weight"}).json()
+    assert len(embed) == 100
     # As upstream, truncate_size counts rows; raw counts elements of the flattened tensor (this fork's older reading).
     by_post = post(http, "/get_weights_by_name", {"name": DOWN_PROJ, "truncate_size": 5}).json()
     assert by_post == expected[:5].tolist()

@@ -58,7 +58,8 @@ def checksums(url: str, tp: int) -> list[dict[str, str]]:
 def all_weights(url: str) -> dict[str, list]:
     """Every parameter of rank 0, as values."""
     names = list(checksums(url, 1)[0])
-    return {n: requests.post(f"{url}/get_weights_by_name", json={"name": n}, timeout=60).json() for n in names}
+    whole = {"truncate_size": 10**6}  # more rows than any tiny weight has
+    return {n: requests.post(f"{url}/get_weights_by_name", json={"name": n, **whole}, timeout=60).json() for n in names}
 
 
 def greedy(url: str) -> list[int]:

@@ -191,7 +191,8 @@ class Engine:
         return self.loop.run_until_complete(self.tokenizer_manager.rpc(method, **params))
 
     def get_weights_by_name(self, name: str, truncate_size: int | None = None, raw: bool = False) -> list:
-        """A weight as nested lists, read as /get_weights_by_name reads it (see weights_by_name)."""
+        """A weight as nested lists, read as /get_weights_by_name reads it (see weights_by_name): without
+        truncate_size its first 100 rows, as upstream."""
         return join_rank_answers(self.rpc("get_weights_by_name", name=name, truncate_size=truncate_size, raw=raw))
 
     def flush_cache(self) -> bool:

@@ -2,8 +2,9 @@
 
 Upstream takes a Hugging Face checkpoint name as well as a runtime one (`...q_proj.weight` is the q rows of this
 rank's fused `qkv_proj`), truncates by rows, and returns weights that TP splits along their input dimension
-(`o_proj`, `down_proj`) whole, joined over the ranks. `raw` keeps this fork's older reading: a runtime parameter
-exactly as TP rank 0 holds it, truncated by elements of the flattened tensor.
+(`o_proj`, `down_proj`) whole, joined over the ranks; without truncate_size, its first 100 rows. `raw` keeps this
+fork's older reading: a runtime parameter exactly as TP rank 0 holds it, whole or truncated by elements of the
+flattened tensor.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from sglang.srt.layers.moe.layer import FusedMoE
 
 # Largest answer, in elements over all TP ranks' parts (as JSON, about 20 bytes per element).
 MAX_WEIGHT_ELEMENTS = 1 << 24
+# Rows returned when the caller gives no truncate_size: upstream's default, which its own tests and tools rely on
+# (they read an 8B model's 58M-element up_proj without one and slice what comes back).
+UPSTREAM_TRUNCATE_ROWS = 100
 
 # How a fused layer exposes one checkpoint projection (its shard id) inside its parameter on this rank.
 ShardView = Callable[[Any, nn.Parameter, Any], torch.Tensor]
@@ -87,6 +91,8 @@ def read_weight(model: nn.Module, name: str, truncate_size: int | None, raw: boo
     """This rank's answer: {"values": nested lists, "join_dim": int | None}; join_rank_answers makes the reply."""
     part = find_weight(model, name, raw)
     tensor = part.tensor
+    if truncate_size is None and not raw:
+        truncate_size = UPSTREAM_TRUNCATE_ROWS
     if truncate_size is not None:
         tensor = tensor.flatten()[:truncate_size] if raw else tensor[:truncate_size]
     ranks = tp_size if part.join_dim is not None else 1
