@@ -4,9 +4,10 @@ Clients (print one JSON line {"name": checksum} per TP rank, received bytes chec
   python rfork_upstream_peer.py nccl-client SEED_URL PORTS TP [DELAY]  # init, own group, send, receive
   python rfork_upstream_peer.py te-client SEED_URL TP              # GET info, unpack 3 values, one batch read
   python rfork_upstream_peer.py dying-nccl-client SEED_URL PORT join|send  # TP1: joins, then exits at once
-Seeds (TP1; print {"ready": checksums} once serving; load MODEL_DIR from disk):
-  python rfork_upstream_peer.py nccl-seed MODEL_DIR HTTP_PORT
-  python rfork_upstream_peer.py te-seed MODEL_DIR HTTP_PORT
+Seeds (print {"ready": [checksums of each TP rank]} once serving; load TP shards of MODEL_DIR from disk, every
+rank in this one process, each served as an upstream seed rank serves its own):
+  python rfork_upstream_peer.py nccl-seed MODEL_DIR HTTP_PORT [TP]
+  python rfork_upstream_peer.py te-seed MODEL_DIR HTTP_PORT [TP]
 
 Upstream's pair group: torch's rendezvous over tcp://master:port, PrefixStore(group_name), then torch's own
 process-group helper (which nests the store further), a barrier, one broadcast per named parameter from rank 0.
@@ -123,9 +124,9 @@ def te_client(seed_url: str, tp: int) -> None:
 class _Seed(BaseHTTPRequestHandler):
     """Upstream's seed endpoints (only these: our manifest and lease are 404 here, as upstream)."""
 
-    tensors: list[tuple[str, torch.Tensor]] = []
+    tensors: list[list[tuple[str, torch.Tensor]]] = []  # per TP rank
     groups: dict[str, dist.ProcessGroup] = {}
-    te_info: list = []
+    te_info: list[list] = []  # per TP rank: [session_id, {name: [ptr, numel, element_size]}]
 
     def log_message(self, *args: object) -> None:
         pass
@@ -139,49 +140,79 @@ class _Seed(BaseHTTPRequestHandler):
         self.wfile.write(raw)
 
     def do_GET(self) -> None:
-        if self.path.startswith("/remote_instance_transfer_engine_info") and self.te_info:
-            self._reply(200, {"rank": 0, "remote_instance_transfer_engine_info": self.te_info})
-        elif self.path.startswith("/get_server_info"):
-            self._reply(200, {"tp_size": 1})
+        path, _, query = self.path.partition("?")
+        if path == "/remote_instance_transfer_engine_info" and self.te_info:
+            rank = int(dict(p.split("=", 1) for p in query.split("&") if "=" in p).get("rank", 0))
+            self._reply(200, {"rank": rank, "remote_instance_transfer_engine_info": self.te_info[rank]})
+        elif path == "/get_server_info":
+            self._reply(200, {"tp_size": len(self.tensors)})
         else:
             self._reply(404, {"detail": "Not Found"})
 
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["content-length"])) or b"{}")
-        port = int(body.get("ports", "0").split(",")[0])
-        key = f"{body.get('group_name')}_{port}_0"
+        ports = [int(p) for p in body.get("ports", "0").split(",")]
+        # Each seed rank r takes ports[r] and names its group <group_name>_<port>_<r>, as upstream's ranks do.
+        keys = [f"{body.get('group_name')}_{ports[r]}_{r}" for r in range(len(self.tensors))]
         if self.path == "/init_weights_send_group_for_remote_instance":
-            self.groups[key] = upstream_group(body["master_address"], port, 0, key)
+
+            def init(r: int) -> None:
+                self.groups[keys[r]] = upstream_group(body["master_address"], ports[r], 0, keys[r])
+
+            _every_rank(init, len(self.tensors))
             self._reply(200, {"success": True, "message": "Succeeded to init group through nccl."})
         elif self.path == "/send_weights_to_remote_instance":
-            pg = self.groups.pop(key)
-            for _, t in self.tensors:
-                dist.broadcast(t, src=0, group=pg)
-            dist.destroy_process_group(pg)
+
+            def send(r: int) -> None:
+                pg = self.groups.pop(keys[r])
+                for _, t in self.tensors[r]:
+                    dist.broadcast(t, src=0, group=pg)
+                dist.destroy_process_group(pg)
+
+            _every_rank(send, len(self.tensors))
             self._reply(200, {"success": True, "message": "Succeeded to send weights through nccl."})
         else:
             self._reply(404, {"detail": "Not Found"})
 
 
-def seed(kind: str, model_dir: str, http_port: int) -> None:
+def _every_rank(fn, tp: int) -> None:
+    """Run fn(rank) for every seed rank at once, as upstream's scheduler processes would."""
+    threads = [threading.Thread(target=fn, args=(r,)) for r in range(tp)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+def seed(kind: str, model_dir: str, http_port: int, tp: int) -> None:
     from sglang.srt.configs.load_config import LoadConfig
     from sglang.srt.configs.model_config import ModelConfig
+    from sglang.srt.distributed import parallel_state
     from sglang.srt.model_loader import get_model_loader
 
-    model = get_model_loader(LoadConfig()).load_model(ModelConfig.from_path(model_dir), torch.device("cpu"))
-    _Seed.tensors = [(n, p.data) for n, p in model.named_parameters()]
+    for rank in range(tp):
+        # Loading a shard needs only this rank's index and the TP size; no collective runs while loading.
+        parallel_state._TP = parallel_state.TPGroup(rank=rank, size=tp, device=torch.device("cpu"))
+        model = get_model_loader(LoadConfig()).load_model(ModelConfig.from_path(model_dir), torch.device("cpu"))
+        _Seed.tensors.append([(n, p.data) for n, p in model.named_parameters()])
     if kind == "te-seed":
         from mooncake.engine import TransferEngine
 
-        engine = TransferEngine()
-        assert engine.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "") == 0
-        for _, t in _Seed.tensors:
-            assert engine.register_memory(t.data_ptr(), t.numel() * t.element_size()) == 0
-        weights = {n: [t.data_ptr(), t.numel(), t.element_size()] for n, t in _Seed.tensors}
-        _Seed.te_info = [f"127.0.0.1:{engine.get_rpc_port()}", weights]
+        for tensors in _Seed.tensors:  # one engine per rank, as each upstream rank has its own
+            engine = TransferEngine()
+            assert engine.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "") == 0
+            for _, t in tensors:
+                assert engine.register_memory(t.data_ptr(), t.numel() * t.element_size()) == 0
+            weights = {n: [t.data_ptr(), t.numel(), t.element_size()] for n, t in tensors}
+            _Seed.te_info.append([f"127.0.0.1:{engine.get_rpc_port()}", weights])
+            _engines.append(engine)
     server = ThreadingHTTPServer(("127.0.0.1", http_port), _Seed)
-    print(json.dumps({"ready": {n: tensor_checksum(t) for n, t in _Seed.tensors}}), flush=True)
+    ready = [{n: tensor_checksum(t) for n, t in tensors} for tensors in _Seed.tensors]
+    print(json.dumps({"ready": ready}), flush=True)
     server.serve_forever()
+
+
+_engines: list = []  # kept alive for as long as the seed serves
 
 
 if __name__ == "__main__":
@@ -193,4 +224,4 @@ if __name__ == "__main__":
     elif role == "te-client":
         te_client(sys.argv[2], int(sys.argv[3]))
     else:
-        seed(role, sys.argv[2], int(sys.argv[3]))
+        seed(role, sys.argv[2], int(sys.argv[3]), int(sys.argv[4]) if len(sys.argv) > 4 else 1)

@@ -102,10 +102,10 @@ def test_upstream_te_client_forks_from_our_seed(seed):
     assert received == [manifest(seed.base_url, r)["checksums"] for r in range(seed.tp)]
 
 
-def _upstream_seed(kind: str, model_dir: str):
+def _upstream_seed(kind: str, model_dir: str, tp: int = 1):
     port = find_free_port()
     proc = subprocess.Popen(
-        [sys.executable, PEER, kind, model_dir, str(port)],
+        [sys.executable, PEER, kind, model_dir, str(port), str(tp)],
         stdout=subprocess.PIPE,
         text=True,
         env={**os.environ, **ENV},
@@ -115,7 +115,7 @@ def _upstream_seed(kind: str, model_dir: str):
     return proc, port, json.loads(line)["ready"]
 
 
-def _fork_args(port: int, backend: str, *extra: str) -> list[str]:
+def _fork_args(port: int, backend: str, *extra: str, tp: int = 1) -> list[str]:
     args = [
         "--load-format", "remote_instance",
         "--remote-instance-weight-loader-backend", backend,
@@ -123,25 +123,31 @@ def _fork_args(port: int, backend: str, *extra: str) -> list[str]:
         "--remote-instance-weight-loader-seed-instance-service-port", str(port),
         "--remote-instance-weight-loader-timeout", "30",
         "--max-total-tokens", "2048",
+        "--tp-size", str(tp),
     ]  # fmt: skip
     if backend == "nccl":
-        args += ["--remote-instance-weight-loader-send-weights-group-ports", f"[{find_free_port()}]"]
+        ports = ",".join(str(find_free_port()) for _ in range(tp))
+        args += ["--remote-instance-weight-loader-send-weights-group-ports", f"[{ports}]"]
     return [*args, *extra]
 
 
 @pytest.mark.parametrize(
-    "backend,arch",
-    [("nccl", "qwen3"), pytest.param("transfer_engine", "llama", marks=needs_mooncake)],
+    "backend,arch,tp",
+    [
+        ("nccl", "qwen3", 1),
+        ("nccl", "llama", 2),
+        pytest.param("transfer_engine", "llama", 1, marks=needs_mooncake),
+        pytest.param("transfer_engine", "qwen3", 2, marks=needs_mooncake),
+    ],
 )
-def test_our_client_forks_from_upstream_seed(backend, arch, tiny_model_dir, tmp_path):
+def test_our_client_forks_from_upstream_seed(backend, arch, tp, tiny_model_dir, tmp_path):
     model_dir = tiny_model_dir(arch)
-    peer, port, expected = _upstream_seed("nccl-seed" if backend == "nccl" else "te-seed", model_dir)
+    peer, port, expected = _upstream_seed("nccl-seed" if backend == "nccl" else "te-seed", model_dir, tp)
     try:
-        client = popen_launch_server(
-            config_only_copy(model_dir, tmp_path / "c"), other_args=_fork_args(port, backend), env=ENV
-        )
+        args = _fork_args(port, backend, tp=tp)
+        client = popen_launch_server(config_only_copy(model_dir, tmp_path / "c"), other_args=args, env=ENV)
         try:
-            assert manifest(client.base_url, 0)["checksums"] == expected
+            assert [manifest(client.base_url, r)["checksums"] for r in range(tp)] == expected
         finally:
             kill_process_tree(client.pid)
     finally:
