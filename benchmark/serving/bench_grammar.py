@@ -1,18 +1,21 @@
-"""Cost of structured output on a decode step: the same engine decoding free rows and grammar-constrained rows,
-in alternating rounds of one run.
+"""Cost of structured output on a decode step: free rows, grammar-constrained rows whose masks are prefetched (filled
+on a worker thread while the forward runs, the default), and constrained rows whose masks are filled after the
+forward (SGLANG_DISABLE_GRAMMAR_MASK_PREFETCH=1, the earlier behaviour, on a second engine), in alternating rounds
+of one run.
 
     python benchmark/serving/bench_grammar.py --model-path DIR --batch-size 1 32 [--input-len 128] \\
-        [--output-len 64] [--rounds 5] [--result-filename FILE]
+        [--output-len 64] [--rounds 5] [--mem-fraction-static 0.4] [--result-filename FILE]
 
-A constrained row carries the regex `[a-z ]+`, which never completes, so every one of its output-len steps fills
-and applies a token mask (xgrammar); a decode step is measured as decode_compare.py says. Prints JSON: per
-batch size, the median milliseconds per step free and constrained, and the overhead in percent.
+A constrained row carries the regex `[a-z ]+` (or --regex), which never completes, so every one of its output-len
+steps fills and applies a token mask (xgrammar); a decode step is measured as decode_compare.py says. Prints JSON:
+per batch size, the median milliseconds per step of each variant, and the overheads in percent.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -22,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode_compare import add_args, alternate  # noqa: E402
 
 from sglang.bench_one_batch import emit_report, machine_name  # noqa: E402
+from sglang.srt.constrained.mask_prefetch import DISABLE_ENV  # noqa: E402
 from sglang.srt.entrypoints.engine import Engine  # noqa: E402
 
 CONSTRAINED = {"regex": "[a-z ]+"}
@@ -31,36 +35,51 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the comparison and print its JSON report."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_args(parser)
+    parser.add_argument("--regex", default=CONSTRAINED["regex"], help="the constrained rows' regex (never ending)")
+    parser.add_argument("--mem-fraction-static", type=float, default=None, help="per engine; both share the GPU")
     args = parser.parse_args(argv)
-    engine = Engine(
-        model_path=args.model_path,
-        load_format=args.load_format,
-        device=args.device,
-        max_total_tokens=args.max_total_tokens,
-        max_running_requests=max(args.batch_size),
-    )
+    common = {
+        "model_path": args.model_path,
+        "load_format": args.load_format,
+        "device": args.device,
+        "mem_fraction_static": args.mem_fraction_static,
+        "max_total_tokens": args.max_total_tokens,
+        "max_running_requests": max(args.batch_size),
+    }
+    constrained = {"regex": args.regex}
+    engine = Engine(**common)
+    os.environ[DISABLE_ENV] = "1"  # read by the second engine's scheduler when it starts
     try:
-        samples = alternate({"free": (engine, None), "constrained": (engine, CONSTRAINED)}, args)
+        baseline = Engine(**common)
+    finally:
+        del os.environ[DISABLE_ENV]
+    variants = {"free": (engine, None), "constrained": (engine, constrained), "no_prefetch": (baseline, constrained)}
+    try:
+        samples = alternate(variants, args)
     finally:
         engine.shutdown()
+        baseline.shutdown()
     results = []
     for bs in args.batch_size:
-        free, constrained = statistics.median(samples["free", bs]), statistics.median(samples["constrained", bs])
+        free, prefetched, after = (statistics.median(samples[name, bs]) for name in variants)
         results.append(
             {
                 "batch_size": bs,
                 "decode_step_ms_free": round(free, 4),
-                "decode_step_ms_constrained": round(constrained, 4),
-                "overhead_pct": round((constrained / free - 1) * 100, 2),
+                "decode_step_ms_constrained": round(prefetched, 4),
+                "decode_step_ms_constrained_no_prefetch": round(after, 4),
+                "overhead_pct": round((prefetched / free - 1) * 100, 2),
+                "overhead_pct_no_prefetch": round((after / free - 1) * 100, 2),
             }
         )
     report = {
-        "benchmark": "Structured output (xgrammar masks) on a decode step",
+        "benchmark": "Structured output (xgrammar masks) on a decode step, masks prefetched or filled after forward",
         "command": "python benchmark/serving/bench_grammar.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": machine_name(engine.server_args.device),
         "date": datetime.date.today().isoformat(),
         "description": f"Median decode-step time through the whole serving path, {args.rounds} alternating rounds, "
-        f"input {args.input_len} tokens, output {args.output_len}; constrained rows carry {CONSTRAINED}.",
+        f"input {args.input_len} tokens, output {args.output_len}; constrained rows carry {constrained}; "
+        f"no_prefetch runs on a second engine started with {DISABLE_ENV}=1.",
         "results": results,
     }
     emit_report(report, args.result_filename)

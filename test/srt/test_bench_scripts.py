@@ -127,7 +127,7 @@ def test_profile_decode_host_runs_the_scheduler_with_and_without_the_model(model
 
 
 def test_bench_grammar_compares_free_and_constrained_steps(model_path, tmp_path) -> None:
-    """The structured-output cost script times free and regex-constrained decode steps of one engine."""
+    """The structured-output cost script times free and regex-constrained decode steps, masks prefetched or not."""
     import subprocess
     import sys
 
@@ -137,6 +137,8 @@ def test_bench_grammar_compares_free_and_constrained_steps(model_path, tmp_path)
     subprocess.run([*cmd, "--result-filename", str(out)], check=True, capture_output=True, timeout=300)
     (row,) = json.loads(out.read_text())["results"]
     assert row["batch_size"] == 2 and row["decode_step_ms_free"] > 0 and row["decode_step_ms_constrained"] > 0
+    # A difference of two timings: on a loaded CI machine its sign is noise, so only its presence is checked.
+    assert isinstance(row["decode_step_ms_constrained_no_prefetch"], float)
 
 
 def test_bench_moe_reports_the_active_bytes_roofline_and_hf(tmp_path) -> None:
