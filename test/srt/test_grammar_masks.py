@@ -4,6 +4,7 @@ matchers over the tiny model's tokenizer: the same bits whatever the batch, and 
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 import torch
@@ -132,3 +133,22 @@ def test_the_sampler_uses_the_prefetch_and_matches_sampling_without_it(backend):
     assert with_prefetch == without
     assert masks.filled_rows == 0 and masks.prefetched_rows > 0
     assert plain.prefetched_rows == 0 and plain.filled_rows == masks.prefetched_rows
+
+
+def test_a_failed_prefetch_leaves_the_masks_to_sampling_time(backend):
+    """A fill that raises on the worker thread is logged; take() fills the masks itself and they are right."""
+
+    class WorkerFails(type(backend)):
+        def fill_masks(self, bitmask, rows, matchers):
+            if threading.current_thread() is not threading.main_thread():
+                raise RuntimeError("fill failed on the worker")
+            super().fill_masks(bitmask, rows, matchers)
+
+    failing = WorkerFails(backend._tokenizer, backend.vocab_size, backend.stop_token_ids)
+    reqs = _reqs(failing, GRAMMARS)
+    rows = [i for i, r in enumerate(reqs) if r.grammar is not None]
+    prefetcher = MaskPrefetcher(failing, enabled=True)
+    prefetcher.start(reqs)
+    got = prefetcher.take(reqs, rows)
+    assert torch.equal(got[rows], _direct(backend, reqs, rows)[rows])
+    assert prefetcher.filled_rows == len(rows) and prefetcher.prefetched_rows == 0

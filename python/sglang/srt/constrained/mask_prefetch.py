@@ -54,7 +54,7 @@ class MaskPrefetcher:
 
     def start(self, reqs: list[Req]) -> None:
         """Begin filling the masks of reqs' constrained rows; the matchers must not advance until take(). Never
-        raises: a prefetch that cannot start or failed leaves take() to fill the masks itself."""
+        raises: a prefetch that cannot start leaves take() to fill the masks itself."""
         try:
             self._finish()  # one fill at a time: a matcher is never read while the sampler advances it
             if self.enabled:
@@ -97,14 +97,19 @@ class MaskPrefetcher:
         return bitmask
 
     def _finish(self) -> _Fill | None:
-        """The fill in flight, once it is done (None if there is none); its error, if any, is raised here."""
+        """The fill in flight, once it is done; None if there is none or it failed (take() then fills the masks
+        itself). One that does not end in time is an error: its matchers may not be advanced while it runs."""
         fill, self._fill = self._fill, None
-        if fill is not None:
-            try:
-                fill.done.result(timeout=FILL_TIMEOUT_S)
-            except TimeoutError:
-                raise RuntimeError(
-                    f"grammar masks for {len(fill.rows)} rows were not filled within {FILL_TIMEOUT_S:.0f} s; "
-                    f"set {DISABLE_ENV}=1 to fill them at sampling time instead"
-                ) from None
+        if fill is None:
+            return None
+        try:
+            fill.done.result(timeout=FILL_TIMEOUT_S)
+        except TimeoutError:
+            raise RuntimeError(
+                f"grammar masks for {len(fill.rows)} rows were not filled within {FILL_TIMEOUT_S:.0f} s; "
+                f"set {DISABLE_ENV}=1 to fill them at sampling time instead"
+            ) from None
+        except Exception:
+            logger.exception("Prefetched grammar masks failed; filling them at sampling time")
+            return None
         return fill
