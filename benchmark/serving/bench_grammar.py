@@ -7,7 +7,9 @@ of one run.
         [--output-len 64] [--rounds 5] [--mem-fraction-static 0.4] [--result-filename FILE]
 
 A constrained row carries the regex `[a-z ]+` (or --regex), which never completes, so every one of its output-len
-steps fills and applies a token mask (xgrammar); a decode step is measured as decode_compare.py says. Prints JSON:
+steps fills and applies a token mask (xgrammar); the script checks that first, since a regex that no token of the
+vocabulary can follow ends rows at once (make_llama3_8b_dummy.py's words need --regex '(w[0-9]+)+'). A decode step
+is measured as decode_compare.py says. Prints JSON:
 per batch size, the median milliseconds per step of each variant, and the overheads in percent.
 """
 
@@ -29,6 +31,21 @@ from sglang.srt.constrained.mask_prefetch import DISABLE_ENV  # noqa: E402
 from sglang.srt.entrypoints.engine import Engine  # noqa: E402
 
 CONSTRAINED = {"regex": "[a-z ]+"}
+
+
+def check_full_length(engine: Engine, constrained: dict, output_len: int) -> None:
+    """Refuse to measure a grammar that ends rows early (it completed, or its mask allows no token of this
+    tokenizer): the constrained rows would then not decode output_len steps."""
+    out = engine.generate(
+        input_ids=[[11, 12, 13]],
+        sampling_params={"max_new_tokens": output_len, "ignore_eos": True, "temperature": 0, **constrained},
+    )[0]
+    if out["meta_info"]["finish_reason"]["type"] != "length" or len(out["output_ids"]) != output_len:
+        raise SystemExit(
+            f"a row constrained by {constrained} ended after {len(out['output_ids'])} of {output_len} tokens "
+            f"({out['meta_info']['finish_reason']}); pass a --regex that never completes and that this model's "
+            "tokens can follow (for make_llama3_8b_dummy.py's word-level vocabulary: --regex '(w[0-9]+)+')"
+        )
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -55,6 +72,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         del os.environ[DISABLE_ENV]
     variants = {"free": (engine, None), "constrained": (engine, constrained), "no_prefetch": (baseline, constrained)}
     try:
+        check_full_length(engine, constrained, args.output_len)
         samples = alternate(variants, args)
     finally:
         engine.shutdown()
