@@ -1,19 +1,24 @@
-"""Cost of structured output on a decode step: the same engine decoding free rows and grammar-constrained rows,
-in alternating rounds of one run.
+"""Cost of structured output on a decode step: free rows, grammar-constrained rows whose masks are prefetched (filled
+on a worker thread while the forward runs, the default), and constrained rows whose masks are filled after the
+forward (SGLANG_DISABLE_GRAMMAR_MASK_PREFETCH=1, the earlier behaviour, on a second engine), in alternating rounds
+of one run.
 
     python benchmark/serving/bench_grammar.py --model-path DIR --batch-size 1 32 [--input-len 128] \\
-        [--output-len 64] [--rounds 5] [--result-filename FILE]
+        [--output-len 64] [--rounds 5] [--mem-fraction-static 0.4] [--result-filename FILE]
 
-A constrained row carries a regex that never completes (default `[a-z0-9 ]+`, which the words of the tiny
-models' and the dummy 8B model's vocabularies fit), so every one of its output-len steps fills and applies a token
-mask (xgrammar); a decode step is measured as decode_compare.py says, which fails if a row ends early. Prints JSON: per
-batch size, the median milliseconds per step free and constrained, and the overhead in percent.
+A constrained row carries the regex `[a-z0-9 ]+` (or --regex), which never completes and which the words of the
+tiny models' and of make_llama3_8b_dummy.py's vocabularies fit, so every one of its output-len steps fills and
+applies a token mask (xgrammar); the script checks that first, since a regex that no token of the vocabulary can
+follow ends rows at once, and decode_compare.py fails on any measured row that stops short. A decode step is
+measured as decode_compare.py says. Prints JSON:
+per batch size, the median milliseconds per step of each variant, and the overheads in percent.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -23,45 +28,77 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode_compare import add_args, alternate  # noqa: E402
 
 from sglang.bench_one_batch import emit_report, machine_name  # noqa: E402
+from sglang.srt.constrained.mask_prefetch import DISABLE_ENV  # noqa: E402
 from sglang.srt.entrypoints.engine import Engine  # noqa: E402
+
+CONSTRAINED = {"regex": "[a-z0-9 ]+"}
+
+
+def check_full_length(engine: Engine, constrained: dict, output_len: int) -> None:
+    """Refuse to measure a grammar that ends rows early (it completed, or its mask allows no token of this
+    tokenizer): the constrained rows would then not decode output_len steps."""
+    out = engine.generate(
+        input_ids=[[11, 12, 13]],
+        sampling_params={"max_new_tokens": output_len, "ignore_eos": True, "temperature": 0, **constrained},
+    )[0]
+    if out["meta_info"]["finish_reason"]["type"] != "length" or len(out["output_ids"]) != output_len:
+        raise SystemExit(
+            f"a row constrained by {constrained} ended after {len(out['output_ids'])} of {output_len} tokens "
+            f"({out['meta_info']['finish_reason']}); pass a --regex that never completes and that this model's "
+            "tokens can follow (make_llama3_8b_dummy.py's words 'w123' fit the default '[a-z0-9 ]+')"
+        )
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the comparison and print its JSON report."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_args(parser)
-    parser.add_argument("--regex", default="[a-z0-9 ]+", help="the never-completing regex of constrained rows")
+    parser.add_argument("--regex", default=CONSTRAINED["regex"], help="the constrained rows' regex (never ending)")
+    parser.add_argument("--mem-fraction-static", type=float, default=None, help="per engine; both share the GPU")
     args = parser.parse_args(argv)
+    common = {
+        "model_path": args.model_path,
+        "load_format": args.load_format,
+        "device": args.device,
+        "mem_fraction_static": args.mem_fraction_static,
+        "max_total_tokens": args.max_total_tokens,
+        "max_running_requests": max(args.batch_size),
+    }
     constrained = {"regex": args.regex}
-    engine = Engine(
-        model_path=args.model_path,
-        load_format=args.load_format,
-        device=args.device,
-        max_total_tokens=args.max_total_tokens,
-        max_running_requests=max(args.batch_size),
-    )
+    engine = Engine(**common)
+    os.environ[DISABLE_ENV] = "1"  # read by the second engine's scheduler when it starts
     try:
-        samples = alternate({"free": (engine, None), "constrained": (engine, constrained)}, args)
+        baseline = Engine(**common)
+    finally:
+        del os.environ[DISABLE_ENV]
+    variants = {"free": (engine, None), "constrained": (engine, constrained), "no_prefetch": (baseline, constrained)}
+    try:
+        check_full_length(engine, constrained, args.output_len)
+        samples = alternate(variants, args)
     finally:
         engine.shutdown()
+        baseline.shutdown()
     results = []
     for bs in args.batch_size:
-        free, constrained = statistics.median(samples["free", bs]), statistics.median(samples["constrained", bs])
+        free, prefetched, after = (statistics.median(samples[name, bs]) for name in variants)
         results.append(
             {
                 "batch_size": bs,
                 "decode_step_ms_free": round(free, 4),
-                "decode_step_ms_constrained": round(constrained, 4),
-                "overhead_pct": round((constrained / free - 1) * 100, 2),
+                "decode_step_ms_constrained": round(prefetched, 4),
+                "decode_step_ms_constrained_no_prefetch": round(after, 4),
+                "overhead_pct": round((prefetched / free - 1) * 100, 2),
+                "overhead_pct_no_prefetch": round((after / free - 1) * 100, 2),
             }
         )
     report = {
-        "benchmark": "Structured output (xgrammar masks) on a decode step",
+        "benchmark": "Structured output (xgrammar masks) on a decode step, masks prefetched or filled after forward",
         "command": "python benchmark/serving/bench_grammar.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": machine_name(engine.server_args.device),
         "date": datetime.date.today().isoformat(),
         "description": f"Median decode-step time through the whole serving path, {args.rounds} alternating rounds, "
-        f"input {args.input_len} tokens, output {args.output_len}; constrained rows carry {constrained}.",
+        f"input {args.input_len} tokens, output {args.output_len}; constrained rows carry {constrained}; "
+        f"no_prefetch runs on a second engine started with {DISABLE_ENV}=1.",
         "results": results,
     }
     emit_report(report, args.result_filename)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 from transformers import AutoTokenizer
@@ -127,7 +128,7 @@ def test_profile_decode_host_runs_the_scheduler_with_and_without_the_model(model
 
 
 def test_bench_grammar_compares_free_and_constrained_steps(model_path, tmp_path) -> None:
-    """The structured-output cost script times free and regex-constrained decode steps of one engine."""
+    """The structured-output cost script times free and regex-constrained decode steps, masks prefetched or not."""
     import subprocess
     import sys
 
@@ -136,7 +137,11 @@ def test_bench_grammar_compares_free_and_constrained_steps(model_path, tmp_path)
     cmd += ["--batch-size", "2", "--input-len", "6", "--output-len", "6", "--rounds", "1", "--max-total-tokens", "4096"]
     subprocess.run([*cmd, "--result-filename", str(out)], check=True, capture_output=True, timeout=300)
     (row,) = json.loads(out.read_text())["results"]
-    assert row["batch_size"] == 2 and row["decode_step_ms_free"] > 0 and row["decode_step_ms_constrained"] > 0
+    assert row["batch_size"] == 2
+    # Each is a difference of two short timings: on a loaded CI machine even its sign is noise (a free step of
+    # -8.9 ms was seen), so the smoke test checks that every variant was measured, not its value.
+    for key in ("decode_step_ms_free", "decode_step_ms_constrained", "decode_step_ms_constrained_no_prefetch"):
+        assert isinstance(row[key], float) and math.isfinite(row[key]), (key, row)
 
 
 def test_bench_moe_reports_the_active_bytes_roofline_and_hf(tmp_path) -> None:

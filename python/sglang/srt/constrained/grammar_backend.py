@@ -52,6 +52,10 @@ class GrammarMatcher(Protocol):
     def terminated(self) -> bool:
         """Whether the grammar is complete (its stop token accepted): the request must end."""
 
+    @property
+    def accepted(self) -> int:
+        """Tokens accepted so far: a mask filled at one count is stale at another."""
+
 
 class GrammarBackend(Protocol):
     """Compiles grammars (in the HTTP process) and rebuilds them into matchers (in the scheduler)."""
@@ -62,8 +66,15 @@ class GrammarBackend(Protocol):
     def matcher(self, compiled: str) -> GrammarMatcher:
         """A fresh matcher at the start of a compiled grammar."""
 
-    def apply_masks(self, logits: torch.Tensor, rows: list[int], matchers: list[GrammarMatcher]) -> None:
-        """Set to -inf, in place, every logit that the matcher of each given row does not allow."""
+    def new_masks(self, rows: int) -> torch.Tensor:
+        """A host bitmask of `rows` rows (pinned where CUDA is), each allowing every token."""
+
+    def fill_masks(self, bitmask: torch.Tensor, rows: list[int], matchers: list[GrammarMatcher]) -> None:
+        """Fill bitmask[row] with the tokens each matcher allows next; safe on a thread other than the one that
+        advances the matchers, as long as none of them is advanced meanwhile."""
+
+    def apply_masks(self, logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
+        """Set to -inf, in place, every logit of the given rows that the same row of the host bitmask forbids."""
 
 
 def _xgrammar(**kwargs: Any) -> GrammarBackend:

@@ -25,10 +25,13 @@ class XGrammarMatcher:
 
     def __init__(self, matcher: xgr.GrammarMatcher) -> None:
         self.matcher = matcher
+        self.accepted = 0  # tokens accepted: tells a prefetched mask from a stale one
 
     def accept(self, token_id: int) -> bool:
         """Advance by token_id; False if the grammar does not allow it."""
-        return self.matcher.accept_token(token_id)
+        ok = self.matcher.accept_token(token_id)
+        self.accepted += ok
+        return ok
 
     @property
     def terminated(self) -> bool:
@@ -46,6 +49,7 @@ class XGrammarBackend:
         self._lock = threading.Lock()  # compile may run on several threads of the HTTP process
         self._info: xgr.TokenizerInfo | None = None
         self._compiler: xgr.GrammarCompiler | None = None
+        self._batch: xgr.BatchGrammarMatcher | None = None  # fills many rows' masks on xgrammar's threads
 
     def _ready(self) -> tuple[xgr.TokenizerInfo, xgr.GrammarCompiler]:
         with self._lock:
@@ -80,14 +84,26 @@ class XGrammarBackend:
         grammar = xgr.CompiledGrammar.deserialize_json(compiled, info)
         return XGrammarMatcher(xgr.GrammarMatcher(grammar))
 
-    def apply_masks(self, logits: torch.Tensor, rows: list[int], matchers: list[XGrammarMatcher]) -> None:
-        """Fill one bitmask row per constrained request on the host, then mask those logits rows on their device
-        in one call (rows not listed are left alone)."""
+    def new_masks(self, rows: int) -> torch.Tensor:
+        """A host bitmask of `rows` rows allowing every token; pinned where CUDA is, so its copy is asynchronous."""
         xgr = _xgr()
-        bitmask = xgr.allocate_token_bitmask(logits.shape[0], self.vocab_size)
-        for row, m in zip(rows, matchers):
-            m.matcher.fill_next_token_bitmask(bitmask, row)
-        xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True), indices=rows)
+        shape = xgr.get_bitmask_shape(rows, self.vocab_size)
+        # -1 is every bit set: every token allowed, as xgrammar's own allocation fills it.
+        return torch.full(shape, -1, dtype=xgr.bitmask_dtype, pin_memory=torch.cuda.is_available())
+
+    def fill_masks(self, bitmask: torch.Tensor, rows: list[int], matchers: list[XGrammarMatcher]) -> None:
+        """Fill bitmask[row] for each matcher: several rows at once on xgrammar's own threads."""
+        if len(rows) == 1:
+            matchers[0].matcher.fill_next_token_bitmask(bitmask, rows[0])
+            return
+        with self._lock:
+            if self._batch is None:
+                self._batch = _xgr().BatchGrammarMatcher()
+        self._batch.batch_fill_next_token_bitmask([m.matcher for m in matchers], bitmask, rows)
+
+    def apply_masks(self, logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) -> None:
+        """Mask the given rows of logits on their device in one call (rows not listed are left alone)."""
+        _xgr().apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True), indices=rows)
 
 
 def _message(error: Exception) -> str:

@@ -8,10 +8,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from sglang.srt.constrained.mask_prefetch import MaskPrefetcher
+from sglang.srt.sampling.penalties import PENALTY_IMPLS, Penalties
+from sglang.srt.sampling.step_upload import KNOB, StepUpload, knob_row
+
 if TYPE_CHECKING:
     from sglang.srt.constrained.grammar_backend import GrammarBackend
     from sglang.srt.managers.schedule_batch import Req
-    from sglang.srt.sampling.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -30,36 +33,64 @@ class SampleOutput:
 
 class Sampler:
     """Samples one token per request, on the logits' device, with one device-to-host copy per batch. Rows with a
-    seed draw from their own generator, so their tokens do not depend on what else is in the batch."""
+    seed draw from their own generator, so their tokens do not depend on what else is in the batch. The step's
+    per-row knobs and penalty indices reach the device in one pinned copy per dtype (StepUpload)."""
 
-    def __init__(self, seed: int, stop_ids_for: callable, grammar_backend: GrammarBackend | None = None) -> None:
+    def __init__(
+        self,
+        seed: int,
+        stop_ids_for: callable,
+        grammar_backend: GrammarBackend | None = None,
+        penalties: str = "batched",
+    ) -> None:
         self.seed = seed
         self.generators: dict[torch.device, torch.Generator] = {}
         self.stop_ids_for = stop_ids_for
         self.grammar_backend = grammar_backend
+        if penalties not in PENALTY_IMPLS:
+            raise ValueError(f"penalties={penalties!r} is not one of {', '.join(PENALTY_IMPLS)}")
+        self.penalties: Penalties = PENALTY_IMPLS[penalties]()
+        self.masks = MaskPrefetcher(grammar_backend) if grammar_backend is not None else None
+
+    def prefetch_masks(self, reqs: list[Req]) -> None:
+        """Start filling the grammar masks of reqs' constrained rows on a worker thread; call right before the
+        forward whose logits this sampler gets next, so the fill runs while the device computes them."""
+        if self.masks is not None:
+            self.masks.start(reqs)
 
     def __call__(self, logits: torch.Tensor, reqs: list[Req]) -> SampleOutput:
         logits = logits.float()
         raw = logits  # logprobs are those of the model, before biases, penalties and grammars
+        vocab = logits.shape[-1]
         biased = [i for i, r in enumerate(reqs) if r.sampling_params.logit_bias]
-        penalised = any(r.sampling_params.has_penalties or r.sampling_params.min_new_tokens for r in reqs)
         constrained = [i for i, r in enumerate(reqs) if r.grammar is not None]
+        sampled = [i for i, r in enumerate(reqs) if not r.sampling_params.is_greedy]
+        upload = StepUpload()
+        penalised = self.penalties.plan(logits, reqs, self.stop_ids_for, upload)
+        if sampled or penalised:
+            upload.add_floats("knobs", [knob_row(r.sampling_params, vocab) for r in reqs])
+        if sampled and len(sampled) < len(reqs):
+            upload.add_ints("sampled_rows", sampled)
+        tensors = upload.upload(logits.device)
         if biased or penalised or constrained:
             logits = logits.clone()
         if biased:
             _apply_logit_bias(logits, biased, reqs)
         if penalised:
-            for i, req in enumerate(reqs):
-                _apply_penalties(logits[i], req, self.stop_ids_for(req))
+            self.penalties.apply(logits, reqs, self.stop_ids_for, tensors)
         if constrained:
-            # Masks are filled on the host while earlier device work may still run (nothing has synchronised yet),
-            # and only for the constrained rows; free rows of the batch are not touched.
-            self.grammar_backend.apply_masks(logits, constrained, [reqs[i].grammar for i in constrained])
-        chosen = logits.argmax(dim=-1)  # the answer for greedy rows
-        sampled = [i for i, r in enumerate(reqs) if not r.sampling_params.is_greedy]
-        if sampled:
-            rows = sampled if len(sampled) < len(reqs) else slice(None)
-            chosen[rows] = self._sample(logits[rows], [reqs[i] for i in sampled])
+            # Usually filled while the forward ran (prefetch_masks); only the constrained rows are touched.
+            bitmask = self.masks.take(reqs, constrained)
+            self.grammar_backend.apply_masks(logits, bitmask, constrained)
+        if len(sampled) == len(reqs):
+            chosen = self._sample(logits, reqs, tensors["knobs"])
+        else:
+            chosen = logits.argmax(dim=-1)  # the answer for greedy rows
+            if sampled:
+                rows = tensors["sampled_rows"]
+                knobs = tensors["knobs"].index_select(0, rows)
+                picked = self._sample(logits.index_select(0, rows), [reqs[i] for i in sampled], knobs)
+                chosen.index_copy_(0, rows, picked)
         ids: list[int] = chosen.tolist()
         grammar_finish: list[dict[str, Any] | None] = [None] * len(reqs)
         for i in constrained:
@@ -104,17 +135,19 @@ class Sampler:
             out.grammar_finish += one.grammar_finish
         return out
 
-    def _sample(self, logits: torch.Tensor, reqs: list[Req]) -> torch.Tensor:
-        """One token per row of logits [n, vocab], all rows at once, with each request's temperature and filters:
-        one uniform draw per row, located in the row's cumulative probabilities (what torch.multinomial does for a
-        single sample, batched and without a host copy)."""
+    def _sample(self, logits: torch.Tensor, reqs: list[Req], knobs: torch.Tensor) -> torch.Tensor:
+        """One token per row of logits [n, vocab], all rows at once, with each request's temperature and filters
+        (knobs: their [n, len(KNOB_COLUMNS)] values on the device): one uniform draw per row, located in the row's
+        cumulative probabilities (what torch.multinomial does for a single sample, batched and without a host
+        copy)."""
         params = [r.sampling_params for r in reqs]
         device = logits.device
-        temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32).to(device, non_blocking=True)
-        probs = torch.softmax(logits / temperature[:, None], dim=-1)
+        probs = torch.softmax(logits / knobs[:, KNOB["temperature"], None], dim=-1)
         order = None
         if any(p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0 for p in params):
-            probs, order = _filtered_sorted(probs, params)
+            vocab = probs.shape[-1]
+            max_k = max(p.top_k if 0 < p.top_k < vocab else vocab for p in params)
+            probs, order = _filtered_sorted(probs, max_k, knobs)
         draws = torch.rand(len(reqs), 1, device=device, generator=self._generator(device))
         for row, req in enumerate(reqs):
             seed = req.sampling_params.seed
@@ -155,40 +188,21 @@ def _apply_logit_bias(logits: torch.Tensor, rows: list[int], reqs: list[Req]) ->
     logits.index_put_((index[0], index[1]), values, accumulate=True)
 
 
-def _apply_penalties(row: torch.Tensor, req: Req, stop_ids: set[int]) -> None:
-    params = req.sampling_params
-    if params.repetition_penalty != 1:
-        # Same rule as HF: every token seen so far (prompt and output) is made less likely.
-        seen = torch.tensor(sorted(set(req.fill_ids)), dtype=torch.int64, device=row.device)
-        vals = row[seen]
-        row[seen] = torch.where(vals > 0, vals / params.repetition_penalty, vals * params.repetition_penalty)
-    if req.output_ids and (params.frequency_penalty or params.presence_penalty):
-        out = torch.tensor(req.output_ids, dtype=torch.int64, device=row.device)
-        counts = torch.zeros_like(row).scatter_add_(0, out, torch.ones_like(out, dtype=row.dtype))
-        row -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(row.dtype)
-    if len(req.output_ids) < params.min_new_tokens and stop_ids:
-        row[torch.tensor(sorted(stop_ids), dtype=torch.int64, device=row.device)] = float("-inf")
-
-
 # Largest top_k served from torch.topk instead of a sort of the whole vocabulary.
 TOPK_INSTEAD_OF_SORT = 1024
 
 
-def _filtered_sorted(probs: torch.Tensor, params: list[SamplingParams]) -> tuple[torch.Tensor, torch.Tensor]:
+def _filtered_sorted(probs: torch.Tensor, max_k: int, knobs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's probabilities from high to low with top-k, then top-p (of what top-k kept), then min-p (against
-    the top one) applied, and the tokens in that order. The top token always survives; rows need not sum to 1."""
-    device = probs.device
-    vocab = probs.shape[-1]
-    top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
-    if max(top_k) <= TOPK_INSTEAD_OF_SORT:
-        sorted_probs, order = torch.topk(probs, max(top_k), dim=-1)  # every row has a small top_k
+    the top one) applied, and the tokens in that order; max_k is the largest top_k of the rows (the vocabulary
+    size if one keeps all). The top token always survives; rows need not sum to 1."""
+    if max_k <= TOPK_INSTEAD_OF_SORT:
+        sorted_probs, order = torch.topk(probs, max_k, dim=-1)  # every row has a small top_k
     else:
         sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
-    knobs = torch.tensor([[k, p.top_p, p.min_p] for k, p in zip(top_k, params)], dtype=torch.float32)
-    knobs = knobs.to(device, non_blocking=True)
-    top_k_t, top_p, min_p = knobs[:, 0:1], knobs[:, 1:2], knobs[:, 2:3]
-    rank = torch.arange(sorted_probs.shape[-1], device=device, dtype=torch.float32)
-    sorted_probs = sorted_probs.masked_fill(rank >= top_k_t, 0.0)
+    top_k, top_p, min_p = (knobs[:, KNOB[name], None] for name in ("top_k", "top_p", "min_p"))
+    rank = torch.arange(sorted_probs.shape[-1], device=probs.device, dtype=torch.float32)
+    sorted_probs = sorted_probs.masked_fill(rank >= top_k, 0.0)
     cum = sorted_probs.cumsum(dim=-1)
     # Keep the smallest prefix whose mass reaches top_p: a token goes if what comes before it already exceeds it.
     sorted_probs = sorted_probs.masked_fill(cum - sorted_probs > top_p * cum[:, -1:], 0.0)

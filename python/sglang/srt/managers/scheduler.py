@@ -300,6 +300,7 @@ class Scheduler:
         out_cache_loc = alloc_kv_slots(reqs, mode, self.runner)
         assert out_cache_loc is not None, "memory was reserved before scheduling"
         batch = build_forward_batch(reqs, mode, out_cache_loc, self.runner)
+        self.sampler.prefetch_masks(reqs)  # grammar masks are filled on a worker thread while the forward runs
         output = self.runner.forward(batch)
         for req in reqs:
             req.kv_len += req.extend_len if mode.is_extend() else 1
