@@ -163,3 +163,35 @@ def test_forked_client_gives_the_seeds_constrained_answers(server, model_path, t
         assert re.fullmatch(REGEX, forked[2]["text"]), forked[2]["text"]
     finally:
         kill_process_tree(client.pid)
+
+
+def _word_level_model(path) -> str:
+    """A tiny random Llama (--load-format dummy) whose tokenizer has only the words w0..w299: no token holds an
+    uppercase letter, so a grammar that needs one can never continue."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {f"w{i}": i for i in range(300)}
+    vocab["<unk>"] = vocab.pop("w299")
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    path.mkdir()
+    tokenizer.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
+        "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 300,
+        "max_position_embeddings": 256, "rms_norm_eps": 1e-5, "eos_token_id": 298, "torch_dtype": "float32",
+    }  # fmt: skip
+    (path / "config.json").write_text(json.dumps(config))
+    return str(path)
+
+
+def test_grammar_no_token_can_continue_ends_with_a_clear_reason(tmp_path):
+    """A grammar that no token of the vocabulary fits ends its request with a message that says so (the row's
+    mask allows nothing), not as a grammar that 'rejected token 0', and the engine goes on serving."""
+    with sglang.Engine(model_path=_word_level_model(tmp_path / "m"), load_format="dummy", max_total_tokens=512) as e:
+        out = e.generate("w1 w2", {"temperature": 0, "max_new_tokens": 4, "regex": "[A-Z]+"})
+        reason = out["meta_info"]["finish_reason"]
+        assert reason["type"] == "abort" and "no token of this model's vocabulary" in reason["message"], reason
+        fits = e.generate("w1 w2", {"temperature": 0, "max_new_tokens": 4, "regex": "[a-z0-9]+"})
+        assert fits["meta_info"]["completion_tokens"] == 4

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -94,7 +95,7 @@ class Sampler:
         ids: list[int] = chosen.tolist()
         grammar_finish: list[dict[str, Any] | None] = [None] * len(reqs)
         for i in constrained:
-            grammar_finish[i] = _advance_grammar(reqs[i], ids[i])
+            grammar_finish[i] = _advance_grammar(reqs[i], ids[i], lambda i=i: bool(torch.isneginf(logits[i, ids[i]])))
         logprobs: list[float | None] = [None] * len(reqs)
         tops: list[list[tuple[float, int]] | None] = [None] * len(reqs)
         if any(r.return_logprob for r in reqs):
@@ -168,12 +169,22 @@ class Sampler:
         return self.generators[device]
 
 
-def _advance_grammar(req: Req, token_id: int) -> dict[str, Any] | None:
-    """Feed the chosen token to req's grammar; a finish reason if the grammar is done (or broken), else None."""
+def _advance_grammar(req: Req, token_id: int, masked_out: Callable[[], bool]) -> dict[str, Any] | None:
+    """Feed the chosen token to req's grammar; a finish reason if the grammar is done (or broken), else None.
+    masked_out says whether the chosen token's logit was forbidden (asked only when the grammar refuses it)."""
     if not req.grammar.accept(token_id):
-        # Cannot happen with the mask applied; if it did, the output would no longer match, so it ends here.
-        logger.error("request %s: the grammar rejected token %d that its own mask allowed", req.rid, token_id)
-        return {"type": "abort", "message": f"structured output: the grammar rejected token {token_id}"}
+        # The output would no longer match, so it ends here. The usual cause: the mask allowed no token at all (no
+        # token of this vocabulary can continue the grammar), and the pick over an all -inf row is arbitrary.
+        if masked_out():
+            message = (
+                "structured output: no token of this model's vocabulary can continue the grammar here; "
+                "loosen the grammar or check that its tokens can be produced by this tokenizer"
+            )
+            logger.warning("request %s: %s", req.rid, message)
+        else:
+            message = f"structured output: the grammar rejected token {token_id}"
+            logger.error("request %s: the grammar rejected token %d that its own mask allowed", req.rid, token_id)
+        return {"type": "abort", "message": message}
     if req.grammar.terminated:
         return {"type": "stop", "matched": token_id}
     return None
