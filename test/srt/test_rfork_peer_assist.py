@@ -1,0 +1,222 @@
+"""Fan-out R-Fork with peer assist: the seed's swarm registry, and real clients trading weights over Mooncake TCP."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+
+from sglang.srt.remote_instance.bootstrap_server import start_bootstrap_server
+from sglang.srt.remote_instance.mooncake_guard import mooncake_available
+from sglang.srt.remote_instance.peer_registry import PeerRegistry
+from sglang.srt.server_args import ServerArgs, ServerArgsError
+from sglang.test.test_utils import config_only_copy, find_free_port, kill_process_tree, popen_launch_server
+
+KEY = "peer-test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+ENV = {"MC_LOG_LEVEL": "WARNING"}
+SMALL_KV = ["--max-total-tokens", "4096"]
+GREEDY = {"temperature": 0, "max_new_tokens": 16, "ignore_eos": True}
+PROMPT = "Three forks of one seed should agree on"
+PEERS = "/remote_instance_peers"
+
+needs_mooncake = pytest.mark.skipif(not mooncake_available(), reason="mooncake-transfer-engine is not installed")
+
+
+def announcement(peer_id: str = "p1", **extra: object) -> dict:
+    return {"rank": 0, "peer_id": peer_id, "session_id": "127.0.0.1:15001", "protocol": "tcp", **extra}
+
+
+@pytest.fixture
+def bootstrap():
+    server = start_bootstrap_server("127.0.0.1", 0, api_key=KEY)
+    yield f"http://127.0.0.1:{server.server_address[1]}{PEERS}", server
+    server.shutdown()
+    server.server_close()
+
+
+def test_registry_announce_refresh_and_list(bootstrap):
+    url, _ = bootstrap
+    first = requests.put(url, json=announcement(addrs=[4096, 8192, 0], have="5"), headers=AUTH, timeout=5)
+    assert first.status_code == 200 and first.json()["seq"] == 0
+    second = requests.put(url, json=announcement("p2", addrs=[1, 2, 3]), headers=AUTH, timeout=5)
+    assert second.json()["seq"] == 1
+    # A refresh without addresses keeps the announced ones and keeps the join number.
+    again = requests.put(url, json=announcement(have="7", done=True), headers=AUTH, timeout=5)
+    assert again.json()["seq"] == 0
+    peers = requests.get(url, params={"rank": 0}, headers=AUTH, timeout=5).json()["peers"]
+    by_id = {p["peer_id"]: p for p in peers}
+    assert by_id["p1"]["addrs"] == [4096, 8192, 0] and by_id["p1"]["have"] == "7" and by_id["p1"]["done"]
+    assert by_id["p2"]["have"] == "" and not by_id["p2"]["done"]
+    assert requests.get(url, params={"rank": 1}, headers=AUTH, timeout=5).json()["peers"] == []
+
+
+def test_registry_refuses_what_could_hurt_the_seed(bootstrap):
+    url, _ = bootstrap
+    put = lambda body, **kw: requests.put(url, json=body, headers=kw.get("headers", AUTH), timeout=5)  # noqa: E731
+    assert put(announcement(addrs=[1]), headers={}).status_code == 401
+    assert requests.get(url, params={"rank": 0}, timeout=5).status_code == 401
+    assert put(announcement()).status_code == 404  # unknown peer, no addresses: nothing to serve from
+    assert put(announcement(addrs=[-1])).status_code == 400
+    assert put(announcement(addrs=[1 << 64])).status_code == 400
+    assert put(announcement(addrs=["0x10"])).status_code == 400
+    assert put(announcement(addrs=[1, 2], have="fff")).status_code == 400  # more bits than tensors
+    assert put(announcement(addrs=[1], have="xyz")).status_code == 400
+    assert put(announcement("bad id!", addrs=[1])).status_code == 400
+    assert put(announcement(addrs=[1], protocol="carrier-pigeon")).status_code == 400
+    assert put(announcement(addrs=[1], session_id="x" * 300)).status_code == 400
+    assert put({**announcement(addrs=[1]), "rank": True}).status_code == 400
+    assert put([1, 2]).status_code == 400
+    raw = requests.put(url, data=b"{", headers=AUTH, timeout=5)
+    assert raw.status_code == 400 and "not JSON" in raw.text
+    assert requests.get(url, params={"rank": "x"}, headers=AUTH, timeout=5).status_code == 400
+    # Nothing refused above was stored.
+    assert requests.get(url, params={"rank": 0}, headers=AUTH, timeout=5).json()["peers"] == []
+
+
+def test_registry_entries_expire_and_are_bounded():
+    registry = PeerRegistry(ttl=0.2)
+    registry.put(announcement(addrs=[1]))
+    assert b'"p1"' in registry.get(0)
+    time.sleep(0.3)
+    assert b'"p1"' not in registry.get(0)
+    from sglang.srt.remote_instance import peer_registry
+
+    for i in range(peer_registry.MAX_PEERS_PER_RANK):
+        registry.put(announcement(f"q{i}", addrs=[1]))
+    with pytest.raises(peer_registry.PeerRequestError) as full:
+        registry.put(announcement("one-too-many", addrs=[1]))
+    assert full.value.status == 429
+
+
+def test_peer_assist_flag_needs_transfer_engine(tiny_model_dir):
+    common = dict(
+        model_path=tiny_model_dir("llama"),
+        load_format="remote_instance",
+        remote_instance_weight_loader_seed_instance_ip="127.0.0.1",
+        remote_instance_weight_loader_seed_instance_service_port=1,
+        remote_instance_weight_loader_peer_assist=True,
+    )
+    with pytest.raises(ServerArgsError, match="peer-assist works over TransferEngine only"):
+        ServerArgs(**common, remote_instance_weight_loader_send_weights_group_ports=[1])
+    assert not ServerArgs(model_path=tiny_model_dir("llama")).remote_instance_weight_loader_peer_assist
+
+
+def client_args(seed_url: str, *extra: str) -> list[str]:
+    return [
+        "--load-format", "remote_instance",
+        "--remote-instance-weight-loader-backend", "transfer_engine",
+        "--remote-instance-weight-loader-seed-instance-ip", "127.0.0.1",
+        "--remote-instance-weight-loader-seed-instance-service-port", seed_url.rsplit(":", 1)[1],
+        "--remote-instance-weight-loader-timeout", "60",
+        "--remote-instance-weight-loader-peer-assist",
+        *SMALL_KV, *extra,
+    ]  # fmt: skip
+
+
+def checksums(url: str) -> dict[str, str]:
+    r = requests.get(f"{url}/remote_instance_weight_manifest", params={"rank": 0}, timeout=60)
+    r.raise_for_status()
+    return r.json()["checksums"]
+
+
+def weights(url: str, names: list[str]) -> dict[str, list]:
+    return {n: requests.post(f"{url}/get_weights_by_name", json={"name": n}, timeout=60).json() for n in names}
+
+
+def greedy(url: str) -> list[int]:
+    r = requests.post(f"{url}/generate", json={"text": PROMPT, "sampling_params": GREEDY}, timeout=60)
+    r.raise_for_status()
+    return r.json()["output_ids"]
+
+
+def peer_report(url: str) -> dict:
+    report = requests.get(f"{url}/get_server_info", timeout=30).json()["fork_report"]
+    return report["peer_assist"]
+
+
+@pytest.fixture(scope="module")
+def seed(tiny_model_dir):
+    args = ["--remote-instance-weight-loader-start-seed-via-transfer-engine",
+            "--engine-info-bootstrap-port", str(find_free_port()), *SMALL_KV]  # fmt: skip
+    proc = popen_launch_server(tiny_model_dir("llama"), other_args=args, env=ENV)
+    yield proc
+    kill_process_tree(proc.pid)
+
+
+@needs_mooncake
+def test_three_clients_at_once_trade_weights(seed, tiny_model_dir, tmp_path):
+    # One tensor per batch and a short pause after each, so that forks running side by side overlap.
+    env = {**ENV, "SGLANG_RFORK_PEER_BATCH_TENSORS": "1", "SGLANG_RFORK_PEER_TEST_READ_DELAY_S": "0.05"}
+    dirs = [config_only_copy(tiny_model_dir("llama"), tmp_path / f"c{i}") for i in range(3)]
+    with ThreadPoolExecutor(3) as pool:
+        futures = [pool.submit(popen_launch_server, d, None, 300, client_args(seed.base_url), env) for d in dirs]
+        clients = [f.result() for f in futures]
+    try:
+        expected = checksums(seed.base_url)
+        reference = weights(seed.base_url, list(expected))
+        answer = greedy(seed.base_url)
+        reports = []
+        for client in clients:
+            assert checksums(client.base_url) == expected
+            assert weights(client.base_url, list(expected)) == reference
+            assert greedy(client.base_url) == answer
+            reports.append(peer_report(client.base_url))
+        total = sum(r["seed_bytes"] + r["peer_bytes"] for r in reports)
+        assert all(r["seed_bytes"] + r["peer_bytes"] == total // 3 for r in reports)
+        assert len({r["join_seq"] for r in reports}) == 3
+        assert any(r["peer_bytes"] > 0 for r in reports), reports
+        assert all(not r["dropped_sources"] and not r["tensors_reread_after_bad_checksum"] for r in reports)
+        log = Path(clients[0].log_path).read_text(errors="replace")
+        assert "peer assist: bytes by source: seed " in log
+    finally:
+        for client in clients:
+            kill_process_tree(client.pid)
+
+
+@needs_mooncake
+def test_peer_killed_mid_read(seed, tiny_model_dir, tmp_path):
+    # A forks and stays as a full source; B reads from it slowly (one tensor per 0.4 s) and A dies meanwhile.
+    model = tiny_model_dir("llama")
+    a = popen_launch_server(config_only_copy(model, tmp_path / "a"), other_args=client_args(seed.base_url), env=ENV)
+    a_label = f"peer#{peer_report(a.base_url)['join_seq']} "
+    log = tmp_path / "b.log"
+    url = f"http://127.0.0.1:{find_free_port()}"
+    command = [sys.executable, "-m", "sglang.launch_server", "--model-path", config_only_copy(model, tmp_path / "b"),
+               "--host", "127.0.0.1", "--port", url.rsplit(":", 1)[1], *client_args(seed.base_url)]  # fmt: skip
+    slow = {**os.environ, **ENV, "SGLANG_RFORK_PEER_BATCH_TENSORS": "1", "SGLANG_RFORK_PEER_TEST_READ_DELAY_S": "0.4"}
+    with open(log, "w") as out:
+        b = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=slow)
+    try:
+        deadline = time.monotonic() + 240
+        while f"peer assist: reading from {a_label}" not in log.read_text(errors="replace"):
+            assert b.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+            time.sleep(0.05)
+        time.sleep(1.5)  # B is a few tensors into A's
+        kill_process_tree(a.pid)
+        while not _healthy(url):
+            assert b.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+            time.sleep(0.2)
+        report = peer_report(url)
+        assert checksums(url) == checksums(seed.base_url)
+        assert greedy(url) == greedy(seed.base_url)
+        assert report["bytes_by_source"][next(k for k in report["bytes_by_source"] if k.startswith(a_label))] > 0
+        assert report["seed_bytes"] > 0, report
+        assert any(k.startswith(a_label) for k in report["dropped_sources"]), report
+        assert f"dropping source {a_label}" in log.read_text(errors="replace")
+    finally:
+        kill_process_tree(a.pid)
+        kill_process_tree(b.pid)
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return requests.get(f"{url}/health", timeout=2).status_code == 200
+    except requests.RequestException:
+        return False
