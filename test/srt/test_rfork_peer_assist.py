@@ -220,3 +220,34 @@ def _healthy(url: str) -> bool:
         return requests.get(f"{url}/health", timeout=2).status_code == 200
     except requests.RequestException:
         return False
+
+
+@needs_mooncake
+def test_bytes_from_a_lying_peer_are_read_again_from_the_seed(seed, tiny_model_dir, tmp_path):
+    import torch
+
+    from sglang.srt.remote_instance.mooncake_guard import GuardedEngine
+
+    # A real Mooncake peer that claims to hold every tensor verified but serves other bytes (ones, not the weights).
+    info = requests.get(f"{seed.base_url}/remote_instance_transfer_engine_info", params={"rank": 0}, timeout=30)
+    sizes = [n * size for _, n, size in info.json()["remote_instance_transfer_engine_info"][1].values() if n]
+    fakes = [torch.ones(n, dtype=torch.uint8) for n in sizes]
+    liar = GuardedEngine("127.0.0.1", "tcp")
+    liar.register([(t.data_ptr(), t.numel()) for t in fakes], "*")
+    body = announcement("liar", session_id=liar.session_id, addrs=[t.data_ptr() for t in fakes], done=True,
+                        have=f"{(1 << len(fakes)) - 1:x}")  # fmt: skip
+    assert requests.put(f"{seed.base_url}{PEERS}", json=body, timeout=5).status_code == 200
+    client = popen_launch_server(
+        config_only_copy(tiny_model_dir("llama"), tmp_path / "c"), other_args=client_args(seed.base_url), env=ENV
+    )
+    try:
+        report = peer_report(client.base_url)
+        assert checksums(client.base_url) == checksums(seed.base_url)
+        assert greedy(client.base_url) == greedy(seed.base_url)
+        liar_label = next(k for k in report["bytes_by_source"] if liar.session_id in k)
+        assert report["bytes_by_source"][liar_label] == 0 and liar_label in report["dropped_sources"]
+        assert "fail the seed's checksums" in report["dropped_sources"][liar_label]
+        assert report["tensors_reread_after_bad_checksum"] > 0
+    finally:
+        kill_process_tree(client.pid)
+        liar.close()
