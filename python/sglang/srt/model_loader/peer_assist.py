@@ -20,7 +20,7 @@ import requests
 import torch
 from torch import nn
 
-from sglang.srt.model_loader.peer_sources import Item, Source, SourceReader, WorkBoard
+from sglang.srt.model_loader.peer_sources import BATCH_LIMITS, Item, Source, SourceReader, WorkBoard
 from sglang.srt.model_loader.remote_instance_weight_loader_utils import RemoteInstanceError
 from sglang.srt.remote_instance.addresses import local_ip_towards
 from sglang.srt.remote_instance.manifest import weight_tensors
@@ -219,7 +219,7 @@ def _read(
     start: float,
 ) -> int:
     offset = int((registry.seq or 0) * 0.6180339887 % 1.0 * len(items))
-    board = WorkBoard(items, list(range(offset, len(items))) + list(range(offset)))
+    board = WorkBoard(items, list(range(offset, len(items))) + list(range(offset)), BATCH_LIMITS[protocol])
     swarm = Swarm(board, ctx, protocol, model)
     seed = Source("seed", endpoint.session_id, [it.seed_addr for it in items], is_seed=True)
     swarm.add_source(seed)

@@ -23,16 +23,33 @@ from sglang.srt.remote_instance.mooncake_guard import GuardedEngine, MooncakeErr
 
 logger = logging.getLogger(__name__)
 
-# A batch is at most this many bytes (one tensor at least) and this many tensors: small enough that sources
-# interleave and peers soon hold something to share, large enough to keep a link busy.
-BATCH_BYTES = 64 << 20
-BATCH_TENSORS = int(os.environ.get("SGLANG_RFORK_PEER_BATCH_TENSORS", "16"))
 # Test-only: sleep this long after every batch, so a test can kill a peer while another client still reads from it.
 TEST_READ_DELAY_S = float(os.environ.get("SGLANG_RFORK_PEER_TEST_READ_DELAY_S", "0"))
 # A batch may take this long plus 1 s per 100 MB before its source counts as hung.
 BATCH_TIMEOUT_S = 20.0
 # The seed re-reads a tensor whose bytes failed its own checksum at most this often before the fork fails.
 SEED_ATTEMPTS = 2
+
+
+@dataclass(frozen=True)
+class BatchLimit:
+    """A batch is at most this many bytes (one tensor at least) and this many tensors: small enough that sources
+    interleave and peers soon hold something to share, large enough that per-batch costs (a checksum pass with one
+    host sync, a registry round) stay small next to the transfer."""
+
+    nbytes: int
+    tensors: int
+
+
+# NIC links move ~1.5-10 GB/s: 64 MiB is tens of ms. NVLink moves ~390 GB/s: batches of GBs, or the checksum syncs
+# between them would dominate.
+BATCH_LIMITS = {
+    "tcp": BatchLimit(64 << 20, 16),
+    "rdma": BatchLimit(256 << 20, 64),
+    "nvlink_intra": BatchLimit(2 << 30, 256),
+}
+# Tests: fewer tensors per batch, so that forks running side by side overlap even on a tiny model.
+_BATCH_TENSORS = os.environ.get("SGLANG_RFORK_PEER_BATCH_TENSORS")
 
 
 @dataclass(frozen=True)
@@ -70,6 +87,7 @@ class WorkBoard:
 
     items: list[Item]
     order: list[int]
+    limit: BatchLimit = BATCH_LIMITS["tcp"]
     sources: dict[str, Source] = field(default_factory=dict)
     claimed: dict[int, str] = field(default_factory=dict)
     done: int = 0  # bitmap of verified tensors, what this client announces
@@ -128,11 +146,14 @@ class WorkBoard:
             if self.done >> i & 1 or i in self.claimed or not wanted(i):
                 continue
             item = self.items[i]
-            if batch and (size + item.nbytes > BATCH_BYTES or len(batch) >= BATCH_TENSORS):
+            if batch and (size + item.nbytes > self.limit.nbytes or len(batch) >= self._max_tensors()):
                 break
             batch.append(item)
             size += item.nbytes
         return batch
+
+    def _max_tensors(self) -> int:
+        return int(_BATCH_TENSORS) if _BATCH_TENSORS else self.limit.tensors
 
     def complete(self, source: Source, good: list[Item], bad: list[Item], error: str | None = None) -> None:
         """Record a batch: good tensors are verified, bad ones failed the checksum, error drops the source."""
