@@ -251,3 +251,26 @@ def test_bytes_from_a_lying_peer_are_read_again_from_the_seed(seed, tiny_model_d
     finally:
         kill_process_tree(client.pid)
         liar.close()
+
+
+def test_board_leaves_the_seed_what_no_peer_holds_and_moves_work_off_failed_sources():
+    import torch
+
+    from sglang.srt.model_loader.peer_sources import BatchLimit, Item, Source, WorkBoard
+
+    items = [Item(i, f"t{i}", torch.zeros(4), 16, 0, "x") for i in range(6)]
+    board = WorkBoard(items, [3, 4, 5, 0, 1, 2], BatchLimit(32, 16))  # two tensors per batch
+    seed = Source("seed", "s", [0] * 6, is_seed=True)
+    peer = Source("peer", "p", [0] * 6, is_seed=False, have=0b000011)
+    board.add(seed)
+    board.add(peer)
+    assert [it.index for it in board.claim(seed, 0)] == [3, 4]  # in this client's order
+    assert [it.index for it in board.claim(seed, 0)] == [5, 2]  # 0 and 1: the peer has them
+    assert [it.index for it in board.claim(peer, 0)] == [0, 1]
+    assert board.claim(seed, 0) == [] and board.claim(peer, 0) == []
+    # The peer's bytes for 0 are wrong: it is dropped, 0 goes to the seed, 1 (still claimed by it) is released.
+    board.complete(peer, [], [items[0]])
+    assert peer.failed and "fail the seed's checksums" in peer.failed
+    assert sorted(it.index for it in board.claim(seed, 0)) == [0, 1]
+    board.complete(seed, [items[i] for i in (0, 1, 2, 3, 4, 5)], [])
+    assert board.finished and seed.bytes_read == 96 and peer.bytes_read == 0
