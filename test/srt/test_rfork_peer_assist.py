@@ -151,6 +151,15 @@ def seed(tiny_model_dir):
 
 
 @needs_mooncake
+def test_seed_http_server_passes_registry_requests_on(seed):
+    url = f"{seed.base_url}{PEERS}"
+    assert requests.get(url, params={"rank": 0}, timeout=5).json() == {"rank": 0, "peers": [], "ttl_s": 15.0}
+    refused = requests.put(url, json=announcement(addrs=[1], protocol="smoke-signals"), timeout=5)
+    assert refused.status_code == 400 and "'protocol' must be one of" in refused.json()["error"]["message"]
+    assert requests.get(url, timeout=5).status_code == 400  # no rank
+
+
+@needs_mooncake
 def test_three_clients_at_once_trade_weights(seed, tiny_model_dir, tmp_path):
     # One tensor per batch and a short pause after each, so that forks running side by side overlap.
     env = {**ENV, "SGLANG_RFORK_PEER_BATCH_TENSORS": "1", "SGLANG_RFORK_PEER_TEST_READ_DELAY_S": "0.05"}

@@ -57,12 +57,16 @@ class Registry:
     rank: int
     announcement: dict[str, Any]
     addrs: list[int]
+    serving: bool = True
     seq: int | None = None
     warned: bool = False
     sent_addrs: bool = False
 
     def announce(self, have: int, done: bool) -> bool:
-        """PUT this rank's state (its addresses on the first call or after the entry expired)."""
+        """PUT this rank's state (its addresses on the first call or after the entry expired); a rank that
+        cannot serve announces nothing."""
+        if not self.serving:
+            return False
         body = {**self.announcement, "rank": self.rank, "have": f"{have:x}" if have else "", "done": done}
         for with_addrs in (False, True) if self.sent_addrs else (True,):
             if with_addrs:
@@ -203,9 +207,11 @@ def transfer_with_peers(info: SeedRankInfo, endpoint: Endpoint, model: nn.Module
     try:
         moved = _read(ctx, registry, items, endpoint, protocol, model, start)
     except BaseException:
-        engine.close()  # the weights it serves are about to be freed
+        if engine is not None:
+            engine.close()  # the weights it serves are about to be freed
         raise
-    _SERVING.append(engine)
+    if engine is not None:
+        _SERVING.append(engine)
     return moved
 
 
@@ -255,7 +261,10 @@ def _read(
         board.stop()
     ctx.timings["transfer"] = time.perf_counter() - start
     registry.announce(board.done, True)
-    threading.Thread(target=_heartbeat, args=(registry, board.done), name="rfork-peer-heartbeat", daemon=True).start()
+    if registry.serving:
+        heartbeat = threading.Thread(target=_heartbeat, args=(registry, board.done), name="rfork-peer-heartbeat")
+        heartbeat.daemon = True
+        heartbeat.start()
     ctx.details["peer_assist"] = _report(board, registry)
     logger.info(
         "TP%d: peer assist: bytes by source: %s",
@@ -268,11 +277,15 @@ def _read(
     return sum(s.bytes_read for s in board.sources.values())
 
 
-def _join(ctx: ForkContext, protocol: str, model: nn.Module, items: list[Item]) -> tuple[GuardedEngine, Registry]:
-    """Serve this rank's weights with an engine of its own and announce it in the seed's registry."""
+def _join(
+    ctx: ForkContext, protocol: str, model: nn.Module, items: list[Item]
+) -> tuple[GuardedEngine | None, Registry]:
+    """Serve this rank's weights with an engine of its own and announce it in the seed's registry (a rank that
+    cannot serve still reads from the others)."""
     device = ctx.device
     tensors = weight_tensors(model)
     gpu = device.index if device.type == "cuda" else None
+    engine: GuardedEngine | None = None
     try:
         engine = GuardedEngine(
             local_ip_towards(ctx.seed.ip), protocol, "" if protocol == "nvlink_intra" else nic_device_for_gpu(gpu)
@@ -280,15 +293,19 @@ def _join(ctx: ForkContext, protocol: str, model: nn.Module, items: list[Item]) 
         spans = segment_regions(tensors, device) if protocol == "nvlink_intra" else merged_regions(tensors, device)
         engine.register(spans, f"cuda:{gpu}" if gpu is not None else "*")
     except MooncakeError as e:
-        raise RemoteInstanceError(ctx.seed.name, "transfer", f"peer assist: serving this rank's weights: {e}") from None
+        logger.warning("TP%d: peer assist: this rank cannot serve its weights to other clients: %s", ctx.tp_rank, e)
+        if engine is not None:
+            engine.close()
+            engine = None
     headers = {"Authorization": f"Bearer {ctx.seed.api_key}"} if ctx.seed.api_key else {}
     announcement = {
         "peer_id": uuid.uuid4().hex,
-        "session_id": engine.session_id,
+        "session_id": engine.session_id if engine is not None else "",
         "protocol": protocol,
         **host_identity(device),
     }
-    registry = Registry(ctx.seed.url + PATH, headers, ctx.tp_rank, announcement, [it.tensor.data_ptr() for it in items])
+    addrs = [it.tensor.data_ptr() for it in items]
+    registry = Registry(ctx.seed.url + PATH, headers, ctx.tp_rank, announcement, addrs, serving=engine is not None)
     registry.announce(0, False)
     return engine, registry
 

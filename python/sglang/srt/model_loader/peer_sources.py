@@ -244,6 +244,9 @@ class SourceReader:
                 logger.warning("R-Fork peer assist: dropping source %s: %s", source.label, e)
                 board.complete(source, [], [], str(e))
                 return
+            if self.cuda_device is not None:
+                # Copy-engine transports may report a batch done while its copies are still queued on a stream.
+                torch.cuda.synchronize(self.cuda_device)
             sums = tensor_checksums([it.tensor for it in batch])
             good = [it for it, s in zip(batch, sums) if s == it.checksum]
             bad = [it for it, s in zip(batch, sums) if s != it.checksum]
