@@ -1,6 +1,6 @@
 """Fan-out R-Fork: N clients started together from one TransferEngine seed, against one client alone, in one run.
 
-    python benchmark/rfork/bench_fanout.py [--model-dir /tmp/llama8b] [--tcp-layers 8] [--clients 3]
+    python benchmark/rfork/bench_fanout.py [--model-dir /tmp/llama8b] [--tcp-layers 16] [--clients 3]
 
 For each transport (nvlink_intra, then tcp) a seed with --load-format dummy weights starts on --seed-gpu; then, one
 after the other, with every client on --client-gpu (small KV pools):
@@ -16,8 +16,9 @@ weights are verified: the part fan-out changes, without process start-up), each 
 client the bytes it read from the seed and from peers.
 
 The TCP seed holds an 8B-shaped model cut to --tcp-layers layers (Mooncake TCP on GPU memory moves ~1.5 GB/s, so the
-full 16 GB would take ~11 s per client and ~35 s for three without peer assist); the JSON says which model each part
-used. --cpu-smoke runs the same flow on the CPU with a tiny model over TCP, to check the script itself.
+full 16 GB would take ~11 s per client and ~35 s for three without peer assist; 16 layers hold 9 GB); the JSON says
+which model each part used. The whole run should take 4-5 minutes on 2xH200 (not measured yet). --cpu-smoke runs the
+same flow on the CPU with a tiny model over TCP, to check the script itself.
 """
 
 from __future__ import annotations
@@ -167,13 +168,16 @@ def run_transport(protocol: str, model: Path, args: argparse.Namespace) -> dict:
             continue
         for key in ("launch_to_all_ready_s", "transfer_window_s"):
             run[f"{key.removesuffix('_s')}_vs_one"] = round(run[key] / max(one[key], 1e-9), 3)
+        if out["weight_bytes"]:
+            # How many copies of the weights left the seed: n without peer assist, ideally 1 with it.
+            run["seed_copies_sent"] = round(run["seed_bytes_total"] / out["weight_bytes"], 2)
     return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model-dir", default="/tmp/llama8b", help="made with make_llama3_8b_dummy.py if missing")
-    parser.add_argument("--tcp-layers", type=int, default=8, help="layers of the model the TCP part forks")
+    parser.add_argument("--tcp-layers", type=int, default=16, help="layers of the model the TCP part forks")
     parser.add_argument("--clients", type=int, default=3)
     parser.add_argument("--seed-gpu", type=int, default=0)
     parser.add_argument("--client-gpu", type=int, default=1)
