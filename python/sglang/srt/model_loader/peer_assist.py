@@ -159,7 +159,7 @@ class Swarm:
             return
         if known is not None:
             if known.failed is None:
-                self.board.update_have(label, have)
+                self.board.update_have(label, have, peer.get("done") is True)
             return
         addrs = peer.get("addrs")
         if not (isinstance(addrs, list) and len(addrs) == len(self.board.items) and isinstance(peer.get("seq"), int)):
@@ -168,6 +168,7 @@ class Swarm:
             return
         source = Source(label, str(peer["session_id"]), [int(a) for a in addrs], is_seed=False)
         source.have = have & ((1 << len(self.board.items)) - 1)
+        source.done = peer.get("done") is True
         logger.info("TP%d: peer assist: reading from %s as well", self.ctx.tp_rank, label)
         self.add_source(source)
 
@@ -227,6 +228,8 @@ def _read(
     offset = int((registry.seq or 0) * 0.6180339887 % 1.0 * len(items))
     board = WorkBoard(items, list(range(offset, len(items))) + list(range(offset)), BATCH_LIMITS[protocol])
     swarm = Swarm(board, ctx, protocol, model)
+    for peer in registry.peers():  # before the seed's reader starts, so that it knows what peers hold already
+        swarm.consider(peer)
     seed = Source("seed", endpoint.session_id, [it.seed_addr for it in items], is_seed=True)
     swarm.add_source(seed)
     ctx.timings["engine setup"] = time.perf_counter() - start

@@ -73,6 +73,7 @@ class Source:
     addrs: list[int]
     is_seed: bool
     have: int = 0
+    done: bool = False  # a peer that has forked: it holds everything and reads from no one
     failed: str | None = None
     bytes_read: int = 0
     bad_tensors: int = 0
@@ -106,12 +107,13 @@ class WorkBoard:
             self.sources[source.label] = source
             self.cond.notify_all()
 
-    def update_have(self, label: str, have: int) -> None:
-        """A peer announced more verified tensors."""
+    def update_have(self, label: str, have: int, done: bool) -> None:
+        """A peer announced more verified tensors, or that it has forked."""
         with self.cond:
             source = self.sources[label]
-            if have != source.have:
-                source.have = have & ((1 << len(self.items)) - 1)
+            have &= (1 << len(self.items)) - 1
+            if (have, done) != (source.have, source.done):
+                source.have, source.done = have, done
                 self.cond.notify_all()
 
     def claim(self, source: Source, timeout: float) -> list[Item]:
@@ -131,13 +133,16 @@ class WorkBoard:
         return []
 
     def _pick(self, source: Source) -> list[Item]:
-        if source.is_seed:
-            # The seed's link is the one every client shares: leave it what no usable peer holds.
-            peers = 0
-            for s in self.sources.values():
-                if not s.is_seed and s.failed is None:
-                    peers |= s.have
-            wanted = lambda i: i in self.seed_only or not peers >> i & 1  # noqa: E731
+        peers = [s for s in self.sources.values() if not s.is_seed and s.failed is None]
+        if source.is_seed and any(not s.done for s in peers):
+            # Other clients are forking too, so the seed's link is the one all of them share: leave it what no
+            # usable peer holds. Once every known peer has forked, the seed is one source among the others.
+            held = 0
+            for s in peers:
+                held |= s.have
+            wanted = lambda i: i in self.seed_only or not held >> i & 1  # noqa: E731
+        elif source.is_seed:
+            wanted = lambda i: True  # noqa: E731
         else:
             wanted = lambda i: i not in self.seed_only and source.has(i)  # noqa: E731
         batch: list[Item] = []
