@@ -81,7 +81,7 @@ def test_registry_refuses_what_could_hurt_the_seed(bootstrap):
     assert requests.get(url, params={"rank": 0}, headers=AUTH, timeout=5).json()["peers"] == []
 
 
-def test_registry_entries_expire_and_are_bounded():
+def test_registry_entries_expire_and_are_bounded(monkeypatch):
     registry = PeerRegistry(ttl=0.2)
     registry.put(announcement(addrs=[1]))
     assert b'"p1"' in registry.get(0)
@@ -94,6 +94,14 @@ def test_registry_entries_expire_and_are_bounded():
     with pytest.raises(peer_registry.PeerRequestError) as full:
         registry.put(announcement("one-too-many", addrs=[1]))
     assert full.value.status == 429
+    # The addresses of all entries together are bounded too (a refresh may keep its own).
+    monkeypatch.setattr(peer_registry, "MAX_TOTAL_TENSORS", 10)
+    small = PeerRegistry()
+    small.put(announcement("a", addrs=list(range(6))))
+    small.put(announcement("a", addrs=list(range(8))))
+    with pytest.raises(peer_registry.PeerRequestError, match="full"):
+        small.put(announcement("b", addrs=list(range(3))))
+    assert small.put(announcement("b", addrs=[1, 2]))["seq"] == 1
 
 
 def test_peer_assist_flag_needs_transfer_engine(tiny_model_dir):

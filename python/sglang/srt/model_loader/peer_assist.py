@@ -109,7 +109,8 @@ class Registry:
         if not self.warned:
             self.warned = True
             logger.warning(
-                "TP%d: the seed's swarm registry %s is not usable (%s); reading from the seed alone",
+                "TP%d: the seed's swarm registry %s failed (%s): without it this rank finds no peers, or "
+                "serves none; the fork goes on with the seed and whatever peers it knows",
                 self.rank,
                 self.url,
                 why,

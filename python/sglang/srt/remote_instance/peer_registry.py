@@ -23,9 +23,11 @@ TTL_SECONDS = 15.0
 MAX_PEERS_PER_RANK = 64
 MAX_ENTRIES = 1024
 MAX_RANK = 1 << 16
-# One address per tensor; a MoE model has tens of thousands of tensors, far below this.
-MAX_TENSORS = 1 << 20
-MAX_BODY_BYTES = 32 << 20
+# One address per tensor; a MoE rank has tens of thousands of tensors, far below this.
+MAX_TENSORS = 1 << 18
+# Addresses over all entries: the registry holds them as JSON text, ~20 bytes each, so at most ~40 MB.
+MAX_TOTAL_TENSORS = 1 << 21
+MAX_BODY_BYTES = 16 << 20
 _PEER_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 _HEX = re.compile(r"^[0-9a-f]*$")
 
@@ -46,26 +48,27 @@ class PeerEntry:
     seq: int
     session_id: str
     protocol: str
-    addrs: list[int]
+    addrs_json: str  # kept as the text GET answers with: the seed never reads the addresses itself
+    n_tensors: int
     have: str
     done: bool
     host_id: str | None
     gpu_uuid: str | None
     updated: float
 
-    def to_json(self, now: float) -> dict[str, Any]:
-        return {
+    def to_json(self, now: float) -> str:
+        head = {
             "peer_id": self.peer_id,
             "seq": self.seq,
             "session_id": self.session_id,
             "protocol": self.protocol,
-            "addrs": self.addrs,
             "have": self.have,
             "done": self.done,
             "host_id": self.host_id,
             "gpu_uuid": self.gpu_uuid,
             "age_s": round(now - self.updated, 3),
         }
+        return json.dumps(head)[:-1] + ', "addrs": ' + self.addrs_json + "}"
 
 
 @dataclass
@@ -88,17 +91,21 @@ class PeerRegistry:
             entry = peers.get(peer_id)
             if entry is None and fields["addrs"] is None:
                 raise PeerRequestError(404, f"unknown peer {peer_id}: announce it with 'addrs' first")
-            addrs = fields["addrs"] if fields["addrs"] is not None else entry.addrs
-            if len(fields["have"]) > (len(addrs) + 3) // 4:
-                raise PeerRequestError(400, f"'have' has more bits than the {len(addrs)} announced tensors")
+            n = len(fields["addrs"]) if fields["addrs"] is not None else entry.n_tensors
+            if len(fields["have"]) > (n + 3) // 4:
+                raise PeerRequestError(400, f"'have' has more bits than the {n} announced tensors")
+            held = sum(e.n_tensors for p in self.ranks.values() for e in p.values()) - (entry.n_tensors if entry else 0)
+            if held + n > MAX_TOTAL_TENSORS:
+                raise PeerRequestError(429, "the swarm registry is full; fork from the seed alone")
             if entry is None:
                 if len(peers) >= MAX_PEERS_PER_RANK or sum(len(p) for p in self.ranks.values()) >= MAX_ENTRIES:
                     raise PeerRequestError(429, "the swarm registry is full; fork from the seed alone")
                 seq = self.next_seq.get(rank, 0)
                 self.next_seq[rank] = seq + 1
-                entry = PeerEntry(peer_id, seq, "", "", [], "", False, None, None, now)
+                entry = PeerEntry(peer_id, seq, "", "", "[]", 0, "", False, None, None, now)
                 self.ranks.setdefault(rank, {})[peer_id] = entry
-            entry.addrs = addrs
+            if fields["addrs"] is not None:
+                entry.addrs_json, entry.n_tensors = json.dumps(fields["addrs"]), n
             entry.session_id, entry.protocol = fields["session_id"], fields["protocol"]
             entry.host_id, entry.gpu_uuid = fields["host_id"], fields["gpu_uuid"]
             entry.have, entry.done, entry.updated = fields["have"], fields["done"], now
@@ -110,7 +117,7 @@ class PeerRegistry:
         with self.lock:
             self._expire(now)
             peers = [e.to_json(now) for e in self.ranks.get(rank, {}).values()]
-        return json.dumps({"rank": rank, "peers": peers, "ttl_s": self.ttl}).encode()
+        return f'{{"rank": {rank}, "peers": [{", ".join(peers)}], "ttl_s": {json.dumps(self.ttl)}}}'.encode()
 
     def _expire(self, now: float) -> None:
         for rank in list(self.ranks):
