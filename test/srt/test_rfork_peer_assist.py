@@ -55,6 +55,10 @@ def test_registry_announce_refresh_and_list(bootstrap):
     by_id = {p["peer_id"]: p for p in peers}
     assert by_id["p1"]["addrs"] == [4096, 8192, 0] and by_id["p1"]["have"] == "7" and by_id["p1"]["done"]
     assert by_id["p2"]["have"] == "" and not by_id["p2"]["done"]
+    brief = requests.get(url, params={"rank": 0, "addrs": 0}, headers=AUTH, timeout=5).json()["peers"]
+    assert [{k: v for k, v in p.items() if k != "age_s"} for p in brief] == [
+        {k: v for k, v in p.items() if k not in ("age_s", "addrs")} for p in peers
+    ]
     assert requests.get(url, params={"rank": 1}, headers=AUTH, timeout=5).json()["peers"] == []
 
 
@@ -163,6 +167,7 @@ def seed(tiny_model_dir):
 def test_seed_http_server_passes_registry_requests_on(seed):
     url = f"{seed.base_url}{PEERS}"
     assert requests.get(url, params={"rank": 0}, timeout=5).json() == {"rank": 0, "peers": [], "ttl_s": 15.0}
+    assert requests.get(url, params={"rank": 0, "addrs": 0}, timeout=5).json()["peers"] == []
     refused = requests.put(url, json=announcement(addrs=[1], protocol="smoke-signals"), timeout=5)
     assert refused.status_code == 400 and "'protocol' must be one of" in refused.json()["error"]["message"]
     assert requests.get(url, timeout=5).status_code == 400  # no rank

@@ -25,8 +25,9 @@ def add_peer_routes(app: FastAPI) -> None:
     app.state.rfork_peer_routes = True
 
     @app.get(PATH)
-    async def remote_instance_peers(request: Request, rank: str | None = None) -> Response:
-        return await _proxy(request, "GET", {"rank": rank} if rank is not None else {}, None)
+    async def remote_instance_peers(request: Request, rank: str | None = None, addrs: str | None = None) -> Response:
+        params = {k: v for k, v in (("rank", rank), ("addrs", addrs)) if v is not None}
+        return await _proxy(request, "GET", params, None)
 
     @app.put(PATH)
     async def announce_remote_instance_peer(request: Request) -> Response:

@@ -44,6 +44,8 @@ EXCHANGE_S = 0.15
 # Once forked: how often it refreshes its entry (the registry drops it 15 s after the last refresh).
 HEARTBEAT_S = 3.0
 REGISTRY_TIMEOUT_S = 2.0
+# Peers one client rank reads from at most (each costs a reader thread and a Mooncake engine).
+MAX_READ_PEERS = 8
 # Engines that serve this process's weights to later clients: kept for the life of the process.
 _SERVING: list[GuardedEngine] = []
 
@@ -87,9 +89,10 @@ class Registry:
             return True
         return False
 
-    def peers(self) -> list[dict[str, Any]]:
-        """The other live entries of this rank (empty when the registry cannot be reached)."""
-        resp = self._call("GET", params={"rank": self.rank})
+    def peers(self, with_addrs: bool) -> list[dict[str, Any]]:
+        """The other live entries of this rank, with or without their addresses (empty when the registry cannot
+        be reached)."""
+        resp = self._call("GET", params={"rank": self.rank, "addrs": int(with_addrs)})
         if resp is None or resp.status_code != 200:
             return []
         try:
@@ -126,6 +129,8 @@ class Swarm:
     protocol: str
     model: nn.Module
     readers: dict[str, SourceReader] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)  # peer_id -> label of the sources read from
+    rejected: set[str] = field(default_factory=set)  # peers this client cannot read from (transport, layout)
 
     def add_source(self, source: Source) -> None:
         """Start reading from a new source in its own thread."""
@@ -150,23 +155,45 @@ class Swarm:
             )
         return engine
 
+    def refresh(self, registry: Registry) -> None:
+        """Learn what the peers hold now; their addresses are fetched only when a new peer shows up."""
+        peers = registry.peers(with_addrs=False)
+        new = [
+            p for p in peers if str(p.get("peer_id")) not in self.labels and str(p.get("peer_id")) not in self.rejected
+        ]
+        if new and sum(1 for s in self.live_sources() if not s.is_seed) < MAX_READ_PEERS:
+            peers = registry.peers(with_addrs=True)
+        for peer in peers:
+            self.consider(peer)
+
     def consider(self, peer: dict[str, Any]) -> None:
         """Add or refresh a peer from its registry entry, if this client can read from it."""
-        label = f"peer#{peer.get('seq')} {peer.get('session_id')}"
-        known = self.board.sources.get(label)
+        peer_id = str(peer.get("peer_id"))
         try:
             have = int(peer.get("have") or "0", 16)
         except ValueError:
             return
-        if known is not None:
-            if known.failed is None:
+        label = self.labels.get(peer_id)
+        if label is not None:
+            if self.board.sources[label].failed is None:
                 self.board.update_have(label, have, peer.get("done") is True)
             return
         addrs = peer.get("addrs")
-        if not (isinstance(addrs, list) and len(addrs) == len(self.board.items) and isinstance(peer.get("seq"), int)):
+        if peer_id in self.rejected or addrs is None:
             return
-        if peer.get("protocol") != self.protocol or not self._reachable(peer):
+        if not (
+            isinstance(addrs, list)
+            and len(addrs) == len(self.board.items)
+            and isinstance(peer.get("seq"), int)
+            and peer.get("protocol") == self.protocol
+            and self._reachable(peer)
+        ):
+            self.rejected.add(peer_id)
             return
+        if sum(1 for s in self.live_sources() if not s.is_seed) >= MAX_READ_PEERS:
+            return  # enough sources; this one is considered again once one of them is dropped
+        label = f"peer#{peer['seq']} {peer.get('session_id')}"
+        self.labels[peer_id] = label
         source = Source(label, str(peer["session_id"]), [int(a) for a in addrs], is_seed=False)
         source.have = have & ((1 << len(self.board.items)) - 1)
         source.done = peer.get("done") is True
@@ -229,8 +256,7 @@ def _read(
     offset = int((registry.seq or 0) * 0.6180339887 % 1.0 * len(items))
     board = WorkBoard(items, list(range(offset, len(items))) + list(range(offset)), BATCH_LIMITS[protocol])
     swarm = Swarm(board, ctx, protocol, model)
-    for peer in registry.peers():  # before the seed's reader starts, so that it knows what peers hold already
-        swarm.consider(peer)
+    swarm.refresh(registry)  # before the seed's reader starts, so that it knows what peers hold already
     seed = Source("seed", endpoint.session_id, [it.seed_addr for it in items], is_seed=True)
     swarm.add_source(seed)
     ctx.timings["engine setup"] = time.perf_counter() - start
@@ -258,8 +284,7 @@ def _read(
             if time.monotonic() >= next_exchange:
                 next_exchange = time.monotonic() + EXCHANGE_S
                 registry.announce(board.done, False)
-                for peer in registry.peers():
-                    swarm.consider(peer)
+                swarm.refresh(registry)
             board.wait(EXCHANGE_S)
     finally:
         board.stop()

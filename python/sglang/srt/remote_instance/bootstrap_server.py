@@ -115,9 +115,10 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(200, "OK")
             return
         if url.path == peer_registry.PATH:
-            self._peers(
-                lambda: self.server.peers.get(peer_registry.parse_rank(parse_qs(url.query).get("rank", [None])[0]))
-            )
+            query = parse_qs(url.query)
+            rank = query.get("rank", [None])[0]
+            with_addrs = query.get("addrs", ["1"])[0] != "0"
+            self._peers(lambda: self.server.peers.get(peer_registry.parse_rank(rank), with_addrs))
             return
         if url.path != "/get_transfer_engine_info":
             self._send(404, f"Unknown path {url.path}")

@@ -56,7 +56,7 @@ class PeerEntry:
     gpu_uuid: str | None
     updated: float
 
-    def to_json(self, now: float) -> str:
+    def to_json(self, now: float, with_addrs: bool) -> str:
         head = {
             "peer_id": self.peer_id,
             "seq": self.seq,
@@ -68,6 +68,8 @@ class PeerEntry:
             "gpu_uuid": self.gpu_uuid,
             "age_s": round(now - self.updated, 3),
         }
+        if not with_addrs:
+            return json.dumps(head)
         return json.dumps(head)[:-1] + ', "addrs": ' + self.addrs_json + "}"
 
 
@@ -111,12 +113,12 @@ class PeerRegistry:
             entry.have, entry.done, entry.updated = fields["have"], fields["done"], now
             return {"seq": entry.seq, "ttl_s": self.ttl}
 
-    def get(self, rank: int) -> bytes:
-        """The live entries of rank as a JSON answer."""
+    def get(self, rank: int, with_addrs: bool = True) -> bytes:
+        """The live entries of rank as a JSON answer (without their addresses: what readers poll)."""
         now = time.monotonic()
         with self.lock:
             self._expire(now)
-            peers = [e.to_json(now) for e in self.ranks.get(rank, {}).values()]
+            peers = [e.to_json(now, with_addrs) for e in self.ranks.get(rank, {}).values()]
         return f'{{"rank": {rank}, "peers": [{", ".join(peers)}], "ttl_s": {json.dumps(self.ttl)}}}'.encode()
 
     def _expire(self, now: float) -> None:
