@@ -279,7 +279,7 @@ def _read(
                 raise RemoteInstanceError(
                     ctx.seed.name, "transfer", f"{_count(board.done)} of {len(items)} tensors read before the deadline"
                 )
-            if seed.failed and not any(not s.is_seed for s in swarm.live_sources()):
+            if seed.failed and (board.needs_seed() or not any(not s.is_seed for s in swarm.live_sources())):
                 raise RemoteInstanceError(ctx.seed.name, "transfer", f"Mooncake {protocol}: {seed.failed}")
             if time.monotonic() >= next_exchange:
                 next_exchange = time.monotonic() + EXCHANGE_S

@@ -157,6 +157,11 @@ class WorkBoard:
             size += item.nbytes
         return batch
 
+    def needs_seed(self) -> bool:
+        """Whether some tensor still missing can come only from the seed (a peer's copy failed the check)."""
+        with self.cond:
+            return any(not self.done >> i & 1 for i in self.seed_only)
+
     def _max_tensors(self) -> int:
         return int(_BATCH_TENSORS) if _BATCH_TENSORS else self.limit.tensors
 
