@@ -307,3 +307,31 @@ def test_board_leaves_the_seed_what_no_peer_holds_and_moves_work_off_failed_sour
     board.add(done_peer)
     assert [it.index for it in board.claim(seed, 0)] == [0, 1]
     assert [it.index for it in board.claim(done_peer, 0)] == [2, 3]
+
+
+@needs_mooncake
+def test_seed_killed_mid_read_without_peers_fails_fast(tiny_model_dir, tmp_path):
+    args = ["--remote-instance-weight-loader-start-seed-via-transfer-engine",
+            "--engine-info-bootstrap-port", str(find_free_port()), *SMALL_KV]  # fmt: skip
+    victim = popen_launch_server(tiny_model_dir("llama"), other_args=args, env=ENV)
+    log = tmp_path / "c.log"
+    command = [sys.executable, "-m", "sglang.launch_server", "--model-path",
+               config_only_copy(tiny_model_dir("llama"), tmp_path / "c"), "--port", str(find_free_port()),
+               *client_args(victim.base_url)]  # fmt: skip
+    slow = {**os.environ, **ENV, "SGLANG_RFORK_PEER_BATCH_TENSORS": "1", "SGLANG_RFORK_PEER_TEST_READ_DELAY_S": "0.5"}
+    with open(log, "w") as out:
+        client = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=slow)
+    try:
+        deadline = time.monotonic() + 240
+        while "and its peers (join #0" not in log.read_text(errors="replace"):
+            assert client.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+            time.sleep(0.05)
+        kill_process_tree(victim.pid)
+        killed = time.monotonic()
+        assert client.wait(timeout=60) != 0
+        assert time.monotonic() - killed < 30
+        text = log.read_text(errors="replace")
+        assert f"R-Fork from seed {victim.base_url[7:]} failed at step 'transfer'" in text
+    finally:
+        kill_process_tree(victim.pid)
+        kill_process_tree(client.pid)
