@@ -87,7 +87,7 @@ def fork_together(
     logs = [log_dir() / f"fanout_{protocol}_{name}_{i}.log" for i in range(count)]
     launched = time.time()
     with ThreadPoolExecutor(count) as pool:
-        futures = [pool.submit(launch, model, p, flags, log, 900, env) for p, log in zip(ports, logs)]
+        futures = [pool.submit(launch, model, p, flags, log, 300, env) for p, log in zip(ports, logs)]
         procs, errors = [], []
         for f in futures:
             try:
@@ -145,10 +145,11 @@ def run_transport(protocol: str, model: Path, args: argparse.Namespace) -> dict:
         "--load-format", "dummy",
         "--remote-instance-weight-loader-start-seed-via-transfer-engine",
         "--engine-info-bootstrap-port", str(free_port()),
-        *(CPU_CLIENT_ARGS if args.cpu_smoke else ["--max-total-tokens", "8192", "--base-gpu-id", str(args.seed_gpu)]),
+        # The seed serves no requests here: it starts fastest without CUDA graphs, as the clients do.
+        *(CPU_CLIENT_ARGS if args.cpu_smoke else [*GPU_CLIENT_ARGS, "--base-gpu-id", str(args.seed_gpu)]),
     ]  # fmt: skip
     env = {**os.environ, "MC_LOG_LEVEL": "WARNING"}
-    seed = launch(model, seed_port, seed_args, log_dir() / f"fanout_seed_{protocol}.log", env=env)
+    seed = launch(model, seed_port, seed_args, log_dir() / f"fanout_seed_{protocol}.log", timeout=300, env=env)
     out: dict = {"model_dir": str(model), "weight_bytes": server_info(seed_port).get("weight_bytes")}
     try:
         runs = {
@@ -187,23 +188,26 @@ def main() -> None:
     args = parser.parse_args()
     protocols = ["tcp"] if args.cpu_smoke else args.protocols.split(",")
     dirs = model_dirs(args)
-    results = {p: run_transport(p, dirs[p], args) for p in protocols}
-    write_result(
-        {
-            **stamp(" ".join(["python benchmark/rfork/bench_fanout.py", *sys.argv[1:]])),
-            "model": "tiny llama (CPU smoke run)"
-            if args.cpu_smoke
-            else f"Llama-3-8B-shaped, bf16, dummy weights; TCP part cut to {args.tcp_layers} of 32 layers",
-            "seed_gpu": None if args.cpu_smoke else args.seed_gpu,
-            "client_gpu": None if args.cpu_smoke else args.client_gpu,
-            "targets": {
-                "tcp n_peers transfer_window_vs_one": "<= 1.5 (n without peer assist: ~n)",
-                "nvlink_intra n launch_to_all_ready_vs_one": "<= 1.3",
+    results: dict = {}
+    for protocol in protocols:
+        results[protocol] = run_transport(protocol, dirs[protocol], args)
+        # Written after each transport, so that a run cut off in the second keeps the first.
+        write_result(
+            {
+                **stamp(" ".join(["python benchmark/rfork/bench_fanout.py", *sys.argv[1:]])),
+                "model": "tiny llama (CPU smoke run)"
+                if args.cpu_smoke
+                else f"Llama-3-8B-shaped, bf16, dummy weights; TCP part cut to {args.tcp_layers} of 32 layers",
+                "seed_gpu": None if args.cpu_smoke else args.seed_gpu,
+                "client_gpu": None if args.cpu_smoke else args.client_gpu,
+                "targets": {
+                    "tcp n_peers transfer_window_vs_one": "<= 1.5 (n without peer assist: ~n)",
+                    "nvlink_intra n launch_to_all_ready_vs_one": "<= 1.3",
+                },
+                "transports": results,
             },
-            "transports": results,
-        },
-        args.result_name,
-    )
+            args.result_name,
+        )
 
 
 if __name__ == "__main__":

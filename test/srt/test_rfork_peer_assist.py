@@ -205,7 +205,7 @@ def test_three_clients_at_once_trade_weights(seed, tiny_model_dir, tmp_path):
 
 @needs_mooncake
 def test_peer_killed_mid_read(seed, tiny_model_dir, tmp_path):
-    # A forks and stays as a full source; B reads from it and the seed slowly (one tensor per 0.5 s from each) and A
+    # A forks and stays as a full source; B reads from it and the seed slowly (one tensor per 0.7 s from each) and A
     # dies meanwhile.
     model = tiny_model_dir("llama")
     a = popen_launch_server(config_only_copy(model, tmp_path / "a"), other_args=client_args(seed.base_url), env=ENV)
@@ -214,7 +214,7 @@ def test_peer_killed_mid_read(seed, tiny_model_dir, tmp_path):
     url = f"http://127.0.0.1:{find_free_port()}"
     command = [sys.executable, "-m", "sglang.launch_server", "--model-path", config_only_copy(model, tmp_path / "b"),
                "--host", "127.0.0.1", "--port", url.rsplit(":", 1)[1], *client_args(seed.base_url)]  # fmt: skip
-    slow = {**os.environ, **ENV, "SGLANG_RFORK_PEER_BATCH_TENSORS": "1", "SGLANG_RFORK_PEER_TEST_READ_DELAY_S": "0.5"}
+    slow = {**os.environ, **ENV, "SGLANG_RFORK_PEER_BATCH_TENSORS": "1", "SGLANG_RFORK_PEER_TEST_READ_DELAY_S": "0.7"}
     with open(log, "w") as out:
         b = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=slow)
     try:
