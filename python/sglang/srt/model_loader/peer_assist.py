@@ -99,6 +99,8 @@ class Registry:
             peers = resp.json()["peers"]
         except (ValueError, KeyError, TypeError):
             return []
+        if not isinstance(peers, list):
+            return []
         return [p for p in peers if isinstance(p, dict) and p.get("peer_id") != self.announcement["peer_id"]]
 
     def _call(self, method: str, **kwargs: Any) -> requests.Response | None:
@@ -184,6 +186,7 @@ class Swarm:
         if not (
             isinstance(addrs, list)
             and len(addrs) == len(self.board.items)
+            and all(type(a) is int and 0 <= a < 1 << 64 for a in addrs)
             and isinstance(peer.get("seq"), int)
             and peer.get("protocol") == self.protocol
             and self._reachable(peer)
@@ -194,7 +197,7 @@ class Swarm:
             return  # enough sources; this one is considered again once one of them is dropped
         label = f"peer#{peer['seq']} {peer.get('session_id')}"
         self.labels[peer_id] = label
-        source = Source(label, str(peer["session_id"]), [int(a) for a in addrs], is_seed=False)
+        source = Source(label, str(peer["session_id"]), addrs, is_seed=False)
         source.have = have & ((1 << len(self.board.items)) - 1)
         source.done = peer.get("done") is True
         logger.info("TP%d: peer assist: reading from %s as well", self.ctx.tp_rank, label)

@@ -229,6 +229,9 @@ class SourceReader:
             return
         try:
             self._loop(engine)
+        except Exception as e:  # anything else (a failed checksum pass, say): its tensors go to the other sources
+            logger.exception("R-Fork peer assist: reading from %s failed", self.source.label)
+            self.board.complete(self.source, [], [], f"{type(e).__name__}: {e}")
         finally:
             engine.close()
 
