@@ -61,6 +61,8 @@ ENDPOINTS: dict[str, str] = {
     "/send_weights_to_remote_instance": "R-Fork (upstream, NCCL): seed ranks broadcast every parameter.",
     "/remote_instance_transfer_engine_info": "R-Fork (upstream, TransferEngine): where one rank's weights live.",
     "/get_remote_instance_transfer_engine_info": "R-Fork (upstream, TransferEngine): deprecated alias of the above.",
+    "/remote_instance_peers": "R-Fork (ours, TransferEngine peer assist): the seed's swarm registry of forking "
+    "clients that serve tensors to each other (GET the list, PUT an announcement).",
 }
 
 # Every flag of the Tensor R-Fork section of ServerArgs (plus the two general ones a fork needs):
@@ -93,6 +95,12 @@ RFORK_FLAGS: dict[str, tuple[str, str, str]] = {
         "transfer_engine",
         "Register the weights with Mooncake at start-up and publish where they are; "
         "a client of either kind can set it too, to be a seed once forked.",
+    ),
+    "remote_instance_weight_loader_peer_assist": (
+        "client",
+        "transfer_engine",
+        "Fan-out: while forking, serve the tensors already verified to other clients of the same seed and read "
+        "from them too (every byte checked against the seed's checksums); keep serving once forked.",
     ),
     "engine_info_bootstrap_port": (
         "seed",

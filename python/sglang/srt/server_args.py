@@ -167,6 +167,12 @@ class ServerArgs:
         "R-Fork: publish this instance's weights through a Mooncake TransferEngine.", default=False
     )
     engine_info_bootstrap_port: int = _opt("R-Fork: port of the TransferEngine info bootstrap server.", default=6789)
+    remote_instance_weight_loader_peer_assist: bool = _opt(
+        "R-Fork (ours, transfer_engine): fan-out. While forking, serve the tensors already verified to other "
+        "clients of the same seed and read from them too (every byte checked against the seed's checksums); keep "
+        "serving them once forked. Off: every byte comes from the seed.",
+        default=False,
+    )
     remote_instance_weight_loader_timeout: float = _opt(
         "R-Fork (ours): seconds a whole fork may take; every wait inside it is bounded by this deadline.",
         default=120.0,
@@ -334,6 +340,15 @@ class ServerArgs:
             )
         if self.remote_instance_weight_loader_timeout <= 0:
             raise ServerArgsError("--remote-instance-weight-loader-timeout must be positive.")
+        if (
+            self.load_format == "remote_instance"
+            and self.remote_instance_weight_loader_peer_assist
+            and self.remote_instance_weight_loader_backend != "transfer_engine"
+        ):
+            raise ServerArgsError(
+                "--remote-instance-weight-loader-peer-assist works over TransferEngine only; add "
+                "--remote-instance-weight-loader-backend transfer_engine or drop the flag."
+            )
 
     @property
     def tp_size_per_node(self) -> int:

@@ -29,3 +29,4 @@ class LoadConfig:
     seed_api_key: str | None = None
     verify: bool = True
     refuse_unverified: bool = False
+    peer_assist: bool = False

@@ -20,6 +20,7 @@ from sglang.srt.entrypoints.http_limits import BodyLimitMiddleware
 from sglang.srt.entrypoints.http_metrics import add_metrics_routes
 from sglang.srt.entrypoints.http_profile import add_profile_routes
 from sglang.srt.entrypoints.http_rfork import add_rfork_routes
+from sglang.srt.entrypoints.http_rfork_peers import add_peer_routes
 from sglang.srt.entrypoints.http_rfork_te import add_transfer_engine_routes
 from sglang.srt.entrypoints.openai.protocol import (
     APIError,
@@ -99,6 +100,7 @@ def create_app(tokenizer_manager: TokenizerManager, api_key: str | None = None) 
     add_profile_routes(app)
     add_rfork_routes(app)
     add_transfer_engine_routes(app)
+    add_peer_routes(app)
     return app
 
 

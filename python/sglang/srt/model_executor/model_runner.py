@@ -40,6 +40,7 @@ def load_config_from_server_args(server_args: ServerArgs) -> LoadConfig:
         seed_api_key=server_args.remote_instance_weight_loader_seed_api_key,
         verify=not server_args.remote_instance_weight_loader_disable_verify,
         refuse_unverified=server_args.remote_instance_weight_loader_refuse_unverified,
+        peer_assist=server_args.remote_instance_weight_loader_peer_assist,
     )
 
 

@@ -7,6 +7,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -33,7 +34,7 @@ class ForkContext:
     device: torch.device
     deadline: float  # time.monotonic() by which the whole fork must be done
     timings: dict[str, float] = field(default_factory=dict)
-    details: dict[str, str] = field(default_factory=dict)  # backend facts for the report, e.g. the transport used
+    details: dict[str, Any] = field(default_factory=dict)  # backend facts for the report, e.g. the transport used
 
     def remaining(self) -> float:
         """Seconds left before the deadline (at least 1, so a late step still fails with its own message)."""

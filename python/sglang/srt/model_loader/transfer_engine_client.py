@@ -146,6 +146,14 @@ class TransferEngineBackend(RemoteWeightBackend):
                     f"(it publishes {entry}); start the client with the seed's model, --dtype and --tp-size",
                 )
             entries.append(ReadEntry(name, t.data_ptr(), int(entry[0]), t.numel() * t.element_size()))
+        if ctx.load_config.peer_assist:
+            if self.info.meta is not None:
+                from sglang.srt.model_loader.peer_assist import transfer_with_peers
+
+                return transfer_with_peers(self.info, endpoint, model, ctx)
+            logger.warning(
+                "TP%d: peer assist needs a seed that publishes checksums; reading from the seed alone", ctx.tp_rank
+            )
         if ctx.device.type == "cpu":
             # Untouched pages would fault inside Mooncake's single IO thread and cut throughput by ~4x.
             with torch.no_grad():

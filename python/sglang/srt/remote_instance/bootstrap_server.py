@@ -13,6 +13,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from sglang.srt.remote_instance import peer_registry
+from sglang.srt.remote_instance.peer_registry import PeerRegistry, PeerRequestError
+
 logger = logging.getLogger(__name__)
 
 # A registration carries one entry per parameter; even huge models stay far below this.
@@ -54,6 +57,7 @@ class BootstrapServer(ThreadingHTTPServer):
     def __init__(self, host: str, port: int, api_key: str | None) -> None:
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.store = EngineInfoStore()
+        self.peers = PeerRegistry()
         self.expected_auth = f"Bearer {api_key}".encode() if api_key else None
         super().__init__((host, port), _Handler)
 
@@ -64,7 +68,8 @@ class BootstrapServer(ThreadingHTTPServer):
 
 
 def start_bootstrap_server(host: str, port: int, api_key: str | None = None) -> BootstrapServer:
-    """Serve /health, PUT /register_transfer_engine_info and GET /get_transfer_engine_info from a daemon thread."""
+    """Serve /health, PUT /register_transfer_engine_info, GET /get_transfer_engine_info and the swarm registry
+    (GET/PUT /remote_instance_peers) from a daemon thread."""
     try:
         server = BootstrapServer(host, port, api_key)
     except OSError as e:
@@ -109,6 +114,12 @@ class _Handler(BaseHTTPRequestHandler):
         if url.path == "/health":
             self._send(200, "OK")
             return
+        if url.path == peer_registry.PATH:
+            query = parse_qs(url.query)
+            rank = query.get("rank", [None])[0]
+            with_addrs = query.get("addrs", ["1"])[0] != "0"
+            self._peers(lambda: self.server.peers.get(peer_registry.parse_rank(rank), with_addrs))
+            return
         if url.path != "/get_transfer_engine_info":
             self._send(404, f"Unknown path {url.path}")
             return
@@ -128,7 +139,34 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._send(200, answer, "application/json")
 
+    def _peers(self, answer: Any) -> None:
+        """Answer a swarm-registry request: auth first, then whatever answer() returns or refuses."""
+        if not self._authorized():
+            return
+        try:
+            body = answer()
+        except PeerRequestError as e:
+            self._send(e.status, str(e))
+            return
+        self._send(200, body, "application/json")
+
+    def _read_json(self, limit: int) -> Any:
+        try:
+            length = int(self.headers.get("Content-Length", ""))
+        except ValueError:
+            raise PeerRequestError(411, "Content-Length is required") from None
+        if not 0 < length <= limit:
+            raise PeerRequestError(413, f"Body of {length} bytes is out of range (1..{limit})")
+        try:
+            return json.loads(self.rfile.read(length))
+        except ValueError as e:
+            raise PeerRequestError(400, f"Body is not JSON: {e}") from None
+
     def do_PUT(self) -> None:
+        if urlsplit(self.path).path == peer_registry.PATH:
+            put = self.server.peers.put
+            self._peers(lambda: json.dumps(put(self._read_json(peer_registry.MAX_BODY_BYTES))).encode())
+            return
         if urlsplit(self.path).path != "/register_transfer_engine_info":
             self._send(404, f"Unknown path {self.path}")
             return

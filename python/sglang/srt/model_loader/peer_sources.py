@@ -1,0 +1,278 @@
+"""Peer-assisted R-Fork reads: which source reads which tensors next, and the per-source reading loop.
+
+One WorkBoard per client rank tracks every tensor (pending, being read, verified). One worker thread per source
+(the seed, each usable peer) claims a batch, reads it with its own Mooncake engine, checks every tensor against the
+seed's checksum and hands back what failed. A source that errors is dropped and its tensors return to the pool;
+a peer whose bytes fail the check is dropped and those tensors are read from the seed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from sglang.srt.remote_instance.manifest import tensor_checksums
+from sglang.srt.remote_instance.mooncake_guard import GuardedEngine, MooncakeError, ReadEntry, ReadPlan
+
+logger = logging.getLogger(__name__)
+
+# Test-only: sleep this long after every batch, so a test can kill a peer while another client still reads from it.
+TEST_READ_DELAY_S = float(os.environ.get("SGLANG_RFORK_PEER_TEST_READ_DELAY_S", "0"))
+# A batch may take this long plus 1 s per 100 MB before its source counts as hung.
+BATCH_TIMEOUT_S = 20.0
+# The seed re-reads a tensor whose bytes failed its own checksum at most this often before the fork fails.
+SEED_ATTEMPTS = 2
+
+
+@dataclass(frozen=True)
+class BatchLimit:
+    """A batch is at most this many bytes (one tensor at least) and this many tensors: small enough that sources
+    interleave and peers soon hold something to share, large enough that per-batch costs (a checksum pass with one
+    host sync, a registry round) stay small next to the transfer."""
+
+    nbytes: int
+    tensors: int
+
+
+# NIC links move ~1.5-10 GB/s: 64 MiB is tens of ms. NVLink moves ~390 GB/s: batches of GBs, or the checksum syncs
+# between them would dominate.
+BATCH_LIMITS = {
+    "tcp": BatchLimit(64 << 20, 16),
+    "rdma": BatchLimit(256 << 20, 64),
+    "nvlink_intra": BatchLimit(2 << 30, 256),
+}
+# Tests: fewer tensors per batch, so that forks running side by side overlap even on a tiny model.
+_BATCH_TENSORS = os.environ.get("SGLANG_RFORK_PEER_BATCH_TENSORS")
+
+
+@dataclass(frozen=True)
+class Item:
+    """One tensor to fill: its position in the seed's order, local tensor, size, address on the seed, checksum."""
+
+    index: int
+    name: str
+    tensor: torch.Tensor
+    nbytes: int
+    seed_addr: int
+    checksum: str
+
+
+@dataclass
+class Source:
+    """A seed or peer rank to read from: its session, per-tensor addresses and which tensors it holds verified."""
+
+    label: str
+    session_id: str
+    addrs: list[int]
+    is_seed: bool
+    have: int = 0
+    done: bool = False  # a peer that has forked: it holds everything and reads from no one
+    failed: str | None = None
+    bytes_read: int = 0
+    bad_tensors: int = 0
+
+    def has(self, index: int) -> bool:
+        return self.is_seed or bool(self.have >> index & 1)
+
+
+@dataclass
+class WorkBoard:
+    """Every tensor's state; sources claim batches in this client's order and report back."""
+
+    items: list[Item]
+    order: list[int]
+    limit: BatchLimit = BATCH_LIMITS["tcp"]
+    sources: dict[str, Source] = field(default_factory=dict)
+    claimed: dict[int, str] = field(default_factory=dict)
+    done: int = 0  # bitmap of verified tensors, what this client announces
+    seed_only: set[int] = field(default_factory=set)
+    seed_failures: dict[int, int] = field(default_factory=dict)
+    fatal: str | None = None
+    stopped: bool = False
+    cond: threading.Condition = field(default_factory=threading.Condition)
+
+    @property
+    def finished(self) -> bool:
+        return self.done == (1 << len(self.items)) - 1
+
+    def add(self, source: Source) -> None:
+        with self.cond:
+            self.sources[source.label] = source
+            self.cond.notify_all()
+
+    def update_have(self, label: str, have: int, done: bool) -> None:
+        """A peer announced more verified tensors, or that it has forked."""
+        with self.cond:
+            source = self.sources[label]
+            have &= (1 << len(self.items)) - 1
+            if (have, done) != (source.have, source.done):
+                source.have, source.done = have, done
+                self.cond.notify_all()
+
+    def claim(self, source: Source, timeout: float) -> list[Item]:
+        """The next batch source should read (waits up to timeout for one); empty if none or when stopped."""
+        end = time.monotonic() + timeout
+        with self.cond:
+            while not self.stopped and source.failed is None and not self.finished and self.fatal is None:
+                batch = self._pick(source)
+                if batch:
+                    for item in batch:
+                        self.claimed[item.index] = source.label
+                    return batch
+                left = end - time.monotonic()
+                if left <= 0:
+                    break
+                self.cond.wait(left)
+        return []
+
+    def _pick(self, source: Source) -> list[Item]:
+        peers = [s for s in self.sources.values() if not s.is_seed and s.failed is None]
+        if source.is_seed and any(not s.done for s in peers):
+            # Other clients are forking too, so the seed's link is the one all of them share: leave it what no
+            # usable peer holds. Once every known peer has forked, the seed is one source among the others.
+            held = 0
+            for s in peers:
+                held |= s.have
+            wanted = lambda i: i in self.seed_only or not held >> i & 1  # noqa: E731
+        elif source.is_seed:
+            wanted = lambda i: True  # noqa: E731
+        else:
+            wanted = lambda i: i not in self.seed_only and source.has(i)  # noqa: E731
+        batch: list[Item] = []
+        size = 0
+        for i in self.order:
+            if self.done >> i & 1 or i in self.claimed or not wanted(i):
+                continue
+            item = self.items[i]
+            if batch and (size + item.nbytes > self.limit.nbytes or len(batch) >= self._max_tensors()):
+                break
+            batch.append(item)
+            size += item.nbytes
+        return batch
+
+    def needs_seed(self) -> bool:
+        """Whether some tensor still missing can come only from the seed (a peer's copy failed the check)."""
+        with self.cond:
+            return any(not self.done >> i & 1 for i in self.seed_only)
+
+    def _max_tensors(self) -> int:
+        return int(_BATCH_TENSORS) if _BATCH_TENSORS else self.limit.tensors
+
+    def complete(self, source: Source, good: list[Item], bad: list[Item], error: str | None = None) -> None:
+        """Record a batch: good tensors are verified, bad ones failed the checksum, error drops the source."""
+        with self.cond:
+            for item in good:
+                self.claimed.pop(item.index, None)
+                self.done |= 1 << item.index
+                source.bytes_read += item.nbytes
+            for item in bad:
+                self.claimed.pop(item.index, None)
+                self.seed_only.add(item.index)
+                source.bad_tensors += 1
+                if source.is_seed:
+                    self.seed_failures[item.index] = self.seed_failures.get(item.index, 0) + 1
+                    if self.seed_failures[item.index] >= SEED_ATTEMPTS:
+                        self.fatal = (
+                            f"{item.name} read from the seed {SEED_ATTEMPTS} times never matched the seed's own "
+                            "checksum: its weights changed after it published them (a weight update?); fork again"
+                        )
+            if bad and not source.is_seed and error is None:
+                error = f"served {len(bad)} tensor(s) that fail the seed's checksums, e.g. {bad[0].name}"
+            if error is not None:
+                source.failed = error
+                for index in [i for i, label in self.claimed.items() if label == source.label]:
+                    del self.claimed[index]
+            self.cond.notify_all()
+
+    def stop(self) -> None:
+        with self.cond:
+            self.stopped = True
+            self.cond.notify_all()
+
+    def wait(self, timeout: float) -> None:
+        with self.cond:
+            if not (self.finished or self.fatal):
+                self.cond.wait(timeout)
+
+
+@dataclass
+class SourceReader:
+    """The reading loop of one source, in its own thread with its own Mooncake engine."""
+
+    board: WorkBoard
+    source: Source
+    make_engine: Callable[[], GuardedEngine]
+    plan: ReadPlan
+    deadline: float
+    owner: Any
+    cuda_device: int | None = None
+    thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._run, name=f"rfork-peer-read-{self.source.label}", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            if self.cuda_device is not None:
+                torch.cuda.set_device(self.cuda_device)
+            engine = self.make_engine()
+        except Exception as e:  # an engine that cannot start is a source we cannot use
+            self.board.complete(self.source, [], [], f"cannot start a Mooncake engine for it: {e}")
+            return
+        try:
+            self._loop(engine)
+        except Exception as e:  # anything else (a failed checksum pass, say): its tensors go to the other sources
+            logger.exception("R-Fork peer assist: reading from %s failed", self.source.label)
+            self.board.complete(self.source, [], [], f"{type(e).__name__}: {e}")
+        finally:
+            engine.close()
+
+    def _loop(self, engine: GuardedEngine) -> None:
+        board, source = self.board, self.source
+        while True:
+            batch = board.claim(source, timeout=0.5)
+            if not batch:
+                with board.cond:
+                    if board.stopped or board.finished or board.fatal or source.failed:
+                        return
+                continue
+            entries = [
+                ReadEntry(it.name, it.tensor.data_ptr(), source.addrs[it.index], it.nbytes) for it in batch if it.nbytes
+            ]
+            nbytes = sum(e.length for e in entries)
+            limit = min(self.deadline, time.monotonic() + BATCH_TIMEOUT_S + nbytes / 1e8)
+            try:
+                engine.read(
+                    source.session_id, entries, limit, self.plan, owner=self.owner, cuda_device=self.cuda_device
+                )
+            except MooncakeError as e:
+                logger.warning("R-Fork peer assist: dropping source %s: %s", source.label, e)
+                board.complete(source, [], [], str(e))
+                return
+            if self.cuda_device is not None:
+                # Copy-engine transports may report a batch done while its copies are still queued on a stream.
+                torch.cuda.synchronize(self.cuda_device)
+            sums = tensor_checksums([it.tensor for it in batch])
+            good = [it for it, s in zip(batch, sums) if s == it.checksum]
+            bad = [it for it, s in zip(batch, sums) if s != it.checksum]
+            if bad:
+                logger.warning(
+                    "R-Fork peer assist: %d tensor(s) from %s fail the seed's checksums (e.g. %s); reading them "
+                    "from the seed",
+                    len(bad),
+                    source.label,
+                    bad[0].name,
+                )
+            board.complete(source, good, bad)
+            if source.failed:
+                return
+            if TEST_READ_DELAY_S:
+                time.sleep(TEST_READ_DELAY_S)
