@@ -140,7 +140,8 @@ def checksums(url: str) -> dict[str, str]:
 
 
 def weights(url: str, names: list[str]) -> dict[str, list]:
-    return {n: requests.post(f"{url}/get_weights_by_name", json={"name": n}, timeout=60).json() for n in names}
+    whole = {"truncate_size": 10**6}  # more rows than any tiny weight has (the default is upstream's 100)
+    return {n: requests.post(f"{url}/get_weights_by_name", json={"name": n, **whole}, timeout=60).json() for n in names}
 
 
 def greedy(url: str) -> list[int]:
