@@ -159,7 +159,14 @@ def test_batched_penalties_equal_the_per_row_reference_step_after_step(device):
         logits[0, 3] = 0.0  # a zero logit: the repetition penalty's branch point
         got = _penalised(logits, batch, batched)
         want = _penalised(logits, batch, "per_row")
-        assert torch.equal(got, want), f"step {step}: rows differ at {(got != want).nonzero().tolist()[:5]}"
+        if device == "cpu":
+            assert torch.equal(got, want), f"step {step}: rows differ at {(got != want).nonzero().tolist()[:5]}"
+        else:
+            # CUDA kernels may contract a multiply-add of the batched form into one rounding: a float32 ulp or so.
+            finite = torch.isfinite(want)
+            assert torch.equal(finite, torch.isfinite(got)) and torch.equal(got[~finite], want[~finite])
+            worst = (got[finite] - want[finite]).abs().max().item() if finite.any() else 0.0
+            assert worst <= 1e-5, f"step {step}: largest difference {worst} at {(got != want).nonzero().tolist()[:5]}"
         for req in batch:  # the next token, often one already seen, so that counts exceed 1
             pool = req.origin_input_ids + req.output_ids
             pick = pool[int(torch.randint(len(pool), (1,), generator=rng))] if step % 3 else int(logits[0].argmax())
