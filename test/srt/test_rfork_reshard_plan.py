@@ -74,8 +74,7 @@ def fork(path: str, seeds: list, client_tp: int, rank: int, scratch_bytes: int =
         ptrs = {n: w[0] for n, w in weights[r].items()}
         result = read_rank(plan, shards[r], ptrs, tensors, memmove, verify=True, scratch_bytes=scratch_bytes)
         assert result.moved == plan.nbytes
-        bad |= set(result.failed)
-        bad |= {name for raw, at, b, name in result.direct_checks if b in bad_blocks([(raw, at, b)])}
+        bad |= set(bad_blocks(result.checks()))
     with torch.no_grad():
         for name, t in tensors.items():
             layout = layouts[name]
@@ -131,7 +130,7 @@ def test_corrupted_seed_byte_is_caught(models):
     tensors = dict(weight_tensors(model))
     plans = plan_all(tensors, _as_rank(2, 1, lambda: model_layouts(model)), shards, dtypes, [0])
     result = read_rank(plans[0], shards[0], {n: w[0] for n, w in weights.items()}, tensors, memmove, True)
-    assert result.failed == [name]
+    assert bad_blocks(result.checks()) == [name]
 
 
 def test_other_model_is_refused_by_name(models, tiny_model_dir):

@@ -17,11 +17,13 @@ from typing import Any
 
 import torch
 
+from sglang.srt.remote_instance.block_checksum import block_sums, digests
 from sglang.srt.remote_instance.mooncake_guard import ReadEntry
-from sglang.srt.remote_instance.shard_layout import ShardLayout, range_checksums
+from sglang.srt.remote_instance.shard_layout import ShardLayout
 
-# Staged reads of one round share one scratch buffer of this size (or the largest single block, if bigger).
-SCRATCH_BYTES = 512 << 20
+# Staged reads of one round share one scratch buffer of this size (or the largest single block, if bigger); two
+# buffers take turns, so the next round's read overlaps the previous round's checks and scatter on a GPU.
+SCRATCH_BYTES = 256 << 20
 
 
 class ReshardError(ValueError):
@@ -229,10 +231,10 @@ def scatter(read: StagedRead, buf: torch.Tensor, seed: ShardLayout, element_size
             dest[at : at + b - a].copy_(buf[a - read.lo : b - read.lo])
 
 
-def bad_blocks(checks: list[tuple[torch.Tensor, int, Block]]) -> list[Block]:
-    """Blocks whose bytes (flat uint8 tensor, offset of the block's first byte in it) differ from the seed's."""
-    got = range_checksums([(raw, at, at + b.hi - b.lo) for raw, at, b in checks])
-    return [b for (_, _, b), digest in zip(checks, got) if digest != b.digest]
+def bad_blocks(checks: list[tuple[torch.Tensor, Block, str]]) -> list[str]:
+    """Names of the tensors whose blocks' sums (block_sums of the bytes that arrived) differ from the seed's."""
+    got = digests([sums for sums, _, _ in checks])
+    return sorted({name for (_, b, name), digest in zip(checks, got) if digest != b.digest})
 
 
 def parse_shards(published: dict[str, Any], weights: dict[str, list[Any]]) -> dict[str, SeedShard]:
@@ -288,12 +290,17 @@ ReadFn = Callable[[list[ReadEntry], Any], int]
 
 @dataclass
 class RankResult:
-    """What reading from one seed rank did: bytes moved, in-place blocks still to check, staged failures."""
+    """What reading from one seed rank did: bytes moved and the blocks to check (sums of the staged ones were
+    taken as they passed through scratch; the in-place ones are summed where they landed, in `verify`)."""
 
     moved: int = 0
-    direct_checks: list[tuple[torch.Tensor, int, Block, str]] = field(default_factory=list)
-    failed: list[str] = field(default_factory=list)
-    verified_bytes: int = 0
+    staged_checks: list[tuple[torch.Tensor, Block, str]] = field(default_factory=list)
+    in_place: list[tuple[torch.Tensor, int, Block, str]] = field(default_factory=list)
+
+    def checks(self) -> list[tuple[torch.Tensor, Block, str]]:
+        """(sums, block, tensor name) of every block read."""
+        landed = [(block_sums(raw[at : at + b.hi - b.lo]), b, name) for raw, at, b, name in self.in_place]
+        return self.staged_checks + landed
 
 
 def read_rank(
@@ -305,7 +312,7 @@ def read_rank(
     verify: bool,
     scratch_bytes: int = SCRATCH_BYTES,
 ) -> RankResult:
-    """Run one seed rank's plan: in-place reads in one go, then staged rounds (read, check, scatter)."""
+    """Run one seed rank's plan: in-place reads in one go, then staged rounds (read, sum, scatter)."""
     out = RankResult()
     raw = {name: t.reshape(-1).view(torch.uint8) for name, t in tensors.items()}
     entries = [
@@ -313,25 +320,34 @@ def read_rank(
     ]
     out.moved = read(entries, tensors) if entries else 0
     if verify:
-        out.direct_checks = [(raw[d.name], d.local + b.lo - d.lo, b, d.name) for d in plan.direct for b in d.blocks]
+        out.in_place = [(raw[d.name], d.local + b.lo - d.lo, b, d.name) for d in plan.direct for b in d.blocks]
     if not plan.staged:
         return out
     largest = max(b.hi - b.lo for s in plan.staged for b in s.blocks)
     groups = rounds(plan.staged, max(scratch_bytes, largest))
     device = next(iter(tensors.values())).device
-    scratch = torch.empty(max(sum(s.hi - s.lo for s, _ in g) for g in groups), dtype=torch.uint8, device=device)
-    base = scratch.data_ptr()
+    size = max(sum(s.hi - s.lo for s, _ in g) for g in groups)
+    buffers = [torch.empty(size, dtype=torch.uint8, device=device) for _ in range(min(2, len(groups)))]
+    done: list[torch.cuda.Event | None] = [None] * len(buffers)
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-        for group in groups:
-            out.moved += read(
-                [ReadEntry(s.name, base + at, ptrs[s.name] + s.lo, s.hi - s.lo) for s, at in group], (tensors, scratch)
-            )
+        for i, group in enumerate(groups):
+            turn = i % len(buffers)
+            scratch = buffers[turn]
+            if done[turn] is not None:
+                done[turn].synchronize()  # the kernels reading this buffer two rounds ago have finished
+            base = scratch.data_ptr()
+            staged = [ReadEntry(s.name, base + at, ptrs[s.name] + s.lo, s.hi - s.lo) for s, at in group]
+            out.moved += read(staged, (tensors, buffers))
             if verify:
-                checks = [(scratch, at + b.lo - s.lo, b) for s, at in group for b in s.blocks]
-                wrong = set(bad_blocks(checks))
-                out.failed += [s.name for s, _ in group if wrong & set(s.blocks)]
-                out.verified_bytes += sum(b.hi - b.lo for _, _, b in checks)
+                out.staged_checks += [
+                    (block_sums(scratch[at + b.lo - s.lo : at + b.hi - s.lo]), b, s.name)
+                    for s, at in group
+                    for b in s.blocks
+                ]
             for s, at in group:
                 shard = shards[s.name]
                 scatter(s, scratch[at : at + s.hi - s.lo], shard.layout, shard.element_size, raw[s.name])
+            if device.type == "cuda":
+                done[turn] = torch.cuda.Event()
+                done[turn].record()
     return out

@@ -23,8 +23,8 @@ from sglang.srt.model_loader.transfer_engine_client import (
     parse_info,
 )
 from sglang.srt.model_loader.transfer_engine_reshard import (
-    Block,
     RankPlan,
+    RankResult,
     ReshardError,
     SeedShard,
     bad_blocks,
@@ -63,10 +63,9 @@ class ReshardFork:
 
     seed_tp: int
     ranks: dict[int, SeedRank]
-    failed: list[str] = field(default_factory=list)  # tensors whose staged blocks did not match
-    direct_checks: list[tuple[torch.Tensor, int, Block, str]] = field(default_factory=list)
-    verified_bytes: int = 0
+    results: list[RankResult] = field(default_factory=list)
     padding_bytes: int = 0
+    tp_rank: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)  # seed ranks are read from parallel threads
 
     @classmethod
@@ -108,6 +107,7 @@ class ReshardFork:
 
     def transfer(self, model: nn.Module, ctx: ForkContext) -> int:
         """Plan, read and scatter every tensor of this rank; returns the bytes read from seed ranks."""
+        self.tp_rank = ctx.tp_rank
         tensors = dict(weight_tensors(model))
         layouts = model_layouts(model)
         plans = self._plan(ctx, tensors, layouts)
@@ -147,18 +147,20 @@ class ReshardFork:
         return moved
 
     def verify(self, model: nn.Module) -> list[str]:
-        """Tensors whose bytes differ from the seed's block checksums (staged blocks were checked as they landed)."""
-        bad = bad_blocks([(raw, at, b) for raw, at, b, _ in self.direct_checks])
-        names = {name for raw, at, b, name in self.direct_checks if b in bad}
-        self.verified_bytes += sum(b.hi - b.lo for _, _, b, _ in self.direct_checks)
+        """Tensors whose bytes differ from the seed's block checksums: staged blocks as they passed through
+        scratch, in-place blocks where they landed."""
+        checks = [c for result in self.results for c in result.checks()]
+        bad = bad_blocks(checks)
         logger.info(
-            "Verified %.1f MB read from the TP%d seed against its per-block checksums (every byte read, in place "
-            "and staged); %.1f KB of vocabulary padding was zero-filled here, not read",
-            self.verified_bytes / 1e6,
+            "TP%d: verified %d blocks, %.1f MB read from the TP%d seed, against its per-block checksums (every "
+            "byte read, in place and staged); %.1f KB of vocabulary padding was zero-filled here, not read",
+            self.tp_rank,
+            len(checks),
+            sum(b.hi - b.lo for _, b, _ in checks) / 1e6,
             self.seed_tp,
             self.padding_bytes / 1e3,
         )
-        return sorted(names | set(self.failed))
+        return bad
 
     def _plan(
         self, ctx: ForkContext, tensors: dict[str, torch.Tensor], layouts: dict[str, ShardLayout]
@@ -211,9 +213,7 @@ class ReshardFork:
             _open_peer_memory(engine, session, touch, ctx, read_plan)
         result = read_rank(plan, seed.shards, ptrs, tensors, read, ctx.load_config.verify)
         with self.lock:
-            self.direct_checks += result.direct_checks
-            self.failed += result.failed
-            self.verified_bytes += result.verified_bytes
+            self.results.append(result)
         return result.moved
 
 

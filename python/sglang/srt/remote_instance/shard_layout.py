@@ -24,12 +24,15 @@ from sglang.srt.layers.linear import (
 )
 from sglang.srt.layers.moe.layer import FusedMoE
 from sglang.srt.layers.vocab_parallel_embedding import VocabParallelEmbedding
-from sglang.srt.remote_instance.manifest import tensor_checksums, weight_tensors
+from sglang.srt.remote_instance.block_checksum import range_digests
+from sglang.srt.remote_instance.manifest import weight_tensors
 
 # A segment of at least BLOCKS * min_block_bytes() gets BLOCKS checksummed blocks, so that a client with up to
 # BLOCKS times as many ranks can read its part in place and still check every byte against the seed's sums.
 BLOCKS = 8
 DEFAULT_MIN_BLOCK_BYTES = 64 << 10
+# A strided shard is read whole through scratch: its blocks need only bound the scratch a client uses.
+MAX_STRIDED_BLOCK_BYTES = 128 << 20
 
 
 def min_block_bytes() -> int:
@@ -188,7 +191,8 @@ def block_bounds(layout: ShardLayout, element_size: int) -> list[int]:
     """Byte offsets cutting this rank's tensor into checksummed blocks (first 0, last the tensor's size).
 
     Blocks never straddle a segment edge, so a client reading a segment's rows in place can check them; a
-    tensor split along an inner dim (its shard is strided) is cut between its outer slices instead.
+    tensor split along an inner dim (its shard is strided) is cut between its outer slices, into as few blocks
+    as keep each under MAX_STRIDED_BLOCK_BYTES.
     """
     row = layout.inner * element_size
     if layout.outer == 1:
@@ -198,7 +202,7 @@ def block_bounds(layout: ShardLayout, element_size: int) -> list[int]:
             cuts.update(s.local + s.length * k // parts for k in range(parts + 1))
         return sorted(c * row for c in cuts)
     slice_bytes = layout.rows * row
-    parts = _parts(layout.outer * slice_bytes, layout.outer)
+    parts = min(layout.outer, -(-layout.outer * slice_bytes // MAX_STRIDED_BLOCK_BYTES))
     return [layout.outer * k // parts * slice_bytes for k in range(parts + 1)]
 
 
@@ -206,16 +210,9 @@ def _parts(nbytes: int, units: int) -> int:
     return min(BLOCKS, units) if nbytes >= BLOCKS * min_block_bytes() else 1
 
 
-def range_checksums(ranges: list[tuple[torch.Tensor, int, int]]) -> list[str]:
-    """tensor_checksum of bytes [lo, hi) of each flat uint8 tensor (the same function both sides use)."""
-    # Checksums read bytes as 64-bit words; a range not starting on a word boundary cannot be viewed as words.
-    views = [raw[lo:hi] if lo % 8 == 0 else raw[lo:hi].clone() for raw, lo, hi in ranges]
-    return tensor_checksums(views)
-
-
 def published_layout(model: nn.Module, tp_rank: int, tp_size: int) -> dict[str, Any]:
     """What a seed rank publishes beside upstream's keys: its TP facts and, per tensor, the layout and the
-    checksum of each block [start_byte, end_byte, checksum] (computed here, from this rank's own bytes)."""
+    block_checksum digest of each block [start_byte, end_byte, digest] (from this rank's own bytes)."""
     tensors = dict(weight_tensors(model))
     layouts = model_layouts(model)
     ranges: list[tuple[torch.Tensor, int, int]] = []
@@ -230,7 +227,7 @@ def published_layout(model: nn.Module, tp_rank: int, tp_size: int) -> dict[str, 
             if hi > lo:
                 ranges.append((raw, lo, hi))
                 spans.append((name, lo, hi))
-    sums = range_checksums(ranges)
+    sums = range_digests(ranges)
     blocks: dict[str, list[list[Any]]] = {name: [] for name in layouts}
     for (name, lo, hi), digest in zip(spans, sums):
         blocks[name].append([lo, hi, digest])
