@@ -193,6 +193,16 @@ class RemoteInstanceModelLoader(BaseModelLoader):
         return model
 
 
+def seed_tp_size(ctx: ForkContext) -> int | None:
+    """The seed's --tp-size from its /get_server_info (None when that cannot be learned)."""
+    try:
+        info = ctx.seed.request("diagnose", "GET", "/get_server_info", timeout=min(ctx.remaining(), 5.0))
+    except RemoteInstanceError:
+        return None
+    tp = info.get("tp_size") if isinstance(info, dict) else None
+    return tp if isinstance(tp, int) else None
+
+
 def capture_error(fn: Callable[[], None]) -> Exception | None:
     try:
         fn()

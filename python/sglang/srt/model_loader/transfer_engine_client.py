@@ -15,6 +15,7 @@ from sglang.srt.model_loader.remote_instance_loader import (
     RemoteManifest,
     RemoteWeightBackend,
     register_remote_backend,
+    seed_tp_size,
 )
 from sglang.srt.model_loader.remote_instance_weight_loader_utils import RemoteInstanceError
 from sglang.srt.remote_instance.addresses import local_ip_towards
@@ -97,7 +98,7 @@ class TransferEngineBackend(RemoteWeightBackend):
                 "manifest", "GET", INFO_PATH, params={"rank": ctx.tp_rank}, timeout=min(ctx.remaining(), 30.0)
             )
         except RemoteInstanceError as e:
-            seed_tp = _seed_tp_size(ctx)  # this rank may not exist on a seed with fewer ranks
+            seed_tp = seed_tp_size(ctx)  # this rank may not exist on a seed with fewer ranks
             if seed_tp is not None and seed_tp != ctx.tp_size:
                 return self._reshard(ctx, seed_tp)
             detail = str(e).removeprefix(f"R-Fork from seed {e.seed} failed at step '{e.step}': ")
@@ -291,16 +292,6 @@ def nvlink_reaches(endpoint: Endpoint, device: torch.device) -> bool:
             return index == device.index or torch.cuda.can_device_access_peer(device.index, index)
     logger.info("seed GPU %s is not visible to this process; not using nvlink_intra", endpoint.gpu_uuid)
     return False
-
-
-def _seed_tp_size(ctx: ForkContext) -> int | None:
-    """The seed's --tp-size from its /get_server_info (None when that cannot be learned)."""
-    try:
-        info = ctx.seed.request("diagnose", "GET", "/get_server_info", timeout=min(ctx.remaining(), 5.0))
-    except RemoteInstanceError:
-        return None
-    tp = info.get("tp_size") if isinstance(info, dict) else None
-    return tp if isinstance(tp, int) else None
 
 
 def _diagnose(ctx: ForkContext) -> str:

@@ -311,8 +311,10 @@ def read_rank(
     read: ReadFn,
     verify: bool,
     scratch_bytes: int = SCRATCH_BYTES,
+    prepare: Callable[[list[torch.Tensor]], None] | None = None,
 ) -> RankResult:
-    """Run one seed rank's plan: in-place reads in one go, then staged rounds (read, sum, scatter)."""
+    """Run one seed rank's plan: in-place reads in one go, then staged rounds (read, sum, scatter). prepare gets
+    the scratch buffers before any read into them (a transport that must register local memory)."""
     out = RankResult()
     raw = {name: t.reshape(-1).view(torch.uint8) for name, t in tensors.items()}
     entries = [
@@ -329,6 +331,8 @@ def read_rank(
     size = max(sum(s.hi - s.lo for s, _ in g) for g in groups)
     buffers = [torch.empty(size, dtype=torch.uint8, device=device) for _ in range(min(2, len(groups)))]
     done: list[torch.cuda.Event | None] = [None] * len(buffers)
+    if prepare is not None:
+        prepare(buffers)
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         for i, group in enumerate(groups):
             turn = i % len(buffers)

@@ -211,7 +211,13 @@ class ReshardFork:
                 if tensors[n].numel()
             ]
             _open_peer_memory(engine, session, touch, ctx, read_plan)
-        result = read_rank(plan, seed.shards, ptrs, tensors, read, ctx.load_config.verify)
+
+        def prepare(buffers: list[torch.Tensor]) -> None:
+            if engine.protocol == "rdma":  # the NIC writes into scratch too
+                location = f"cuda:{gpu}" if gpu is not None else "*"
+                engine.register([(b.data_ptr(), b.numel()) for b in buffers], location)
+
+        result = read_rank(plan, seed.shards, ptrs, tensors, read, ctx.load_config.verify, prepare=prepare)
         with self.lock:
             self.results.append(result)
         return result.moved
