@@ -123,10 +123,17 @@ class ReshardFork:
         engines: dict[str, GuardedEngine] = {}
         try:
             routes = {r: self._route(ctx, r, engines, tensors) for r in plans}
+            for r, (engine, session) in routes.items():
+                if READ_PLANS[engine.protocol].touch_first:
+                    self._touch(ctx, r, engine, session, tensors)
+            if ctx.device.type == "cuda":
+                torch.cuda.synchronize(ctx.device)  # the padding zeros, so that "transfer" times the reads alone
             ctx.timings["engine setup"] = time.perf_counter() - start
             start = time.perf_counter()
             with ThreadPoolExecutor(max(1, len(plans)), thread_name_prefix="reshard") as pool:
                 moved = sum(pool.map(lambda r: self._read_rank(ctx, r, plans[r], routes[r], tensors), plans))
+            if ctx.device.type == "cuda":
+                torch.cuda.synchronize(ctx.device)  # the last rounds' sums and scatters are part of the transfer
             ctx.timings["transfer"] = time.perf_counter() - start
         except MooncakeError as e:
             raise RemoteInstanceError(ctx.seed.name, "transfer", str(e)) from None
@@ -187,6 +194,18 @@ class ReshardFork:
         ctx.details["transport"] = protocol
         return engines[protocol], endpoint.session_id
 
+    def _touch(
+        self, ctx: ForkContext, rank: int, engine: GuardedEngine, session: str, tensors: dict[str, torch.Tensor]
+    ) -> None:
+        """Map the seed rank's allocations into this process before the timed reads (see _open_peer_memory)."""
+        weights = self.ranks[rank].info.weights
+        touch = [
+            ReadEntry(n, 0, int(weights[n][0]), int(weights[n][1]) * int(weights[n][2]))
+            for n in tensors
+            if tensors[n].numel()
+        ]
+        _open_peer_memory(engine, session, touch, ctx, READ_PLANS[engine.protocol])
+
     def _read_rank(
         self,
         ctx: ForkContext,
@@ -203,14 +222,6 @@ class ReshardFork:
 
         def read(entries: list[ReadEntry], owner: Any) -> int:
             return engine.read(session, entries, ctx.deadline, read_plan, owner=owner, cuda_device=gpu)
-
-        if read_plan.touch_first:
-            touch = [
-                ReadEntry(n, 0, p, int(seed.info.weights[n][1]) * int(seed.info.weights[n][2]))
-                for n, p in ptrs.items()
-                if tensors[n].numel()
-            ]
-            _open_peer_memory(engine, session, touch, ctx, read_plan)
 
         def prepare(buffers: list[torch.Tensor]) -> None:
             if engine.protocol == "rdma":  # the NIC writes into scratch too
