@@ -5,9 +5,9 @@
 Scenarios (8B-shaped model, the seed on --load-format dummy weights, so no checkpoint is read):
   tp1_to_tp2: seed TP1 on GPU 0 -> client TP2 on GPUs 0+1;
   tp2_to_tp1: seed TP2 on GPUs 0+1 -> client TP1 on GPU 1.
-Fork: per client rank, the bytes it read and its "transfer" time (reads, checks of staged blocks and the scatter
-into place) from its log line; fork GB/s = all ranks' bytes / the slowest rank's time. The in-place blocks'
-checksums (the "verify" step) are reported beside it, as for an equal-TP fork.
+Fork: per client rank, the bytes it read and its "transfer" time (the reads, summing the staged blocks for their
+checks, the scatter into place) from its log line; fork GB/s = all ranks' bytes / the slowest rank's time. The
+"verify" step (the in-place blocks' checksums and the comparison) is in each rank's steps, as for an equal-TP fork.
 Raw baseline, same run: bare processes on the same GPUs hold the seed ranks' bytes (one registered allocation
 each); each client rank's process reads exactly the byte ranges its fork plan reads from each seed rank (planned
 here from the same layouts), one `batch_transfer_sync_read` per seed rank, seed ranks in parallel, all client
@@ -270,6 +270,8 @@ def main() -> None:
             entry["fork_vs_raw"] = round(forked["gbps"] / raw["gbps"], 3)
             entry["wire_bytes_per_useful_byte"] = round(forked["bytes"] / useful, 3)
             entry["fork_useful_gbps"] = round(useful / forked["transfer_s"] / 1e9, 1)
+            # The client's own bytes at the fork's pace, against the raw link's rate: what the extra columns cost.
+            entry["fork_useful_vs_raw"] = round(useful / forked["transfer_s"] / 1e9 / raw["gbps"], 3)
         results[name] = entry
         print(name, entry, flush=True)
     write_result(
