@@ -66,6 +66,12 @@ def checksums(url: str, tp: int) -> list[dict[str, str]]:
     return out
 
 
+def all_weights(url: str) -> dict[str, list]:
+    """Every parameter's values as /get_weights_by_name gives them (all ranks' shards joined)."""
+    names = list(checksums(url, 1)[0])
+    return {n: requests.post(f"{url}/get_weights_by_name", json={"name": n}, timeout=60).json() for n in names}
+
+
 def greedy(url: str) -> list[int]:
     r = requests.post(f"{url}/generate", json={"text": PROMPT, "sampling_params": GREEDY}, timeout=60)
     r.raise_for_status()
@@ -97,6 +103,7 @@ def test_fork_into_other_tp_matches_disk_load(seeds, seed_tp, client_tp, tmp_pat
     try:
         # Bit-equal, rank by rank, to the instance that loaded the target layout from disk; same greedy answer.
         assert checksums(client.base_url, client_tp) == checksums(reference.base_url, client_tp)
+        assert all_weights(client.base_url) == all_weights(reference.base_url)
         assert greedy(client.base_url) == greedy(reference.base_url)
         log = Path(client.log_path).read_text(errors="replace")
         assert f"forked from a TP{seed_tp} seed" in log

@@ -87,6 +87,7 @@ class ShardLayout:
         return (self.dim, rest, tuple(sorted({(s.name, s.full) for s in self.segments})))
 
     def to_json(self) -> dict[str, Any]:
+        """The published form (segments as [name, full, start, local, length] lists)."""
         return {
             "shape": list(self.shape),
             "dim": self.dim,
@@ -96,6 +97,7 @@ class ShardLayout:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> ShardLayout:
+        """Inverse of to_json; KeyError, TypeError or ValueError on a malformed entry."""
         segments = tuple(Segment(str(n), int(f), int(s), int(lo), int(ln)) for n, f, s, lo, ln in d["segments"])
         return cls(tuple(int(x) for x in d["shape"]), int(d["dim"]), segments, bool(d.get("replicated", False)))
 
