@@ -22,6 +22,7 @@ from sglang.srt.model_loader.transfer_engine_reshard import (
     plan_all,
     read_rank,
 )
+from sglang.srt.remote_instance.block_checksum import ROW_WORDS, block_sums, digests, range_digests
 from sglang.srt.remote_instance.manifest import weight_tensors
 from sglang.srt.remote_instance.shard_layout import model_layouts, published_layout
 
@@ -138,3 +139,19 @@ def test_other_model_is_refused_by_name(models, tiny_model_dir):
     seed = disk_model(models["qwen3"], 1, 0)
     with pytest.raises(ReshardError, match="gate_up_proj.weight: seed rank 0 holds shape"):
         fork(other, [seed], 2, 0)
+
+
+def test_block_digests_batched_equal_single_and_catch_swaps():
+    gen = torch.Generator().manual_seed(0)
+    size = 8 * ROW_WORDS * 4  # 4 rows of words per block
+    raw = torch.randint(0, 256, (3 * size + 8 * 5 + 3,), dtype=torch.uint8, generator=gen)
+    ranges = [(raw, i * size, (i + 1) * size) for i in range(3)] + [(raw, 3 * size, raw.numel()), (raw, 3, 1003)]
+    batched = range_digests(ranges)  # the first three go through the batched path
+    assert batched == digests([block_sums(raw[lo:hi]) for _, lo, hi in ranges])
+    assert len(set(batched)) == len(ranges)
+    words = raw[:size].view(torch.int64).view(4, ROW_WORDS)
+    base = range_digests([(raw, 0, size)])
+    for (r1, c1), (r2, c2) in [((0, 5), (2, 5)), ((1, 3), (1, 700)), ((0, 0), (3, 1023))]:
+        changed = words.clone()
+        changed[r1, c1], changed[r2, c2] = words[r2, c2], words[r1, c1]
+        assert range_digests([(changed.view(-1).view(torch.uint8), 0, size)]) != base

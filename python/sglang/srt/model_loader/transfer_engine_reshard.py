@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from sglang.srt.remote_instance.block_checksum import block_sums, digests
+from sglang.srt.remote_instance.block_checksum import digests, range_sums
 from sglang.srt.remote_instance.mooncake_guard import ReadEntry
 from sglang.srt.remote_instance.shard_layout import ShardLayout
 
@@ -299,8 +299,8 @@ class RankResult:
 
     def checks(self) -> list[tuple[torch.Tensor, Block, str]]:
         """(sums, block, tensor name) of every block read."""
-        landed = [(block_sums(raw[at : at + b.hi - b.lo]), b, name) for raw, at, b, name in self.in_place]
-        return self.staged_checks + landed
+        sums = range_sums([(raw, at, at + b.hi - b.lo) for raw, at, b, _ in self.in_place])
+        return self.staged_checks + [(s, b, name) for s, (_, _, b, name) in zip(sums, self.in_place)]
 
 
 def read_rank(
@@ -343,11 +343,9 @@ def read_rank(
             staged = [ReadEntry(s.name, base + at, ptrs[s.name] + s.lo, s.hi - s.lo) for s, at in group]
             out.moved += read(staged, (tensors, buffers))
             if verify:
-                out.staged_checks += [
-                    (block_sums(scratch[at + b.lo - s.lo : at + b.hi - s.lo]), b, s.name)
-                    for s, at in group
-                    for b in s.blocks
-                ]
+                blocks = [(b, s.name) for s, _ in group for b in s.blocks]
+                spans = [(scratch, at + b.lo - s.lo, at + b.hi - s.lo) for s, at in group for b in s.blocks]
+                out.staged_checks += [(sums, b, name) for sums, (b, name) in zip(range_sums(spans), blocks)]
             for s, at in group:
                 shard = shards[s.name]
                 scatter(s, scratch[at : at + s.hi - s.lo], shard.layout, shard.element_size, raw[s.name])
