@@ -120,7 +120,7 @@ class ReshardFork:
                 if ctx.device.type == "cpu":
                     t.zero_()  # pre-touch: page faults inside Mooncake's IO thread cut throughput ~4x
         start = time.perf_counter()
-        engines: dict[str, GuardedEngine] = {}
+        engines: dict[int, GuardedEngine] = {}
         try:
             routes = {r: self._route(ctx, r, engines, tensors) for r in plans}
             for r, (engine, session) in routes.items():
@@ -180,19 +180,20 @@ class ReshardFork:
             raise RemoteInstanceError(ctx.seed.name, "layout", f"TP{ctx.tp_rank}: {e}") from None
 
     def _route(
-        self, ctx: ForkContext, rank: int, engines: dict[str, GuardedEngine], tensors: dict[str, torch.Tensor]
+        self, ctx: ForkContext, rank: int, engines: dict[int, GuardedEngine], tensors: dict[str, torch.Tensor]
     ) -> tuple[GuardedEngine, str]:
+        """An engine of its own for reading from one seed rank (seed ranks are read from parallel threads, and a
+        failed read retires its engine)."""
         endpoint = choose_endpoint(self.ranks[rank].info.endpoints, ctx.device)
         protocol = endpoint.protocol or auto_nic_protocol()
-        if protocol not in engines:
-            gpu = ctx.device.index if ctx.device.type == "cuda" else None
-            nic = "" if protocol == "nvlink_intra" else nic_device_for_gpu(gpu)
-            engines[protocol] = GuardedEngine(local_ip_towards(ctx.seed.ip), protocol, nic)
-            if protocol == "rdma":  # RDMA writes into the destination, which must be registered with the NIC
-                location = f"cuda:{gpu}" if gpu is not None else "*"
-                engines[protocol].register(merged_regions(list(tensors.items()), ctx.device), location)
+        gpu = ctx.device.index if ctx.device.type == "cuda" else None
+        nic = "" if protocol == "nvlink_intra" else nic_device_for_gpu(gpu)
+        engine = engines[rank] = GuardedEngine(local_ip_towards(ctx.seed.ip), protocol, nic)
+        if protocol == "rdma":  # RDMA writes into the destination, which must be registered with the NIC
+            location = f"cuda:{gpu}" if gpu is not None else "*"
+            engine.register(merged_regions(list(tensors.items()), ctx.device), location)
         ctx.details["transport"] = protocol
-        return engines[protocol], endpoint.session_id
+        return engine, endpoint.session_id
 
     def _touch(
         self, ctx: ForkContext, rank: int, engine: GuardedEngine, session: str, tensors: dict[str, torch.Tensor]
