@@ -94,7 +94,7 @@ def models(tiny_model_dir):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "qwen3_moe"])
-@pytest.mark.parametrize("seed_tp,client_tp", [(2, 1), (1, 2), (1, 4), (4, 2), (2, 4)])
+@pytest.mark.parametrize("seed_tp,client_tp", [(2, 1), (1, 2), (1, 4), (4, 1), (4, 2), (2, 4)])
 @pytest.mark.parametrize("block_bytes", ["1", None])
 def test_fork_rebuilds_disk_loaded_target_layout(models, arch, seed_tp, client_tp, block_bytes, monkeypatch):
     if block_bytes:
