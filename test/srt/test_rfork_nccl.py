@@ -157,6 +157,17 @@ def test_mismatched_client_is_refused_before_any_group(seed, tiny_model_dir, tmp
     assert _greedy(seed.base_url)  # the seed still serves
 
 
+def test_other_tp_size_is_refused_before_any_group(seed, model_dir, tmp_path):
+    client_dir = config_only_copy(model_dir, tmp_path / "m")
+    code, out, _ = _launch_expect_failure(
+        ["--model-path", client_dir, "--tp-size", "2", *_fork_args(seed.base_url, _free_ports(2))]
+    )
+    assert code != 0
+    assert "the seed runs --tp-size 1 and this client 2: the NCCL backend needs equal TP sizes" in out
+    assert "failed at step 'manifest'" in out  # refused before the lease, the group and any byte
+    assert _greedy(seed.base_url)  # the seed still serves
+
+
 def test_ports_of_wrong_length_are_rejected(model_dir, tmp_path):
     client_dir = config_only_copy(model_dir, tmp_path / "m")
     code, out, elapsed = _launch_expect_failure(

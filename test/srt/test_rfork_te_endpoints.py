@@ -109,14 +109,17 @@ def test_info_endpoint_shape_and_auth(keyed_seed):
         "transfer_engine_endpoints",
         "weights_meta",
         "instance",
+        "shard_layout",
     }
     assert body["instance"] == {"http_port": int(url.rsplit(":", 1)[1])}
+    layout = body["shard_layout"]  # for clients of another --tp-size
+    assert (layout["tp_size"], layout["tp_rank"]) == (1, 0)
     assert body["rank"] == 0
     session_id, weights = body["remote_instance_transfer_engine_info"]
     assert re.fullmatch(r"127\.0\.0\.1:\d+", session_id)
     manifest = requests.get(f"{url}/remote_instance_weight_manifest", params={"rank": 0}, headers=AUTH, timeout=10)
     assert list(weights) == [t["name"] for t in manifest.json()["tensors"]]
-    assert list(body["weights_meta"]) == list(weights)
+    assert list(body["weights_meta"]) == list(weights) == list(layout["tensors"])
     for name, (ptr, numel, esize) in weights.items():  # exactly three values, as upstream's clients unpack
         meta = body["weights_meta"][name]
         assert ptr > 0 and numel == math.prod(meta["shape"]) and esize == 4 and meta["dtype"] == "float32"

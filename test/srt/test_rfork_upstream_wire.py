@@ -235,3 +235,21 @@ def test_group_port_listens_where_the_seed_serves_and_admits_only_the_caller(loo
     requests.post(
         f"{loopback_seed.base_url}/remote_instance_fork_lease/release", json={"lease_id": lease.json()["lease_id"]}
     )
+
+
+@needs_mooncake
+def test_other_tp_from_upstream_te_seed_is_refused_by_name(tiny_model_dir, tmp_path):
+    """An upstream seed publishes no shard layout: a client of another --tp-size is told to use the seed's."""
+    model_dir = tiny_model_dir("llama")
+    peer, port, _ = _upstream_seed("te-seed", model_dir)
+    try:
+        args = _fork_args(port, "transfer_engine", "--tp-size", "2")
+        client_dir = str(config_only_copy(model_dir, tmp_path / "c"))
+        launch = [sys.executable, "-m", "sglang.launch_server", "--model-path", client_dir]
+        proc = subprocess.run(
+            [*launch, "--port", str(find_free_port()), *args], capture_output=True, text=True, timeout=120
+        )
+        assert proc.returncode != 0
+        assert "start the client with the seed's model, --dtype and --tp-size" in proc.stderr
+    finally:
+        peer.kill()

@@ -16,6 +16,7 @@ from sglang.srt.model_loader.remote_instance_loader import (
     agree_across_ranks,
     capture_error,
     register_remote_backend,
+    seed_tp_size,
 )
 from sglang.srt.model_loader.remote_instance_weight_loader_utils import RemoteInstanceError
 from sglang.srt.remote_instance.addresses import local_ip_towards
@@ -91,12 +92,15 @@ class NcclBackend(RemoteWeightBackend):
         try:
             data = ctx.seed.request("manifest", "GET", "/remote_instance_weight_manifest", params={"rank": ctx.tp_rank})
         except RemoteInstanceError as e:
+            if "HTTP 400" in e.detail:  # this rank does not exist on the seed: say why, if the TP sizes differ
+                _refuse_other_tp(ctx, seed_tp_size(ctx))
             if "HTTP 404" not in e.detail:
                 raise
             self.upstream_seed = True
             return RemoteManifest(None, None, UPSTREAM_SEED)
         if not isinstance(data, dict) or not isinstance(data.get("tensors"), list):
             raise RemoteInstanceError(ctx.seed.name, "manifest", f"malformed manifest answer: {str(data)[:200]}")
+        _refuse_other_tp(ctx, data.get("tp_size"))
         return RemoteManifest([TensorSpec.from_json(d) for d in data["tensors"]], data.get("checksums"))
 
     def transfer(self, model: nn.Module, ctx: ForkContext) -> int:
@@ -222,3 +226,17 @@ class NcclBackend(RemoteWeightBackend):
         except RemoteInstanceError:
             pass  # the seed drops an unreleased lease on its own when it expires
         self.lease_id = None
+
+
+def _refuse_other_tp(ctx: ForkContext, seed_tp: Any) -> None:
+    """A pair group joins client rank i to seed rank i: a seed of another TP size is refused before any group."""
+    if isinstance(seed_tp, int) and seed_tp != ctx.tp_size:
+        raise RemoteInstanceError(
+            ctx.seed.name,
+            "manifest",
+            f"the seed runs --tp-size {seed_tp} and this client {ctx.tp_size}: "
+            "the NCCL backend needs equal TP sizes. "
+            f"Start the client with --tp-size {seed_tp}, or fork with --remote-instance-weight-loader-backend "
+            "transfer_engine from a seed started with --remote-instance-weight-loader-start-seed-via-transfer-engine "
+            "(it can change the TP size)",
+        )

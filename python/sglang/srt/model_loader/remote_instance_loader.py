@@ -49,6 +49,8 @@ class RemoteManifest:
     specs: list[TensorSpec] | None
     checksums: dict[str, str] | None = None
     unverified: str | None = None
+    # A backend that checks bytes its own way (a fork into another TP size): returns the names that differ.
+    verify: Callable[[nn.Module], list[str]] | None = None
 
 
 class RemoteWeightBackend(ABC):
@@ -152,9 +154,9 @@ class RemoteInstanceModelLoader(BaseModelLoader):
         # Backends with a setup phase record the pure data movement as "transfer" themselves.
         transfer_s = ctx.timings.get("transfer") or _step(ctx, "transfer", t)
 
-        if cfg.verify and remote.checksums is not None:
+        if cfg.verify and (remote.checksums is not None or remote.verify is not None):
             t = time.perf_counter()
-            bad = verify_checksums(model, remote.checksums)
+            bad = remote.verify(model) if remote.verify else verify_checksums(model, remote.checksums)
             err = None
             if bad:
                 err = RemoteInstanceError(
@@ -190,6 +192,16 @@ class RemoteInstanceModelLoader(BaseModelLoader):
             **ctx.details,
         }
         return model
+
+
+def seed_tp_size(ctx: ForkContext) -> int | None:
+    """The seed's --tp-size from its /get_server_info (None when that cannot be learned)."""
+    try:
+        info = ctx.seed.request("diagnose", "GET", "/get_server_info", timeout=min(ctx.remaining(), 5.0))
+    except RemoteInstanceError:
+        return None
+    tp = info.get("tp_size") if isinstance(info, dict) else None
+    return tp if isinstance(tp, int) else None
 
 
 def capture_error(fn: Callable[[], None]) -> Exception | None:

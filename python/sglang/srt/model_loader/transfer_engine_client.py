@@ -15,6 +15,7 @@ from sglang.srt.model_loader.remote_instance_loader import (
     RemoteManifest,
     RemoteWeightBackend,
     register_remote_backend,
+    seed_tp_size,
 )
 from sglang.srt.model_loader.remote_instance_weight_loader_utils import RemoteInstanceError
 from sglang.srt.remote_instance.addresses import local_ip_towards
@@ -80,6 +81,7 @@ class TransferEngineBackend(RemoteWeightBackend):
 
     def __init__(self) -> None:
         self.info: SeedRankInfo | None = None
+        self.reshard: Any = None  # a ReshardFork when the seed runs another --tp-size
 
     def preflight(self, ctx: ForkContext) -> None:
         """Mooncake must import here before the seed is asked for anything."""
@@ -96,8 +98,14 @@ class TransferEngineBackend(RemoteWeightBackend):
                 "manifest", "GET", INFO_PATH, params={"rank": ctx.tp_rank}, timeout=min(ctx.remaining(), 30.0)
             )
         except RemoteInstanceError as e:
+            seed_tp = seed_tp_size(ctx)  # this rank may not exist on a seed with fewer ranks
+            if seed_tp is not None and seed_tp != ctx.tp_size:
+                return self._reshard(ctx, seed_tp)
             detail = str(e).removeprefix(f"R-Fork from seed {e.seed} failed at step '{e.step}': ")
             raise RemoteInstanceError(ctx.seed.name, "manifest", f"{detail}. {_diagnose(ctx)}".strip()) from None
+        layout = payload.get("shard_layout") if isinstance(payload, dict) else None
+        if isinstance(layout, dict) and isinstance(layout.get("tp_size"), int) and layout["tp_size"] != ctx.tp_size:
+            return self._reshard(ctx, layout["tp_size"])
         self.info = parse_info(ctx.seed.name, payload)
         if self.info.http_port is not None and self.info.http_port != ctx.seed.port:
             raise RemoteInstanceError(
@@ -121,8 +129,23 @@ class TransferEngineBackend(RemoteWeightBackend):
         unverified = None if self.info.http_port is not None else "the seed does not say which instance it is"
         return RemoteManifest(specs, checksums, unverified)
 
+    def _reshard(self, ctx: ForkContext, seed_tp: int) -> RemoteManifest:
+        """The seed runs another --tp-size: read from all its ranks (transfer_engine_reshard_io)."""
+        from sglang.srt.model_loader.transfer_engine_reshard_io import ReshardFork
+
+        logger.info(
+            "TP%d: the seed runs --tp-size %d, this client %d: forking across layouts",
+            ctx.tp_rank,
+            seed_tp,
+            ctx.tp_size,
+        )
+        self.reshard = ReshardFork.fetch(ctx, seed_tp)
+        return self.reshard.manifest()
+
     def transfer(self, model: nn.Module, ctx: ForkContext) -> int:
         """Read every non-empty parameter of this rank from the seed rank; returns bytes moved."""
+        if self.reshard is not None:
+            return self.reshard.transfer(model, ctx)
         if self.info is None:
             raise RemoteInstanceError(ctx.seed.name, "transfer", "fetch_manifest must run before transfer")
         try:

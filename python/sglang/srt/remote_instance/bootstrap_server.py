@@ -36,7 +36,8 @@ class EngineInfoStore:
             "rank": rank,
             "remote_instance_transfer_engine_info": [info["session_id"], info["weights_info_dict"]],
         }
-        for key in ("transfer_engine_endpoints", "weights_meta", "instance"):  # ours, beside upstream's keys
+        # Ours, beside upstream's keys.
+        for key in ("transfer_engine_endpoints", "weights_meta", "instance", "shard_layout"):
             if key in info:
                 answer[key] = info[key]
         data = json.dumps(answer).encode()

@@ -23,6 +23,7 @@ from sglang.srt.remote_instance.mooncake_guard import (
     rdma_devices,
     supports_intra_nvlink,
 )
+from sglang.srt.remote_instance.shard_layout import published_layout
 from sglang.srt.remote_instance.transfer_engine_memory import host_identity, merged_regions, segment_regions
 
 if TYPE_CHECKING:
@@ -50,6 +51,9 @@ class TransferEngineSeed:
     weights_meta: dict[str, dict[str, Any]] = field(default_factory=dict)
     # Which instance published this (its HTTP port), so a client can tell it got the info of the seed it asked.
     http_port: int | None = None
+    # Ours: this rank's TP facts and each tensor's shard layout and block checksums (shard_layout.published_layout),
+    # so that a client with another --tp-size can fork too.
+    shard_layout: dict[str, Any] | None = None
 
     @property
     def session_id(self) -> str:
@@ -67,6 +71,7 @@ class TransferEngineSeed:
                 "transfer_engine_endpoints": self.endpoints,
                 "weights_meta": self.weights_meta,
                 "instance": {"http_port": self.http_port},
+                "shard_layout": self.shard_layout,
             },
         }
 
@@ -81,6 +86,14 @@ def start_transfer_engine_seed(runner: ModelRunner) -> TransferEngineSeed | None
     except Exception as e:  # publishing is optional: the instance must keep serving whatever went wrong
         logger.error("TP%d: NOT a TransferEngine seed (clients cannot fork from this instance): %s", runner.tp_rank, e)
         return None
+    start = time.perf_counter()
+    try:
+        seed.shard_layout = published_layout(runner.model, runner.tp_rank, runner.tp_size)
+        logger.info("TP%d: shard layout and block checksums took %.3f s", runner.tp_rank, time.perf_counter() - start)
+    except Exception as e:  # only forks into another --tp-size need it
+        logger.warning(
+            "TP%d: no shard layout published (clients must use --tp-size %d): %s", runner.tp_rank, runner.tp_size, e
+        )
     try:
         url = publish(seed, bootstrap_url(args), args.api_key)
     except RuntimeError as e:

@@ -1,0 +1,355 @@
+"""Read planning for a TransferEngine fork into another --tp-size: which bytes of which seed rank land where.
+
+A client rank compares its own shard layout with every seed rank's published one and, per tensor, covers each
+logical segment it holds with pieces of seed ranks' segments. A piece along the first dim whose seed bytes are
+whole checksummed blocks is read straight into place; anything else (pieces of a strided shard, such as a
+row-parallel weight split along its columns, or a piece cutting a block) goes through a bounded scratch buffer,
+is checked there block by block against the seed's checksums and is then copied into place with torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from sglang.srt.remote_instance.block_checksum import digests, range_sums
+from sglang.srt.remote_instance.mooncake_guard import ReadEntry
+from sglang.srt.remote_instance.shard_layout import ShardLayout
+
+# Staged reads of one round share one scratch buffer of this size (or the largest single block, if bigger); two
+# buffers take turns, so the next round's read overlaps the previous round's checks and scatter on a GPU.
+SCRATCH_BYTES = 256 << 20
+
+
+class ReshardError(ValueError):
+    """The seed's layout cannot produce this rank's tensors (message says which tensor and why)."""
+
+
+@dataclass(frozen=True)
+class Block:
+    """Bytes [lo, hi) of a seed rank's tensor and the seed's checksum of them."""
+
+    lo: int
+    hi: int
+    digest: str
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Positions [seed_at, seed_at + count) along the shard dim of a seed rank's tensor go to [local_at, ...) here."""
+
+    seed_rank: int
+    seed_at: int
+    local_at: int
+    count: int
+
+
+@dataclass(frozen=True)
+class DirectRead:
+    """Seed bytes [lo, hi) of `name` read straight into this rank's tensor at byte `local`."""
+
+    name: str
+    lo: int
+    hi: int
+    local: int
+    blocks: tuple[Block, ...]
+
+
+@dataclass
+class StagedRead:
+    """Seed bytes [lo, hi) of `name` read into scratch, checked, then scattered by `pieces`."""
+
+    name: str
+    lo: int
+    hi: int
+    blocks: tuple[Block, ...]
+    pieces: list[Piece] = field(default_factory=list)
+
+
+@dataclass
+class RankPlan:
+    """Everything this client rank reads from one seed rank."""
+
+    direct: list[DirectRead] = field(default_factory=list)
+    staged: list[StagedRead] = field(default_factory=list)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this plan moves over the link."""
+        return sum(r.hi - r.lo for r in self.direct) + sum(r.hi - r.lo for r in self.staged)
+
+
+@dataclass(frozen=True)
+class SeedShard:
+    """One seed rank's tensor as the client sees it: layout, element size and checksummed blocks."""
+
+    layout: ShardLayout
+    element_size: int
+    blocks: tuple[Block, ...]
+
+
+def check_compatible(name: str, mine: ShardLayout, theirs: dict[int, SeedShard]) -> None:
+    """ReshardError unless every seed rank's tensor splits the same logical tensors along the same dim."""
+    for rank, shard in theirs.items():
+        if shard.layout.logical_key() != mine.logical_key():
+            raise ReshardError(
+                f"{name}: seed rank {rank} holds {_describe(shard.layout)}, this rank {_describe(mine)}; the seed "
+                "runs a different model or config: start the client with the seed's model"
+            )
+
+
+def _describe(layout: ShardLayout) -> str:
+    segments = ", ".join(f"{s.name}[{s.start}:{s.start + s.length}] of {s.full}" for s in layout.segments)
+    return f"shape {list(layout.shape)} split along dim {layout.dim} ({segments or 'padding only'})"
+
+
+def cover(name: str, mine: ShardLayout, theirs: dict[int, SeedShard], prefer: list[int]) -> list[Piece]:
+    """Pieces of seed ranks that together hold every logical position of this rank's segments, preferring
+    ranks earlier in `prefer` when several hold the same positions (replicated tensors and KV heads)."""
+    pieces: list[Piece] = []
+    for seg in mine.segments:
+        x, end = seg.start, seg.start + seg.length
+        while x < end:
+            best: tuple[int, int, int] | None = None  # (reach, seed rank, seed local position of x)
+            for rank in prefer:
+                for s in theirs[rank].layout.segments:
+                    if s.name == seg.name and s.start <= x < s.start + s.length:
+                        reach = min(end, s.start + s.length)
+                        if best is None or reach > best[0]:
+                            best = (reach, rank, s.local + x - s.start)
+            if best is None:
+                raise ReshardError(f"{name}: no seed rank holds position {x} of its segment {seg.name!r}")
+            reach, rank, seed_at = best
+            pieces.append(Piece(rank, seed_at, seg.local + x - seg.start, reach - x))
+            x = reach
+    return pieces
+
+
+def padding(layout: ShardLayout) -> list[tuple[int, int]]:
+    """Position ranges along the shard dim that no segment covers (zeros, never read from the seed)."""
+    out, x = [], 0
+    for s in sorted(layout.segments, key=lambda s: s.local):
+        if s.local > x:
+            out.append((x, s.local))
+        x = max(x, s.local + s.length)
+    if x < layout.rows:
+        out.append((x, layout.rows))
+    return out
+
+
+def plan_tensor(name: str, mine: ShardLayout, theirs: dict[int, SeedShard], prefer: list[int]) -> dict[int, RankPlan]:
+    """Reads of one tensor, per seed rank."""
+    check_compatible(name, mine, theirs)
+    plans: dict[int, RankPlan] = {}
+    by_rank: dict[int, list[Piece]] = {}
+    for piece in cover(name, mine, theirs, prefer):
+        by_rank.setdefault(piece.seed_rank, []).append(piece)
+    for rank, pieces in by_rank.items():
+        shard = theirs[rank]
+        plan = plans.setdefault(rank, RankPlan())
+        layout = shard.layout
+        row = layout.inner * shard.element_size
+        if layout.outer > 1:  # a strided shard: whole seed tensor through scratch
+            plan.staged.append(StagedRead(name, 0, shard.blocks[-1].hi, shard.blocks, pieces))
+            continue
+        staged: list[tuple[tuple[Block, ...], Piece]] = []
+        for p in pieces:
+            lo, hi = p.seed_at * row, (p.seed_at + p.count) * row
+            blocks = tuple(b for b in shard.blocks if b.lo < hi and b.hi > lo)
+            if blocks[0].lo == lo and blocks[-1].hi == hi:
+                plan.direct.append(DirectRead(name, lo, hi, p.local_at * row, blocks))
+            else:
+                staged.append((blocks, p))
+        plan.staged.extend(_merge_staged(name, staged))
+    return plans
+
+
+def _merge_staged(name: str, staged: list[tuple[tuple[Block, ...], Piece]]) -> list[StagedRead]:
+    """One staged read per run of overlapping block ranges, so a block two pieces need is read once."""
+    out: list[StagedRead] = []
+    for blocks, p in sorted(staged, key=lambda item: item[0][0].lo):
+        if out and blocks[0].lo < out[-1].hi:
+            prev = out[-1]
+            prev.blocks += tuple(b for b in blocks if b.lo >= prev.hi)
+            prev.hi = max(prev.hi, blocks[-1].hi)
+            prev.pieces.append(p)
+        else:
+            out.append(StagedRead(name, blocks[0].lo, blocks[-1].hi, blocks, [p]))
+    return out
+
+
+def rounds(staged: list[StagedRead], scratch_bytes: int) -> list[list[tuple[StagedRead, int]]]:
+    """Staged reads grouped into rounds that each fit the scratch buffer: (read, offset in scratch) pairs. A read
+    larger than the scratch is split at block edges into reads of its own."""
+    out: list[list[tuple[StagedRead, int]]] = [[]]
+    used = 0
+    for read in (part for r in staged for part in _split(r, scratch_bytes)):
+        size = read.hi - read.lo
+        if used + size > scratch_bytes and out[-1]:
+            out.append([])
+            used = 0
+        out[-1].append((read, used))
+        used += size
+    return [r for r in out if r]
+
+
+def _split(read: StagedRead, limit: int) -> list[StagedRead]:
+    if read.hi - read.lo <= limit:
+        return [read]
+    parts: list[StagedRead] = []
+    for b in read.blocks:
+        if parts and b.hi - parts[-1].lo <= limit:
+            parts[-1].hi, parts[-1].blocks = b.hi, parts[-1].blocks + (b,)
+        else:
+            parts.append(StagedRead(read.name, b.lo, b.hi, (b,), read.pieces))
+    return parts
+
+
+def scatter(read: StagedRead, buf: torch.Tensor, seed: ShardLayout, element_size: int, dest: torch.Tensor) -> None:
+    """Copy the pieces held by buf (seed bytes [read.lo, read.hi)) into dest, a flat uint8 view of this rank's
+    tensor laid out as `mine`."""
+    row = seed.inner * element_size
+    if seed.outer > 1:
+        slice_bytes = seed.rows * row
+        first, last = read.lo // slice_bytes, read.hi // slice_bytes
+        src = buf.view(last - first, seed.rows, row)
+        local_rows = dest.numel() // (seed.outer * row)
+        out = dest.view(seed.outer, local_rows, row)[first:last]
+        for p in read.pieces:
+            out[:, p.local_at : p.local_at + p.count].copy_(src[:, p.seed_at : p.seed_at + p.count])
+        return
+    for p in read.pieces:
+        a = max(p.seed_at * row, read.lo)
+        b = min((p.seed_at + p.count) * row, read.hi)
+        if b > a:
+            at = p.local_at * row + a - p.seed_at * row
+            dest[at : at + b - a].copy_(buf[a - read.lo : b - read.lo])
+
+
+def bad_blocks(checks: list[tuple[torch.Tensor, Block, str]]) -> list[str]:
+    """Names of the tensors whose blocks' sums (block_sums of the bytes that arrived) differ from the seed's."""
+    got = digests([sums for sums, _, _ in checks])
+    return sorted({name for (_, b, name), digest in zip(checks, got) if digest != b.digest})
+
+
+def parse_shards(published: dict[str, Any], weights: dict[str, list[Any]]) -> dict[str, SeedShard]:
+    """A seed rank's published shard layouts checked against its [ptr, numel, element_size] info."""
+    shards: dict[str, SeedShard] = {}
+    for name, d in published.items():
+        entry = weights.get(name)
+        try:
+            layout = ShardLayout.from_json(d)
+            blocks = tuple(Block(int(lo), int(hi), str(digest)) for lo, hi, digest in d["blocks"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ReshardError(f"malformed shard layout of {name}: {e!r}") from None
+        nbytes = None if entry is None else int(entry[1]) * int(entry[2])
+        if nbytes is None or (blocks[-1].hi if blocks else 0) != nbytes or math.prod(layout.shape) != int(entry[1]):
+            raise ReshardError(f"the shard layout of {name} disagrees with its entry {entry}")
+        shards[name] = SeedShard(layout, int(entry[2]), blocks)
+    return shards
+
+
+def plan_all(
+    tensors: dict[str, torch.Tensor],
+    layouts: dict[str, ShardLayout],
+    seeds: dict[int, dict[str, SeedShard]],
+    dtypes: dict[int, dict[str, str]],
+    prefer: list[int],
+) -> dict[int, RankPlan]:
+    """Reads of every tensor of this rank, per seed rank; ReshardError names the first tensor that cannot be
+    built from the seed's (missing, extra, other dtype or other logical shape)."""
+    plans: dict[int, RankPlan] = {}
+    for name, t in tensors.items():
+        theirs = {r: shards[name] for r, shards in seeds.items() if name in shards}
+        if len(theirs) < len(seeds):
+            raise ReshardError(f"{name} is missing on the seed: start the client with the seed's model")
+        dtype = str(t.dtype).removeprefix("torch.")
+        for r in seeds:
+            if dtypes[r].get(name) != dtype:
+                raise ReshardError(f"{name}: dtype {dtypes[r].get(name)} on seed rank {r}, {dtype} here")
+        if t.numel() == 0:
+            continue
+        for r, plan in plan_tensor(name, layouts[name], theirs, prefer).items():
+            merged = plans.setdefault(r, RankPlan())
+            merged.direct += plan.direct
+            merged.staged += plan.staged
+    extra = sorted(set().union(*(set(s) for s in seeds.values())) - set(tensors))
+    if extra:
+        raise ReshardError(f"{len(extra)} tensor(s) only on the seed, e.g. {extra[:3]}")
+    return plans
+
+
+# Reads entries (local_addr <- remote_addr) from one seed rank; owner must outlive an abandoned read.
+ReadFn = Callable[[list[ReadEntry], Any], int]
+
+
+@dataclass
+class RankResult:
+    """What reading from one seed rank did: bytes moved and the blocks to check (sums of the staged ones were
+    taken as they passed through scratch; the in-place ones are summed where they landed, in `verify`)."""
+
+    moved: int = 0
+    staged_checks: list[tuple[torch.Tensor, Block, str]] = field(default_factory=list)
+    in_place: list[tuple[torch.Tensor, int, Block, str]] = field(default_factory=list)
+
+    def checks(self) -> list[tuple[torch.Tensor, Block, str]]:
+        """(sums, block, tensor name) of every block read."""
+        sums = range_sums([(raw, at, at + b.hi - b.lo) for raw, at, b, _ in self.in_place])
+        return self.staged_checks + [(s, b, name) for s, (_, _, b, name) in zip(sums, self.in_place)]
+
+
+def read_rank(
+    plan: RankPlan,
+    shards: dict[str, SeedShard],
+    ptrs: dict[str, int],
+    tensors: dict[str, torch.Tensor],
+    read: ReadFn,
+    verify: bool,
+    scratch_bytes: int = SCRATCH_BYTES,
+    prepare: Callable[[list[torch.Tensor]], None] | None = None,
+) -> RankResult:
+    """Run one seed rank's plan: in-place reads in one go, then staged rounds (read, sum, scatter). prepare gets
+    the scratch buffers before any read into them (a transport that must register local memory)."""
+    out = RankResult()
+    raw = {name: t.reshape(-1).view(torch.uint8) for name, t in tensors.items()}
+    entries = [
+        ReadEntry(d.name, raw[d.name].data_ptr() + d.local, ptrs[d.name] + d.lo, d.hi - d.lo) for d in plan.direct
+    ]
+    out.moved = read(entries, tensors) if entries else 0
+    if verify:
+        out.in_place = [(raw[d.name], d.local + b.lo - d.lo, b, d.name) for d in plan.direct for b in d.blocks]
+    if not plan.staged:
+        return out
+    largest = max(b.hi - b.lo for s in plan.staged for b in s.blocks)
+    groups = rounds(plan.staged, max(scratch_bytes, largest))
+    device = next(iter(tensors.values())).device
+    size = max(sum(s.hi - s.lo for s, _ in g) for g in groups)
+    buffers = [torch.empty(size, dtype=torch.uint8, device=device) for _ in range(min(2, len(groups)))]
+    done: list[torch.cuda.Event | None] = [None] * len(buffers)
+    if prepare is not None:
+        prepare(buffers)
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        for i, group in enumerate(groups):
+            turn = i % len(buffers)
+            scratch = buffers[turn]
+            if done[turn] is not None:
+                done[turn].synchronize()  # the kernels reading this buffer two rounds ago have finished
+            base = scratch.data_ptr()
+            staged = [ReadEntry(s.name, base + at, ptrs[s.name] + s.lo, s.hi - s.lo) for s, at in group]
+            out.moved += read(staged, (tensors, buffers))
+            if verify:
+                blocks = [(b, s.name) for s, _ in group for b in s.blocks]
+                spans = [(scratch, at + b.lo - s.lo, at + b.hi - s.lo) for s, at in group for b in s.blocks]
+                out.staged_checks += [(sums, b, name) for sums, (b, name) in zip(range_sums(spans), blocks)]
+            for s, at in group:
+                shard = shards[s.name]
+                scatter(s, scratch[at : at + s.hi - s.lo], shard.layout, shard.element_size, raw[s.name])
+            if device.type == "cuda":
+                done[turn] = torch.cuda.Event()
+                done[turn].record()
+    return out

@@ -1,0 +1,157 @@
+"""Topology-changing R-Fork planning, in one process: layouts of disk-loaded TP ranks, the read plan of a client
+rank of another TP size, executed with the real executor over an in-process byte copy (the Mooncake transport is
+covered by test_rfork_topology.py), must rebuild the disk-loaded tensors of the target layout bit for bit."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+
+import pytest
+import torch
+
+from sglang.srt.configs.load_config import LoadConfig
+from sglang.srt.configs.model_config import ModelConfig
+from sglang.srt.distributed import parallel_state
+from sglang.srt.model_loader.loader import DefaultModelLoader, build_model_skeleton
+from sglang.srt.model_loader.transfer_engine_reshard import (
+    ReshardError,
+    bad_blocks,
+    padding,
+    parse_shards,
+    plan_all,
+    read_rank,
+)
+from sglang.srt.remote_instance.block_checksum import ROW_WORDS, block_sums, digests, range_digests
+from sglang.srt.remote_instance.manifest import weight_tensors
+from sglang.srt.remote_instance.shard_layout import model_layouts, published_layout
+
+
+def _as_rank(tp: int, rank: int, fn):
+    saved = parallel_state._TP
+    parallel_state._TP = parallel_state.TPGroup(rank=rank, size=tp, device=torch.device("cpu"))
+    try:
+        return fn()
+    finally:
+        parallel_state._TP = saved
+
+
+def disk_model(path: str, tp: int, rank: int):
+    config = ModelConfig.from_path(path)
+    return _as_rank(tp, rank, lambda: DefaultModelLoader(LoadConfig()).load_model(config, torch.device("cpu")))
+
+
+def skeleton(path: str, tp: int, rank: int):
+    config = ModelConfig.from_path(path)
+    return _as_rank(tp, rank, lambda: build_model_skeleton(config, torch.device("cpu")))
+
+
+def memmove(entries, owner) -> int:
+    for e in entries:
+        ctypes.memmove(e.local_addr, e.remote_addr, e.length)
+    return sum(e.length for e in entries)
+
+
+def fork(path: str, seeds: list, client_tp: int, rank: int, scratch_bytes: int = 1 << 20):
+    """Client rank `rank` of TP client_tp built from the seed models; returns (model, plans, bad tensor names)."""
+    seed_tp = len(seeds)
+    published = [
+        json.loads(json.dumps(_as_rank(seed_tp, r, lambda m=m, r=r: published_layout(m, r, seed_tp))))
+        for r, m in enumerate(seeds)
+    ]
+    weights = [{n: [t.data_ptr(), t.numel(), t.element_size()] for n, t in weight_tensors(m)} for m in seeds]
+    shards = {r: parse_shards(p["tensors"], weights[r]) for r, p in enumerate(published)}
+    dtypes = {r: {n: str(t.dtype).removeprefix("torch.") for n, t in weight_tensors(m)} for r, m in enumerate(seeds)}
+    model = skeleton(path, client_tp, rank)
+    tensors = dict(weight_tensors(model))
+    with torch.no_grad():
+        for t in tensors.values():
+            t.fill_(7.0)  # whatever the plan leaves untouched shows up as a mismatch
+    layouts = _as_rank(client_tp, rank, lambda: model_layouts(model))
+    prefer = [(rank + k) % seed_tp for k in range(seed_tp)]
+    plans = plan_all(tensors, layouts, shards, dtypes, prefer)
+    bad: set[str] = set()
+    for r, plan in plans.items():
+        ptrs = {n: w[0] for n, w in weights[r].items()}
+        result = read_rank(plan, shards[r], ptrs, tensors, memmove, verify=True, scratch_bytes=scratch_bytes)
+        assert result.moved == plan.nbytes
+        bad |= set(bad_blocks(result.checks()))
+    with torch.no_grad():
+        for name, t in tensors.items():
+            layout = layouts[name]
+            for a, b in padding(layout):
+                t.view(layout.outer, layout.rows, -1)[:, a:b].zero_()
+    return model, plans, bad
+
+
+@pytest.fixture(scope="module")
+def models(tiny_model_dir):
+    return {
+        "llama": tiny_model_dir("llama", num_heads=4, num_kv_heads=2, vocab_size=500),
+        "qwen3": tiny_model_dir("qwen3", num_heads=4, num_kv_heads=2),
+        "qwen3_moe": tiny_model_dir("qwen3_moe", num_heads=4, num_kv_heads=2),
+    }
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "qwen3_moe"])
+@pytest.mark.parametrize("seed_tp,client_tp", [(2, 1), (1, 2), (1, 4), (4, 1), (4, 2), (2, 4)])
+@pytest.mark.parametrize("block_bytes", ["1", None])
+def test_fork_rebuilds_disk_loaded_target_layout(models, arch, seed_tp, client_tp, block_bytes, monkeypatch):
+    if block_bytes:
+        monkeypatch.setenv("SGLANG_RFORK_MIN_BLOCK_BYTES", block_bytes)  # many blocks: in-place reads happen
+    path = models[arch]
+    seeds = [disk_model(path, seed_tp, r) for r in range(seed_tp)]
+    direct = staged = 0
+    for rank in range(client_tp):
+        model, plans, bad = fork(path, seeds, client_tp, rank)
+        assert not bad
+        target = dict(weight_tensors(disk_model(path, client_tp, rank)))
+        got = dict(weight_tensors(model))
+        assert got.keys() == target.keys()
+        for name in target:
+            assert torch.equal(got[name], target[name]), name
+        direct += sum(len(p.direct) for p in plans.values())
+        staged += sum(len(p.staged) for p in plans.values())
+    assert staged > 0  # row-parallel weights are strided on any TP change
+    if block_bytes and client_tp > seed_tp:
+        assert direct > 0
+
+
+def test_corrupted_seed_byte_is_caught(models):
+    path = models["qwen3"]
+    seeds = [disk_model(path, 1, 0)]
+    layouts = published_layout(seeds[0], 0, 1)  # checksums of the good bytes
+    name = "model.layers.0.mlp.down_proj.weight"
+    with torch.no_grad():
+        dict(weight_tensors(seeds[0]))[name].view(-1)[5] += 1.0  # the seed's bytes change after publishing
+    weights = {n: [t.data_ptr(), t.numel(), t.element_size()] for n, t in weight_tensors(seeds[0])}
+    shards = {0: parse_shards(layouts["tensors"], weights)}
+    dtypes = {0: {n: "float32" for n in weights}}
+    model = skeleton(path, 2, 1)
+    tensors = dict(weight_tensors(model))
+    plans = plan_all(tensors, _as_rank(2, 1, lambda: model_layouts(model)), shards, dtypes, [0])
+    result = read_rank(plans[0], shards[0], {n: w[0] for n, w in weights.items()}, tensors, memmove, True)
+    assert bad_blocks(result.checks()) == [name]
+
+
+def test_other_model_is_refused_by_name(models, tiny_model_dir):
+    other = tiny_model_dir("qwen3", num_heads=4, num_kv_heads=2, intermediate_size=64)
+    seed = disk_model(models["qwen3"], 1, 0)
+    with pytest.raises(ReshardError, match="gate_up_proj.weight: seed rank 0 holds shape"):
+        fork(other, [seed], 2, 0)
+
+
+def test_block_digests_batched_equal_single_and_catch_swaps():
+    gen = torch.Generator().manual_seed(0)
+    size = 8 * ROW_WORDS * 4  # 4 rows of words per block
+    raw = torch.randint(0, 256, (3 * size + 8 * 5 + 3,), dtype=torch.uint8, generator=gen)
+    ranges = [(raw, i * size, (i + 1) * size) for i in range(3)] + [(raw, 3 * size, raw.numel()), (raw, 3, 1003)]
+    batched = range_digests(ranges)  # the first three go through the batched path
+    assert batched == digests([block_sums(raw[lo:hi]) for _, lo, hi in ranges])
+    assert len(set(batched)) == len(ranges)
+    words = raw[:size].view(torch.int64).view(4, ROW_WORDS)
+    base = range_digests([(raw, 0, size)])
+    for (r1, c1), (r2, c2) in [((0, 5), (2, 5)), ((1, 3), (1, 700)), ((0, 0), (3, 1023))]:
+        changed = words.clone()
+        changed[r1, c1], changed[r2, c2] = words[r2, c2], words[r1, c1]
+        assert range_digests([(changed.view(-1).view(torch.uint8), 0, size)]) != base
