@@ -69,7 +69,8 @@ def checksums(url: str, tp: int) -> list[dict[str, str]]:
 def all_weights(url: str) -> dict[str, list]:
     """Every parameter's values as /get_weights_by_name gives them (all ranks' shards joined)."""
     names = list(checksums(url, 1)[0])
-    return {n: requests.post(f"{url}/get_weights_by_name", json={"name": n}, timeout=60).json() for n in names}
+    whole = {"truncate_size": 10**6}  # more rows than any tiny weight has (the default is upstream's 100)
+    return {n: requests.post(f"{url}/get_weights_by_name", json={"name": n, **whole}, timeout=60).json() for n in names}
 
 
 def greedy(url: str) -> list[int]:

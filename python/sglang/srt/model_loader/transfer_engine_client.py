@@ -145,6 +145,9 @@ class TransferEngineBackend(RemoteWeightBackend):
     def transfer(self, model: nn.Module, ctx: ForkContext) -> int:
         """Read every non-empty parameter of this rank from the seed rank; returns bytes moved."""
         if self.reshard is not None:
+            if ctx.load_config.peer_assist:
+                # Peers hold this client's layout only once they have forked; across layouts every byte is the seed's.
+                logger.warning("TP%d: peer assist does not apply across TP sizes; reading from the seed", ctx.tp_rank)
             return self.reshard.transfer(model, ctx)
         if self.info is None:
             raise RemoteInstanceError(ctx.seed.name, "transfer", "fetch_manifest must run before transfer")
