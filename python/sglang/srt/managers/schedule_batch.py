@@ -50,8 +50,13 @@ class Req:
 
     @property
     def fill_ids(self) -> list[int]:
-        """All tokens of the sequence so far: prompt plus generated."""
+        """All tokens of the sequence so far: prompt plus generated (a new list: for once-per-request uses only)."""
         return self.origin_input_ids + self.output_ids
+
+    @property
+    def seqlen(self) -> int:
+        """Tokens of the sequence so far, without building the list (the per-step question)."""
+        return len(self.origin_input_ids) + len(self.output_ids)
 
     @property
     def finished(self) -> bool:
@@ -59,7 +64,7 @@ class Req:
 
     def remaining_prefill(self) -> int:
         """Tokens still to prefill before the request can decode."""
-        return len(self.fill_ids) - self.kv_len
+        return self.seqlen - self.kv_len
 
     def reset_for_retract(self) -> None:
         """Forget the KV state so the request is prefilled again (prompt plus outputs so far)."""
@@ -112,7 +117,7 @@ def build_forward_batch(
             n = 1
         else:
             n = req.extend_len
-            ids.extend(req.fill_ids[req.kv_len : req.kv_len + n])
+            ids.extend(_token_range(req, req.kv_len, req.kv_len + n))
             positions.extend(range(req.kv_len, req.kv_len + n))
             rows.extend([req.req_pool_idx] * n)
         prefix_lens.append(req.kv_len)
@@ -153,3 +158,13 @@ def build_forward_batch(
         attn_backend=runner.attn_backend,
         host_inputs=host_inputs,
     )
+
+
+def _token_range(req: Req, start: int, end: int) -> list[int]:
+    """Tokens start..end of req's sequence, sliced from the prompt and the outputs without joining them."""
+    prompt = req.origin_input_ids
+    if end <= len(prompt):
+        return prompt[start:end]
+    if start >= len(prompt):
+        return req.output_ids[start - len(prompt) : end - len(prompt)]
+    return prompt[start:] + req.output_ids[: end - len(prompt)]

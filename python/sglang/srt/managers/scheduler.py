@@ -70,6 +70,7 @@ class Scheduler:
         self.waiting: deque[Req] = deque()
         self.running: list[Req] = []
         self.chunked_req: Req | None = None
+        self.aborted_running = False  # an abort marked a running (or chunked) request since the last step
         self.cached_tokens_total = 0
         self.shutting_down = False
         self.pending_rpcs = scheduler_rpc.PendingRpcs()
@@ -149,6 +150,7 @@ class Scheduler:
         for req in self.running + ([self.chunked_req] if self.chunked_req else []):
             if req.rid == rid and not req.finished:
                 req.finished_reason = {"type": "abort", "message": "aborted"}
+                self.aborted_running = True
 
     # ---- batching ---------------------------------------------------------------------------------
 
@@ -165,8 +167,13 @@ class Scheduler:
         return None
 
     def drop_aborted_running(self) -> None:
-        for req in [r for r in self.running if r.finished]:
-            self.running.remove(req)
+        aborted: list[Req] = []
+        if self.aborted_running:  # else no scan of the running list: the common step
+            self.aborted_running = False
+            aborted = [r for r in self.running if r.finished]
+            if aborted:
+                self.running = [r for r in self.running if not r.finished]
+        for req in aborted:
             self.release(req)
             self.send_outputs([req])
         if self.chunked_req is not None and self.chunked_req.finished:
@@ -178,13 +185,16 @@ class Scheduler:
         """Pick requests to prefill this step within the token budget and free KV memory."""
         budget = self.server_args.chunked_prefill_size
         budget = budget if budget and budget > 0 else 1 << 62
-        candidates = ([self.chunked_req] if self.chunked_req else []) + list(self.waiting)
-        self.chunked_req = None
+        chunked, self.chunked_req = self.chunked_req, None
         admitted: list[Req] = []
         # KV slots (whole pages) the admitted prefills take, plus one decode step of every request after them:
         # the admitted requests allocate together in run_batch, so each one's check must count the others.
         need = self.decode_need(self.running)
-        for req in candidates:
+        # The candidates are the chunked request, then the queue from its head: an admitted queued request is
+        # always the head, so it leaves with popleft (no copy of the queue, no search in it).
+        first = chunked
+        while first is not None or self.waiting:
+            req, first = (first, None) if first is not None else (self.waiting[0], None)
             if budget <= 0 or len(self.running) + len(admitted) >= self.server_args.max_running_requests:
                 break
             newly_placed = req.req_pool_idx is None
@@ -203,8 +213,8 @@ class Scheduler:
             req.extend_len = n
             budget -= n
             admitted.append(req)
-            if req in self.waiting:
-                self.waiting.remove(req)
+            if req is not chunked:
+                self.waiting.popleft()
             if n < req.remaining_prefill():
                 self.chunked_req = req
                 break
@@ -261,7 +271,7 @@ class Scheduler:
                 self.waiting.appendleft(victim)
                 logger.warning("KV cache full: request %s retracted and will be prefilled again", victim.rid)
                 continue
-            tokens = len(victim.fill_ids)
+            tokens = victim.seqlen
             victim.finished_reason = {
                 "type": "abort",
                 "message": f"the KV cache holds {self.max_total_num_tokens} tokens, too few for this request's "
@@ -275,7 +285,7 @@ class Scheduler:
 
     def fits_alone(self, req: Req) -> bool:
         """Whether req's tokens so far and one more fit in the pool when nothing else holds any of it."""
-        held = len(req.fill_ids)
+        held = req.seqlen
         return self.new_slots(0, held) + self.new_slots(held, 1) <= self.max_total_num_tokens
 
     def release(self, req: Req) -> None:
@@ -301,24 +311,34 @@ class Scheduler:
         assert out_cache_loc is not None, "memory was reserved before scheduling"
         batch = build_forward_batch(reqs, mode, out_cache_loc, self.runner)
         output = self.runner.forward(batch)
-        for req in reqs:
-            req.kv_len += req.extend_len if mode.is_extend() else 1
-        prefilled = [r for r in reqs if r.remaining_prefill() == 0 and not r.finished]
-        for req in prefilled:
+        extend = mode.is_extend()
+        # One pass over the batch with O(1) work per request: which rows are sampled, which are done.
+        rows: list[int] = []
+        sampled: list[Req] = []
+        for i, req in enumerate(reqs):
+            req.kv_len += req.extend_len if extend else 1
+            if req.finished or req.kv_len < req.seqlen:  # a chunk of a longer prefill: nothing to sample yet
+                continue
             limit = req.sampling_params.max_new_tokens
             if limit is not None and limit <= len(req.output_ids):
                 req.finished_reason = {"type": "length", "matched": None}  # asked for no tokens
-        rows = [i for i, r in enumerate(reqs) if r in prefilled and not r.finished]
+                continue
+            rows.append(i)
+            sampled.append(req)
         if rows:
-            self.sample_into([reqs[i] for i in rows], output.next_token_logits, rows)
-        if mode.is_extend():
-            self.running.extend(r for r in prefilled if not r.finished)
-        for req in [r for r in reqs if r.finished]:
-            if req in self.running:
-                self.running.remove(req)
-            if req is self.chunked_req:
-                self.chunked_req = None
-            self.release(req)
+            self.sample_into(sampled, output.next_token_logits, rows)
+        if extend:
+            self.running.extend(r for r in sampled if not r.finished)
+        done = False
+        for req in reqs:
+            if req.finished:
+                done = True
+                if req is self.chunked_req:
+                    self.chunked_req = None
+                self.release(req)
+        if done and not extend:
+            # The decode batch is the running list: one rebuild, not a search and a removal per finished request.
+            self.running = [r for r in self.running if not r.finished]
         self.send_outputs([r for r in reqs if self.output_due(r)])
         self.profiler.on_step()
         if self.tp_rank == 0:
