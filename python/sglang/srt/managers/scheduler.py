@@ -15,6 +15,7 @@ from sglang.srt.constrained.grammar_backend import create_grammar_backend
 from sglang.srt.distributed.parallel_state import broadcast_pyobj, gather_pyobj
 from sglang.srt.layers.sampler import Sampler
 from sglang.srt.managers import scheduler_rpc
+from sglang.srt.managers.decode_batch import DecodeBatch
 from sglang.srt.managers.io_struct import (
     AbortReq,
     BatchTokenIDOut,
@@ -22,10 +23,12 @@ from sglang.srt.managers.io_struct import (
     RpcReqOutput,
     TokenizedGenerateReqInput,
 )
+from sglang.srt.managers.output_processor import apply_sample, fail
+from sglang.srt.managers.prefill_adder import admit_prefill
 from sglang.srt.managers.profiler import RankProfiler
 from sglang.srt.managers.schedule_batch import Req, alloc_kv_slots, build_forward_batch
 from sglang.srt.managers.stop_checker import StopChecker
-from sglang.srt.mem_cache.radix_cache import RadixCache
+from sglang.srt.mem_cache.cache_manager import ReqCacheManager
 from sglang.srt.metrics.scheduler_stats import BatchStatsLogger
 from sglang.srt.model_executor.forward_batch_info import ForwardMode
 from sglang.srt.model_executor.model_runner import ModelRunner
@@ -52,12 +55,12 @@ class Scheduler:
             )
             self.model_config.check_tp(server_args.tp_size)
         self.runner = ModelRunner(self.model_config, server_args, tp_rank, gpu_id, port_args.dist_init_method)
-        self.allocator = self.runner.token_to_kv_pool_allocator
-        self.page_size = self.allocator.page_size
-        # The slots that can be handed out: whole pages, without the scratch page 0.
-        self.max_total_num_tokens = self.allocator.size
+        self.cache = ReqCacheManager(self.runner, server_args.disable_radix_cache)
+        self.allocator = self.cache.allocator
+        self.page_size = self.cache.page_size
+        self.max_total_num_tokens = self.cache.max_total_num_tokens
         self.max_req_input_len = min(self.model_config.context_len - 1, self.max_total_num_tokens - 1)
-        self.tree_cache = RadixCache(self.allocator, disable=server_args.disable_radix_cache)
+        self.tree_cache = self.cache.tree_cache
         with startup_timeline.phase("stop checker (tokenizer)"):
             self.stop_checker = StopChecker(server_args.tokenizer_path, self.model_config)
         self.grammar_backend = create_grammar_backend(
@@ -68,10 +71,8 @@ class Scheduler:
         )
         self.sampler = Sampler(server_args.random_seed, self.stop_checker.stop_ids_for, self.grammar_backend)
         self.waiting: deque[Req] = deque()
-        self.running: list[Req] = []
+        self.decode = DecodeBatch()
         self.chunked_req: Req | None = None
-        self.aborted_running = False  # an abort marked a running (or chunked) request since the last step
-        self.cached_tokens_total = 0
         self.shutting_down = False
         self.pending_rpcs = scheduler_rpc.PendingRpcs()
         self.profiler = RankProfiler(tp_rank, self.runner.device)
@@ -82,6 +83,11 @@ class Scheduler:
             self.send_sock = ctx.socket(zmq.PUSH)
             self.send_sock.connect(port_args.tokenizer_ipc_name)
             self.batch_stats = BatchStatsLogger(self, self.send_sock.send_pyobj if server_args.enable_metrics else None)
+
+    @property
+    def running(self) -> list[Req]:
+        """The decoding requests (the decode batch's list; read-only use outside the scheduler)."""
+        return self.decode.reqs
 
     # ---- main loop -------------------------------------------------------------------------------
 
@@ -144,165 +150,60 @@ class Scheduler:
             if req.rid == rid:
                 self.waiting.remove(req)
                 if req.req_pool_idx is not None:
-                    self.release(req)
+                    self.cache.release(req)
                 req.finished_reason = {"type": "abort", "message": "aborted"}
                 self.send_outputs([req])
         for req in self.running + ([self.chunked_req] if self.chunked_req else []):
             if req.rid == rid and not req.finished:
                 req.finished_reason = {"type": "abort", "message": "aborted"}
-                self.aborted_running = True
+                self.decode.has_aborted = True
 
     # ---- batching ---------------------------------------------------------------------------------
 
     def get_next_batch(self) -> tuple[ForwardMode, list[Req]] | None:
+        """The next step: a prefill if any request is admitted, else a decode of every running request."""
         self.drop_aborted_running()
         if self.chunked_req or self.waiting:
             reqs = self.admit_prefill()
             if reqs:
                 return ForwardMode.EXTEND, reqs
-        if self.running:
+        if self.decode:
             self.reserve_decode_memory()
-        if self.running:  # retraction may have emptied it (the memory is held by a chunked prefill)
-            return ForwardMode.DECODE, list(self.running)
+        if self.decode:  # retraction may have emptied it (the memory is held by a chunked prefill)
+            return ForwardMode.DECODE, list(self.decode.reqs)
         return None
 
     def drop_aborted_running(self) -> None:
-        aborted: list[Req] = []
-        if self.aborted_running:  # else no scan of the running list: the common step
-            self.aborted_running = False
-            aborted = [r for r in self.running if r.finished]
-            if aborted:
-                self.running = [r for r in self.running if not r.finished]
-        for req in aborted:
-            self.release(req)
+        """Release and answer the requests an abort ended since the last step."""
+        for req in self.decode.drop_aborted():
+            self.cache.release(req)
             self.send_outputs([req])
         if self.chunked_req is not None and self.chunked_req.finished:
             req, self.chunked_req = self.chunked_req, None
-            self.release(req)
+            self.cache.release(req)
             self.send_outputs([req])
 
     def admit_prefill(self) -> list[Req]:
         """Pick requests to prefill this step within the token budget and free KV memory."""
-        budget = self.server_args.chunked_prefill_size
-        budget = budget if budget and budget > 0 else 1 << 62
-        chunked, self.chunked_req = self.chunked_req, None
-        admitted: list[Req] = []
-        # KV slots (whole pages) the admitted prefills take, plus one decode step of every request after them:
-        # the admitted requests allocate together in run_batch, so each one's check must count the others.
-        need = self.decode_need(self.running)
-        # The candidates are the chunked request, then the queue from its head: an admitted queued request is
-        # always the head, so it leaves with popleft (no copy of the queue, no search in it).
-        first = chunked
-        while first is not None or self.waiting:
-            req, first = (first, None) if first is not None else (self.waiting[0], None)
-            if budget <= 0 or len(self.running) + len(admitted) >= self.server_args.max_running_requests:
-                break
-            newly_placed = req.req_pool_idx is None
-            if newly_placed and not self.place(req):
-                break
-            n = min(req.remaining_prefill(), budget)
-            req_need = self.new_slots(req.kv_len, n) + self.new_slots(req.kv_len + n, 1)
-            if not self.ensure_free(need + req_need):
-                if newly_placed:
-                    self.release(req)
-                    req.reset_for_retract()
-                else:
-                    self.chunked_req = req  # keeps its KV and its place; tried again next step
-                break
-            need += req_need
-            req.extend_len = n
-            budget -= n
-            admitted.append(req)
-            if req is not chunked:
-                self.waiting.popleft()
-            if n < req.remaining_prefill():
-                self.chunked_req = req
-                break
-        return admitted
-
-    def place(self, req: Req) -> bool:
-        """Give req a KV row and reuse its longest cached prefix."""
-        row = self.runner.req_to_token_pool.alloc()
-        if row is None:
-            return False
-        req.req_pool_idx = row
-        # Always leave one token to compute: its logits give the first output token.
-        slots, node = self.tree_cache.match_prefix(req.fill_ids[:-1])
-        n = int(slots.numel())
-        if n:
-            self.runner.req_to_token_pool.req_to_token[row, :n] = slots.to(self.runner.device)
-        req.kv_len = req.cached_len = n
-        if not req.output_ids:
-            req.cached_tokens = n
-            self.cached_tokens_total += n
-        req.last_node = node
-        self.tree_cache.inc_lock_ref(node)
-        return True
-
-    def new_slots(self, held: int, n: int) -> int:
-        """Free slots that n more tokens of a request holding `held` take: the fresh pages they start, whole."""
-        if self.page_size == 1:
-            return n
-        return (_pages(held + n, self.page_size) - _pages(held, self.page_size)) * self.page_size
-
-    def decode_need(self, reqs: list[Req]) -> int:
-        """Free slots one decode step of reqs takes: a fresh page for each request whose last page is full."""
-        if self.page_size == 1:
-            return len(reqs)
-        return sum(self.new_slots(r.kv_len, 1) for r in reqs)
-
-    def ensure_free(self, n: int) -> bool:
-        short = n - self.allocator.available_size()
-        if short > 0:
-            self.tree_cache.evict(short)
-        return self.allocator.available_size() >= n
+        args = self.server_args
+        admission = admit_prefill(
+            self.cache,
+            self.waiting,
+            self.running,
+            self.chunked_req,
+            args.chunked_prefill_size,
+            args.max_running_requests,
+        )
+        self.chunked_req = admission.chunked_req
+        return admission.reqs
 
     def reserve_decode_memory(self) -> None:
-        """Make room for one token per running request, retracting the newest requests if needed.
+        """Make room for one token per running request (retracting or stopping the newest if needed)."""
+        stopped = self.decode.reserve_memory(self.cache, self.waiting, self.flush_pending)
+        self.send_outputs(stopped)
 
-        A request that would not fit even alone in the whole pool (prompt plus outputs so far plus the next token)
-        is finished instead: retracting it would only prefill it again and retract it again, forever.
-        """
-        while self.running and not self.ensure_free(self.decode_need(self.running)):
-            victim = self.running.pop()
-            self.release(victim)
-            if self.fits_alone(victim):
-                victim.reset_for_retract()
-                self.waiting.appendleft(victim)
-                logger.warning("KV cache full: request %s retracted and will be prefilled again", victim.rid)
-                continue
-            tokens = victim.seqlen
-            victim.finished_reason = {
-                "type": "abort",
-                "message": f"the KV cache holds {self.max_total_num_tokens} tokens, too few for this request's "
-                f"{tokens} tokens and the next one; raise --max-total-tokens (or --mem-fraction-static) or lower "
-                "max_new_tokens",
-            }
-            logger.warning(
-                "KV cache full: request %s stopped after %d tokens, too long for the pool", victim.rid, tokens
-            )
-            self.send_outputs([victim])
-
-    def fits_alone(self, req: Req) -> bool:
-        """Whether req's tokens so far and one more fit in the pool when nothing else holds any of it."""
-        held = req.seqlen
-        return self.new_slots(0, held) + self.new_slots(held, 1) <= self.max_total_num_tokens
-
-    def release(self, req: Req) -> None:
-        """Return req's KV row; its computed tokens go into the radix cache (or back to the allocator)."""
-        row = req.req_pool_idx
-        slots = self.runner.req_to_token_pool.req_to_token[row, : req.kv_len].to("cpu")
-        if self.tree_cache.disable:
-            self.allocator.free(slots[req.cached_len :])
-        else:
-            # Whole pages go into the cache; a partly written last page belongs to this request alone and is freed.
-            whole = self.tree_cache.page_aligned(req.kv_len)
-            done = self.tree_cache.insert(req.fill_ids[:whole], slots[:whole])
-            self.allocator.free(slots[req.cached_len : done])
-            self.allocator.free(slots[whole:])
-            self.tree_cache.dec_lock_ref(req.last_node)
-        self.runner.req_to_token_pool.free(row)
-        req.req_pool_idx = None
+    def flush_pending(self) -> None:
+        """Apply a step still in flight (none without overlap scheduling)."""
 
     # ---- running a batch ----------------------------------------------------------------------------
 
@@ -328,17 +229,16 @@ class Scheduler:
         if rows:
             self.sample_into(sampled, output.next_token_logits, rows)
         if extend:
-            self.running.extend(r for r in sampled if not r.finished)
+            self.decode.add([r for r in sampled if not r.finished])
         done = False
         for req in reqs:
             if req.finished:
                 done = True
                 if req is self.chunked_req:
                     self.chunked_req = None
-                self.release(req)
+                self.cache.release(req)
         if done and not extend:
-            # The decode batch is the running list: one rebuild, not a search and a removal per finished request.
-            self.running = [r for r in self.running if not r.finished]
+            self.decode.drop_finished()
         self.send_outputs([r for r in reqs if self.output_due(r)])
         self.profiler.on_step()
         if self.tp_rank == 0:
@@ -350,21 +250,7 @@ class Scheduler:
         if self.tp_rank == 0:
             sample = self.sampler.sample_guarded(logits[torch.tensor(rows, device=logits.device)], reqs)
         sample = broadcast_pyobj(sample, src=0)
-        for j, req in enumerate(reqs):
-            if j in sample.errors:
-                fail(req, sample.errors[j])
-                continue
-            req.output_ids.append(sample.token_ids[j])
-            if req.return_logprob:
-                req.new_logprobs.append(sample.logprobs[j])
-                req.new_top_logprobs.append(sample.top_logprobs[j] or [])
-            try:
-                self.stop_checker.check(req, self.model_config.context_len)
-            except Exception as e:  # every rank fails alike: they check the same tokens
-                logger.exception("Stop check of request %s failed", req.rid)
-                fail(req, f"stop check failed: {type(e).__name__}: {e}")
-            if sample.grammar_finish[j] is not None and not req.finished:
-                req.finished_reason = sample.grammar_finish[j]  # e.g. a complete grammar under ignore_eos
+        apply_sample(reqs, sample, self.stop_checker, self.model_config.context_len)
 
     def output_due(self, req: Req) -> bool:
         """Whether req's new tokens go out now: at its end, its first token, or every --stream-interval tokens."""
@@ -396,16 +282,5 @@ class Scheduler:
             "available_kv_tokens": self.allocator.available_size(),
             "evictable_kv_tokens": self.tree_cache.evictable_size(),
             "max_total_num_tokens": self.max_total_num_tokens,
-            "cached_tokens_total": self.cached_tokens_total,
+            "cached_tokens_total": self.cache.cached_tokens_total,
         }
-
-
-def fail(req: Req, message: str) -> None:
-    """End req alone with an abort carrying message (what the client reads)."""
-    logger.warning("Request %s aborted: %s", req.rid, message)
-    req.finished_reason = {"type": "abort", "message": message}
-
-
-def _pages(tokens: int, page_size: int) -> int:
-    """Pages that hold `tokens` tokens of one request (the last one possibly partly written)."""
-    return -(-tokens // page_size)
