@@ -44,7 +44,11 @@ from sglang.srt.server_args import PortArgs, ServerArgs
 
 def build_scheduler(args: argparse.Namespace) -> tuple[Scheduler, zmq.Socket]:
     """A rank-0 scheduler in this process and the socket its outputs arrive on."""
+    # Older trees (a --baseline-python run) have no overlap scheduling and no flag for it.
+    fields = ServerArgs.__dataclass_fields__
+    extra = {"disable_overlap_schedule": args.disable_overlap_schedule} if "disable_overlap_schedule" in fields else {}
     server_args = ServerArgs(
+        **extra,
         model_path=args.model_path,
         device=args.device,
         dtype=args.dtype,
@@ -79,6 +83,8 @@ def start_batch(scheduler: Scheduler, sink: zmq.Socket, bs: int, input_len: int,
 
 
 def stop_batch(scheduler: Scheduler, sink: zmq.Socket) -> None:
+    if hasattr(scheduler, "flush_pending"):
+        scheduler.flush_pending()
     for req in list(scheduler.running):
         scheduler.abort(req.rid)
     scheduler.drop_aborted_running()
@@ -86,11 +92,16 @@ def stop_batch(scheduler: Scheduler, sink: zmq.Socket) -> None:
 
 
 def decode_steps(scheduler: Scheduler, sink: zmq.Socket, steps: int) -> list[float]:
-    """Seconds per decode step as the event loop runs it (the tokens reach the host inside run_batch)."""
+    """Seconds per decode step as the event loop runs it: schedule, run (under overlap scheduling: launch this step,
+    then apply the previous one's tokens)."""
     times = []
+    step_once = getattr(scheduler, "step_once", None)
     for _ in range(steps):
         start = time.perf_counter()
-        scheduler.run_batch(*scheduler.get_next_batch())
+        if step_once is not None:
+            step_once()
+        else:
+            scheduler.run_batch(*scheduler.get_next_batch())
         times.append(time.perf_counter() - start)
         drain(sink)
     return times
@@ -129,6 +140,7 @@ def main() -> None:
         help="which forwards to time (null_model alone for long sequences: the host's share)",
     )
     parser.add_argument("--chunked-prefill-size", type=int, default=8192)
+    parser.add_argument("--disable-overlap-schedule", action="store_true", help="each step's results before the next")
     parser.add_argument(
         "--torch-threads",
         type=int,
@@ -184,6 +196,7 @@ def main() -> None:
         "steps": args.steps,
         "input_len": args.input_len,
         "torch_threads": args.torch_threads,
+        "overlap_schedule": hasattr(scheduler, "step_once") and not args.disable_overlap_schedule,
         "results": rows,
     }
     emit_report(report, args.output)
@@ -194,6 +207,7 @@ def child_argv(args: argparse.Namespace) -> list[str]:
     argv = ["--model-path", args.model_path, "--device", args.device, "--dtype", args.dtype]
     argv += ["--load-format", args.load_format, "--input-len", str(args.input_len), "--steps", str(args.steps)]
     argv += ["--chunked-prefill-size", str(args.chunked_prefill_size), "--torch-threads", str(args.torch_threads)]
+    argv += ["--disable-overlap-schedule"] if args.disable_overlap_schedule else []
     return argv + ["--batch-size", *map(str, args.batch_size), "--forward", *args.forward]
 
 

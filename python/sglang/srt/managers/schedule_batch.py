@@ -35,7 +35,10 @@ class Req:
     new_logprobs: list[float] = field(default_factory=list)
     new_top_logprobs: list[list[tuple[float, int]]] = field(default_factory=list)
     sent_len: int = 0  # output tokens already sent to the TokenizerManager
+    context_limit: int = 1 << 62  # the model's context length (the stop checker ends the request there)
     grammar: GrammarMatcher | None = None  # structured output; rank 0 only (it samples for every rank)
+    needs_sync: bool = False  # its sampling needs the previous token on the host: no overlapped steps
+    token_in_flight: bool = False  # overlap scheduling: a token sampled on the device is not in output_ids yet
 
     @classmethod
     def from_input(cls, recv: TokenizedGenerateReqInput) -> Req:
@@ -61,6 +64,13 @@ class Req:
     @property
     def finished(self) -> bool:
         return self.finished_reason is not None
+
+    def last_token_in_flight(self) -> bool:
+        """Whether the token in flight is certainly its last (a length limit): the next step need not decode it."""
+        if not self.token_in_flight:
+            return False
+        limit = self.sampling_params.max_new_tokens
+        return (limit is not None and len(self.output_ids) + 1 >= limit) or self.seqlen + 1 >= self.context_limit
 
     def remaining_prefill(self) -> int:
         """Tokens still to prefill before the request can decode."""
@@ -96,9 +106,18 @@ def alloc_kv_slots(reqs: list[Req], mode: ForwardMode, runner: Any) -> torch.Ten
 
 
 def build_forward_batch(
-    reqs: list[Req], mode: ForwardMode, out_cache_loc: torch.Tensor, runner: Any, return_full_logits: bool = False
+    reqs: list[Req],
+    mode: ForwardMode,
+    out_cache_loc: torch.Tensor,
+    runner: Any,
+    return_full_logits: bool = False,
+    token_source: torch.Tensor | None = None,
 ) -> ForwardBatch:
-    """Write the new slots into each request's KV row and build the flattened ForwardBatch."""
+    """Write the new slots into each request's KV row and build the flattened ForwardBatch.
+
+    With token_source (overlap scheduling, decode only), each request's input token is read on the device from
+    token_source[its row] instead of from its output_ids, whose newest token may not have reached the host yet.
+    """
     device = runner.device
     req_to_token = runner.req_to_token_pool.req_to_token
     ids: list[int] = []
@@ -108,8 +127,14 @@ def build_forward_batch(
     prefix_lens: list[int] = []
     extend_lens: list[int] = []
     decode = mode.is_decode()
+    token_source = token_source if decode else None
     for req in reqs:
-        if decode:
+        if token_source is not None:
+            ids.append(0)  # replaced on the device
+            positions.append(req.kv_len)
+            rows.append(req.req_pool_idx)
+            n = 1
+        elif decode:
             # Only the newest token: no copy of the whole prompt + output list per request and step.
             ids.append(req.output_ids[-1] if req.output_ids else req.origin_input_ids[req.kv_len])
             positions.append(req.kv_len)
@@ -141,6 +166,8 @@ def build_forward_batch(
         )
         # One scatter for the whole batch: on a GPU, a copy per request would cost a launch and a sync each.
         req_to_token[rows_t, positions_t] = out_cache_loc
+        if token_source is not None:
+            ids_t = token_source[req_pool_indices_t]
     return ForwardBatch(
         forward_mode=mode,
         batch_size=len(reqs),
@@ -157,6 +184,7 @@ def build_forward_batch(
         token_to_kv_pool=runner.token_to_kv_pool,
         attn_backend=runner.attn_backend,
         host_inputs=host_inputs,
+        token_source=token_source if host_inputs is not None else None,
     )
 
 

@@ -13,7 +13,7 @@ from sglang.srt import startup_timeline
 from sglang.srt.configs.model_config import ModelConfig
 from sglang.srt.constrained.grammar_backend import create_grammar_backend
 from sglang.srt.distributed.parallel_state import broadcast_pyobj, gather_pyobj
-from sglang.srt.layers.sampler import Sampler
+from sglang.srt.layers.sampler import SampleOutput, Sampler
 from sglang.srt.managers import scheduler_rpc
 from sglang.srt.managers.decode_batch import DecodeBatch
 from sglang.srt.managers.io_struct import (
@@ -24,6 +24,14 @@ from sglang.srt.managers.io_struct import (
     TokenizedGenerateReqInput,
 )
 from sglang.srt.managers.output_processor import apply_sample, fail
+from sglang.srt.managers.overlap import (
+    LaunchedStep,
+    TokenRelay,
+    copy_to_host,
+    needs_sync,
+    sample_on_device,
+    share_token_ids,
+)
 from sglang.srt.managers.prefill_adder import admit_prefill
 from sglang.srt.managers.profiler import RankProfiler
 from sglang.srt.managers.schedule_batch import Req, alloc_kv_slots, build_forward_batch
@@ -73,6 +81,11 @@ class Scheduler:
         self.waiting: deque[Req] = deque()
         self.decode = DecodeBatch()
         self.chunked_req: Req | None = None
+        # Overlap scheduling: the step launched last, whose tokens are applied once the next one is launched.
+        self.overlap = not server_args.disable_overlap_schedule
+        self.pending: LaunchedStep | None = None
+        rows = self.runner.req_to_token_pool.req_to_token.shape[0]
+        self.relay = TokenRelay(rows, self.runner.device) if self.overlap else None
         self.shutting_down = False
         self.pending_rpcs = scheduler_rpc.PendingRpcs()
         self.profiler = RankProfiler(tp_rank, self.runner.device)
@@ -99,16 +112,13 @@ class Scheduler:
             if self.pending_rpcs:
                 for rid, answer in self.pending_rpcs.collect(self):
                     self.reply_rpc(rid, answer)
-            step = self.get_next_batch()
-            if step is not None:
-                self.run_batch(*step)
-            elif self.tp_rank == 0:
+            if not self.step_once() and self.tp_rank == 0:
                 self.batch_stats.on_idle()
 
     def recv_requests(self) -> list[Any]:
         msgs: list[Any] = []
         if self.tp_rank == 0:
-            busy = bool(self.waiting or self.running or self.chunked_req)
+            busy = bool(self.waiting or self.running or self.chunked_req or self.pending)
             if busy or self.recv_sock.poll(_DEFERRED_POLL_MS if self.pending_rpcs else _IDLE_POLL_MS):
                 while True:
                     try:
@@ -120,8 +130,11 @@ class Scheduler:
     def process_input(self, msg: Any) -> None:
         if isinstance(msg, TokenizedGenerateReqInput):
             req = Req.from_input(msg)
+            req.context_limit = self.model_config.context_len
             if msg.grammar is not None and self.tp_rank == 0:
                 req.grammar = self.grammar_backend.matcher(msg.grammar)
+            # Decided from the message, not req.grammar (rank 0's alone): every rank must take the same path.
+            req.needs_sync = msg.grammar is not None or needs_sync(req)
             if len(req.origin_input_ids) > self.max_req_input_len:
                 fail(req, f"prompt of {len(req.origin_input_ids)} tokens exceeds {self.max_req_input_len}")
                 self.send_outputs([req])
@@ -133,6 +146,7 @@ class Scheduler:
             self.handle_rpc(msg)
 
     def handle_rpc(self, msg: RpcReqInput) -> None:
+        self.flush_pending()  # a control call sees no step in flight
         answer = scheduler_rpc.run(self, msg.method, msg.params)
         if isinstance(answer, scheduler_rpc.Deferred):
             # Its work (an R-Fork send, say) runs on another thread; the loop answers once it is done everywhere.
@@ -169,9 +183,10 @@ class Scheduler:
                 return ForwardMode.EXTEND, reqs
         if self.decode:
             self.reserve_decode_memory()
-        if self.decode:  # retraction may have emptied it (the memory is held by a chunked prefill)
-            return ForwardMode.DECODE, list(self.decode.reqs)
-        return None
+        # Retraction may have emptied it (the memory is held by a chunked prefill). Under overlap, a request whose
+        # token in flight is its last by length is not decoded again (that step's token would be discarded).
+        reqs = [r for r in self.decode.reqs if not r.last_token_in_flight()]
+        return (ForwardMode.DECODE, reqs) if reqs else None
 
     def drop_aborted_running(self) -> None:
         """Release and answer the requests an abort ended since the last step."""
@@ -203,54 +218,118 @@ class Scheduler:
         self.send_outputs(stopped)
 
     def flush_pending(self) -> None:
-        """Apply a step still in flight (none without overlap scheduling)."""
+        """Apply the step still in flight, if any (there is none without overlap scheduling)."""
+        if self.pending is not None:
+            step, self.pending = self.pending, None
+            self.process_step(step)
 
     # ---- running a batch ----------------------------------------------------------------------------
 
+    def step_once(self) -> bool:
+        """Schedule and run one step; under overlap, launch it and then apply the one before. False when idle."""
+        step = self.get_next_batch()
+        if not self.overlap:
+            if step is not None:
+                self.run_batch(*step)
+            return step is not None
+        launched = None
+        if step is not None:
+            mode, reqs = step
+            if any(r.needs_sync for r in reqs):
+                self.run_batch(mode, reqs)  # its sampling needs every earlier token on the host
+            else:
+                launched = self.launch_batch(mode, reqs, overlap=True)
+        previous, self.pending = self.pending, launched
+        if previous is not None:
+            self.process_step(previous)
+        return step is not None or previous is not None
+
     def run_batch(self, mode: ForwardMode, reqs: list[Req]) -> None:
+        """Run one step to its end: forward, sampling, and its tokens applied."""
+        if self.pending is not None:
+            self.flush_pending()
+            reqs = [r for r in reqs if not r.finished]  # chosen before the step in flight ended some
+            if not reqs:
+                return
+        self.process_step(self.launch_batch(mode, reqs, overlap=False))
+
+    def launch_batch(self, mode: ForwardMode, reqs: list[Req], overlap: bool) -> LaunchedStep:
+        """Enqueue a step's forward and sampling; without overlap its tokens are on the host when this returns."""
         out_cache_loc = alloc_kv_slots(reqs, mode, self.runner)
         assert out_cache_loc is not None, "memory was reserved before scheduling"
-        batch = build_forward_batch(reqs, mode, out_cache_loc, self.runner)
+        source = self.relay.ids if overlap else None
+        batch = build_forward_batch(reqs, mode, out_cache_loc, self.runner, token_source=source)
         output = self.runner.forward(batch)
         extend = mode.is_extend()
         # One pass over the batch with O(1) work per request: which rows are sampled, which are done.
+        live: list[Req] = []
         rows: list[int] = []
         sampled: list[Req] = []
         for i, req in enumerate(reqs):
             req.kv_len += req.extend_len if extend else 1
-            if req.finished or req.kv_len < req.seqlen:  # a chunk of a longer prefill: nothing to sample yet
+            if req.finished:
+                continue
+            live.append(req)
+            if req.kv_len < req.seqlen:  # a chunk of a longer prefill: nothing to sample yet
                 continue
             limit = req.sampling_params.max_new_tokens
-            if limit is not None and limit <= len(req.output_ids):
+            if extend and limit is not None and limit <= len(req.output_ids):
                 req.finished_reason = {"type": "length", "matched": None}  # asked for no tokens
                 continue
             rows.append(i)
             sampled.append(req)
-        if rows:
-            self.sample_into(sampled, output.next_token_logits, rows)
+        step = LaunchedStep(mode, reqs, live, sampled)
         if extend:
-            self.decode.add([r for r in sampled if not r.finished])
+            self.decode.add(sampled)  # under overlap the next step decodes them before their first token is read
+        if self.tp_rank == 0:
+            self.batch_stats.on_batch(mode, reqs)
+        if not sampled:
+            step.sample = SampleOutput([], [], [], [])
+            return step
+        logits = output.next_token_logits
+        if len(rows) < logits.shape[0]:
+            logits = logits[torch.tensor(rows).to(logits.device, non_blocking=True)]
+        if overlap:
+            ids, step.errors = sample_on_device(self.sampler, logits, sampled) if self.tp_rank == 0 else (None, {})
+            ids = share_token_ids(ids, len(sampled), self.runner.device)
+            self.relay.write(sampled, ids)
+            step.ids_host, step.ready = copy_to_host(ids)
+            for req in sampled:
+                req.token_in_flight = True
+        else:
+            step.sample = self.sample_now(sampled, logits)
+        return step
+
+    def sample_now(self, reqs: list[Req], logits: torch.Tensor) -> SampleOutput:
+        """Rank 0 samples one token per request and shares the choice, so every rank stays in step."""
+        sample = self.sampler.sample_guarded(logits, reqs) if self.tp_rank == 0 else None
+        sample = broadcast_pyobj(sample, src=0)
+        if self.relay is not None:  # a later overlapped step reads these tokens from the device
+            ids = [-1 if t is None else t for t in sample.token_ids]
+            self.relay.write(reqs, torch.tensor(ids, dtype=torch.int64))
+        return sample
+
+    def process_step(self, step: LaunchedStep) -> None:
+        """Apply a launched step's tokens: outputs, stop checks, and the release of every request that ended."""
+        # A request released since the launch (an abort, or a stop found one step earlier) was answered then.
+        live = [r for r in step.live if r.req_pool_idx is not None]
+        if step.sampled:
+            apply_sample(step.sampled, step.resolve(), self.stop_checker, self.model_config.context_len)
+            for req in step.sampled:
+                req.token_in_flight = False
         done = False
-        for req in reqs:
+        for req in live:
             if req.finished:
                 done = True
                 if req is self.chunked_req:
                     self.chunked_req = None
                 self.cache.release(req)
-        if done and not extend:
+        if done:
             self.decode.drop_finished()
-        self.send_outputs([r for r in reqs if self.output_due(r)])
+        self.send_outputs([r for r in live if self.output_due(r)])
         self.profiler.on_step()
-        if self.tp_rank == 0:
-            self.batch_stats.on_batch(mode, reqs)
-
-    def sample_into(self, reqs: list[Req], logits: torch.Tensor, rows: list[int]) -> None:
-        """Rank 0 samples one token per request and shares the choice, so every rank stays in step."""
-        sample = None
-        if self.tp_rank == 0:
-            sample = self.sampler.sample_guarded(logits[torch.tensor(rows, device=logits.device)], reqs)
-        sample = broadcast_pyobj(sample, src=0)
-        apply_sample(reqs, sample, self.stop_checker, self.model_config.context_len)
+        if self.tp_rank == 0 and not (self.waiting or self.running or self.chunked_req):
+            self.batch_stats.on_idle()  # now: a scrape right after the last reply sees the server drained
 
     def output_due(self, req: Req) -> bool:
         """Whether req's new tokens go out now: at its end, its first token, or every --stream-interval tokens."""
