@@ -112,11 +112,13 @@ def build_forward_batch(
     runner: Any,
     return_full_logits: bool = False,
     token_source: torch.Tensor | None = None,
+    host_slots: torch.Tensor | None = None,
 ) -> ForwardBatch:
     """Write the new slots into each request's KV row and build the flattened ForwardBatch.
 
     With token_source (overlap scheduling, decode only), each request's input token is read on the device from
     token_source[its row] instead of from its output_ids, whose newest token may not have reached the host yet.
+    host_slots, a host copy of req_to_token, receives the new slots too.
     """
     device = runner.device
     req_to_token = runner.req_to_token_pool.req_to_token
@@ -156,10 +158,15 @@ def build_forward_batch(
         # writes the new slots into req_to_token (in decode, a token's row is its request's row).
         host_inputs = torch.tensor([ids, positions, rows, seq_lens, out_cache_loc.tolist()], dtype=torch.int64)
         ids_t, positions_t, req_pool_indices_t, seq_lens_t, out_cache_loc = host_inputs.unbind(0)
+        if host_slots is not None:
+            host_slots[req_pool_indices_t, positions_t] = out_cache_loc.to(host_slots.dtype)
     else:
         # Every integer input in one host tensor and one copy to the device: each separate small host-to-device
         # copy costs a launch and a staging copy, several per decode step otherwise.
         host = torch.tensor(ids + positions + rows + [r.req_pool_idx for r in reqs] + seq_lens, dtype=torch.int64)
+        if host_slots is not None:
+            token_rows, token_positions = host[2 * num_tokens : 3 * num_tokens], host[num_tokens : 2 * num_tokens]
+            host_slots[token_rows, token_positions] = out_cache_loc.to(host_slots.dtype)
         packed = torch.cat([host, out_cache_loc.to(torch.int64)]).to(device, non_blocking=True)
         ids_t, positions_t, rows_t, req_pool_indices_t, seq_lens_t, out_cache_loc = packed.split(
             [num_tokens, num_tokens, num_tokens, len(reqs), len(reqs), num_tokens]

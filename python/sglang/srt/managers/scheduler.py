@@ -258,7 +258,9 @@ class Scheduler:
         out_cache_loc = alloc_kv_slots(reqs, mode, self.runner)
         assert out_cache_loc is not None, "memory was reserved before scheduling"
         source = self.relay.ids if overlap else None
-        batch = build_forward_batch(reqs, mode, out_cache_loc, self.runner, token_source=source)
+        batch = build_forward_batch(
+            reqs, mode, out_cache_loc, self.runner, token_source=source, host_slots=self.cache.host_slots
+        )
         output = self.runner.forward(batch)
         extend = mode.is_extend()
         # One pass over the batch with O(1) work per request: which rows are sampled, which are done.

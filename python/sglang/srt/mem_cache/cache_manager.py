@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import torch
+
 from sglang.srt.mem_cache.radix_cache import RadixCache
 
 if TYPE_CHECKING:
@@ -23,6 +25,10 @@ class ReqCacheManager:
         self.max_total_num_tokens = self.allocator.size
         self.tree_cache = RadixCache(self.allocator, disable=disable_radix_cache)
         self.cached_tokens_total = 0  # prompt tokens served from the cache, over the server's life
+        # req_to_token's contents, kept on the host as they are written (build_forward_batch writes each step's): a
+        # request's release reads its slots from here, since reading the device table would wait for every step in
+        # flight (a stall per finished request).
+        self.host_slots = torch.zeros(self.req_to_token_pool.req_to_token.shape, dtype=torch.int32)
 
     def place(self, req: Req) -> bool:
         """Give req a KV row and reuse its longest cached prefix; False (nothing taken) if no row is free."""
@@ -34,7 +40,8 @@ class ReqCacheManager:
         slots, node = self.tree_cache.match_prefix(req.fill_ids[:-1])
         n = int(slots.numel())
         if n:
-            self.req_to_token_pool.req_to_token[row, :n] = slots.to(self.runner.device)
+            self.req_to_token_pool.req_to_token[row, :n] = slots.to(self.runner.device, non_blocking=True)
+            self.host_slots[row, :n] = slots
         req.kv_len = req.cached_len = n
         if not req.output_ids:
             req.cached_tokens = n
@@ -50,7 +57,7 @@ class ReqCacheManager:
         overlap scheduling that may include the newest output token, whose KV the step in flight is writing.
         """
         row = req.req_pool_idx
-        slots = self.req_to_token_pool.req_to_token[row, : req.kv_len].to("cpu")
+        slots = self.host_slots[row, : req.kv_len].to(torch.int64)
         if self.tree_cache.disable:
             self.allocator.free(slots[req.cached_len :])
         else:

@@ -61,5 +61,6 @@ class ForwardBatch:
         """Index (in the flattened layout) of each sequence's last token in this pass."""
         if self.forward_mode.is_decode():
             return torch.arange(self.batch_size, device=self.input_ids.device)
-        lens = torch.tensor(self.extend_seq_lens_cpu, device=self.input_ids.device)
+        # Staged without waiting for the device (a plain copy would wait for the steps in flight).
+        lens = torch.tensor(self.extend_seq_lens_cpu).to(self.input_ids.device, non_blocking=True)
         return torch.cumsum(lens, 0) - 1
