@@ -1,10 +1,12 @@
 """Host (CPU) cost of one decode step through the real Scheduler, with and without the model's forward.
 
 A scheduler is built in this process (tp 1) and fed greedy requests that never stop; once all of them decode, each
-step is `get_next_batch()` + `run_batch()` exactly as the event loop runs them, outputs drained from the socket.
+step is `step_once()` exactly as the event loop runs it (with overlap scheduling: launch this step, then apply the
+previous one's tokens; `get_next_batch()` + `run_batch()` in trees without it), outputs drained from the socket.
 `null_model` replaces ModelRunner.forward by a stub that returns ready logits, so what is left is the scheduler's
 own bookkeeping: building the ForwardBatch, sampling, stop checks, sending outputs. On a GPU the real rows include
-the CUDA-graph input copies and the attention plan as well.
+the CUDA-graph input copies and the attention plan as well; with the model and overlap on, a row is the decode
+step as the server runs it (the host's work hidden behind the device's where it is shorter).
 
     python benchmark/serving/profile_decode_host.py --batch-size 1 8 32 [--device cuda --model-path DIR]
     python benchmark/serving/profile_decode_host.py --batch-size 8 --cprofile 25   # where the time goes

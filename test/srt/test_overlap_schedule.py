@@ -149,3 +149,40 @@ def test_abort_mid_stream(model):
         assert 5 <= len(seen) < len(full) and seen == full[: len(seen)]
         assert engine.generate(input_ids=prompt, sampling_params=params)["output_ids"] == full
         _assert_no_slot_held(engine)
+
+
+def _in_process_scheduler(model: str, overlap: bool):
+    import zmq
+
+    from sglang.srt.managers.scheduler import Scheduler
+    from sglang.srt.server_args import PortArgs, ServerArgs
+
+    args = ServerArgs(model_path=model, device="cpu", max_total_tokens=256, disable_overlap_schedule=not overlap)
+    port_args = PortArgs.init_new(args)
+    sink = zmq.Context.instance().socket(zmq.PULL)  # takes the outputs the scheduler sends
+    sink.bind(port_args.tokenizer_ipc_name)
+    return Scheduler(args, port_args, 0, 0), sink
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_length_limit_takes_no_extra_step(model, overlap):
+    """A request of n tokens takes one prefill and n - 1 decode steps with overlap too: a token known (while still in
+    flight) to be its last by length is not decoded again; every slot is back once it ends."""
+    from sglang.srt.managers.io_struct import TokenizedGenerateReqInput
+    from sglang.srt.sampling.sampling_params import SamplingParams
+
+    sched, sink = _in_process_scheduler(model, overlap)
+    try:
+        params = SamplingParams(temperature=0, max_new_tokens=5, ignore_eos=True)
+        sched.process_input(TokenizedGenerateReqInput("r0", _prompts()[2], params))
+        req = sched.waiting[0]
+        for _ in range(50):
+            if not sched.step_once():
+                break
+        assert len(req.output_ids) == 5 and req.finished_reason["type"] == "length"
+        assert sched.batch_stats.decode_steps == 4
+        assert sched.allocator.available_size() + sched.tree_cache.evictable_size() == sched.max_total_num_tokens
+    finally:
+        sched.recv_sock.close(linger=0)
+        sched.send_sock.close(linger=0)
+        sink.close(linger=0)

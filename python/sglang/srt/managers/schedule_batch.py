@@ -38,7 +38,9 @@ class Req:
     context_limit: int = 1 << 62  # the model's context length (the stop checker ends the request there)
     grammar: GrammarMatcher | None = None  # structured output; rank 0 only (it samples for every rank)
     needs_sync: bool = False  # its sampling needs the previous token on the host: no overlapped steps
-    token_in_flight: bool = False  # overlap scheduling: a token sampled on the device is not in output_ids yet
+    # Overlap scheduling: tokens sampled on the device and not in output_ids yet (a count, not a flag: a step's
+    # tokens are applied after the next step, which samples this request again, was launched).
+    tokens_in_flight: int = 0
 
     @classmethod
     def from_input(cls, recv: TokenizedGenerateReqInput) -> Req:
@@ -66,11 +68,12 @@ class Req:
         return self.finished_reason is not None
 
     def last_token_in_flight(self) -> bool:
-        """Whether the token in flight is certainly its last (a length limit): the next step need not decode it."""
-        if not self.token_in_flight:
+        """Whether a token in flight is certainly its last (a length limit): the next step need not decode it."""
+        if not self.tokens_in_flight:
             return False
+        n = self.tokens_in_flight
         limit = self.sampling_params.max_new_tokens
-        return (limit is not None and len(self.output_ids) + 1 >= limit) or self.seqlen + 1 >= self.context_limit
+        return (limit is not None and len(self.output_ids) + n >= limit) or self.seqlen + n >= self.context_limit
 
     def remaining_prefill(self) -> int:
         """Tokens still to prefill before the request can decode."""

@@ -297,7 +297,7 @@ class Scheduler:
             self.relay.write(sampled, ids)
             step.ids_host, step.ready = copy_to_host(ids)
             for req in sampled:
-                req.token_in_flight = True
+                req.tokens_in_flight += 1
         else:
             step.sample = self.sample_now(sampled, logits)
         return step
@@ -316,9 +316,11 @@ class Scheduler:
         # A request released since the launch (an abort, or a stop found one step earlier) was answered then.
         live = [r for r in step.live if r.req_pool_idx is not None]
         if step.sampled:
+            overlapped = step.sample is None
             apply_sample(step.sampled, step.resolve(), self.stop_checker, self.model_config.context_len)
-            for req in step.sampled:
-                req.token_in_flight = False
+            if overlapped:
+                for req in step.sampled:
+                    req.tokens_in_flight -= 1
         done = False
         for req in live:
             if req.finished:
