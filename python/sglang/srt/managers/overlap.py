@@ -85,7 +85,9 @@ def sample_on_device(sampler: Sampler, logits: torch.Tensor, reqs: list[Req]) ->
         chosen = logits.argmax(dim=-1)
         sampled = [i for i, r in enumerate(reqs) if not r.sampling_params.is_greedy]
         if sampled:
-            rows = sampled if len(sampled) < len(reqs) else slice(None)
+            rows = slice(None)
+            if len(sampled) < len(reqs):  # a device index, staged without waiting (a list index would wait)
+                rows = torch.tensor(sampled).to(logits.device, non_blocking=True)
             chosen[rows] = sampler._sample(logits[rows], [reqs[i] for i in sampled])
         return chosen, {}
     except Exception:
