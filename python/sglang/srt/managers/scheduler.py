@@ -6,14 +6,13 @@ import logging
 from collections import deque
 from typing import Any
 
-import torch
 import zmq
 
 from sglang.srt import startup_timeline
 from sglang.srt.configs.model_config import ModelConfig
 from sglang.srt.constrained.grammar_backend import create_grammar_backend
 from sglang.srt.distributed.parallel_state import broadcast_pyobj, gather_pyobj
-from sglang.srt.layers.sampler import SampleOutput, Sampler
+from sglang.srt.layers.sampler import Sampler
 from sglang.srt.managers import scheduler_rpc
 from sglang.srt.managers.decode_batch import DecodeBatch
 from sglang.srt.managers.io_struct import (
@@ -23,18 +22,12 @@ from sglang.srt.managers.io_struct import (
     RpcReqOutput,
     TokenizedGenerateReqInput,
 )
-from sglang.srt.managers.output_processor import apply_sample, fail
-from sglang.srt.managers.overlap import (
-    LaunchedStep,
-    TokenRelay,
-    copy_to_host,
-    needs_sync,
-    sample_on_device,
-    share_token_ids,
-)
+from sglang.srt.managers.output_processor import fail
+from sglang.srt.managers.overlap import LaunchedStep, needs_sync
 from sglang.srt.managers.prefill_adder import admit_prefill
 from sglang.srt.managers.profiler import RankProfiler
-from sglang.srt.managers.schedule_batch import Req, alloc_kv_slots, build_forward_batch
+from sglang.srt.managers.schedule_batch import Req
+from sglang.srt.managers.step_runner import StepRunner
 from sglang.srt.managers.stop_checker import StopChecker
 from sglang.srt.mem_cache.cache_manager import ReqCacheManager
 from sglang.srt.metrics.scheduler_stats import BatchStatsLogger
@@ -84,8 +77,7 @@ class Scheduler:
         # Overlap scheduling: the step launched last, whose tokens are applied once the next one is launched.
         self.overlap = not server_args.disable_overlap_schedule
         self.pending: LaunchedStep | None = None
-        rows = self.runner.req_to_token_pool.req_to_token.shape[0]
-        self.relay = TokenRelay(rows, self.runner.device) if self.overlap else None
+        self.steps = StepRunner(self.runner, self.cache, self.sampler, self.stop_checker, tp_rank, self.overlap)
         self.shutting_down = False
         self.pending_rpcs = scheduler_rpc.PendingRpcs()
         self.profiler = RankProfiler(tp_rank, self.runner.device)
@@ -254,81 +246,21 @@ class Scheduler:
         self.process_step(self.launch_batch(mode, reqs, overlap=False))
 
     def launch_batch(self, mode: ForwardMode, reqs: list[Req], overlap: bool) -> LaunchedStep:
-        """Enqueue a step's forward and sampling; without overlap its tokens are on the host when this returns."""
-        out_cache_loc = alloc_kv_slots(reqs, mode, self.runner)
-        assert out_cache_loc is not None, "memory was reserved before scheduling"
-        source = self.relay.ids if overlap else None
-        batch = build_forward_batch(
-            reqs, mode, out_cache_loc, self.runner, token_source=source, host_slots=self.cache.host_slots
-        )
-        output = self.runner.forward(batch)
-        extend = mode.is_extend()
-        # One pass over the batch with O(1) work per request: which rows are sampled, which are done.
-        live: list[Req] = []
-        rows: list[int] = []
-        sampled: list[Req] = []
-        for i, req in enumerate(reqs):
-            req.kv_len += req.extend_len if extend else 1
-            if req.finished:
-                continue
-            live.append(req)
-            if req.kv_len < req.seqlen:  # a chunk of a longer prefill: nothing to sample yet
-                continue
-            limit = req.sampling_params.max_new_tokens
-            if extend and limit is not None and limit <= len(req.output_ids):
-                req.finished_reason = {"type": "length", "matched": None}  # asked for no tokens
-                continue
-            rows.append(i)
-            sampled.append(req)
-        step = LaunchedStep(mode, reqs, live, sampled)
-        if extend:
-            self.decode.add(sampled)  # under overlap the next step decodes them before their first token is read
+        """Enqueue a step; its prefilled requests join the decode batch now (under overlap the next step decodes
+        them before their first token is read)."""
+        step = self.steps.launch(mode, reqs, overlap)
+        if mode.is_extend():
+            self.decode.add(step.sampled)
         if self.tp_rank == 0:
             self.batch_stats.on_batch(mode, reqs)
-        if not sampled:
-            step.sample = SampleOutput([], [], [], [])
-            return step
-        logits = output.next_token_logits
-        if len(rows) < logits.shape[0]:
-            logits = logits[torch.tensor(rows).to(logits.device, non_blocking=True)]
-        if overlap:
-            ids, step.errors = sample_on_device(self.sampler, logits, sampled) if self.tp_rank == 0 else (None, {})
-            ids = share_token_ids(ids, len(sampled), self.runner.device)
-            self.relay.write(sampled, ids)
-            step.ids_host, step.ready = copy_to_host(ids)
-            for req in sampled:
-                req.tokens_in_flight += 1
-        else:
-            step.sample = self.sample_now(sampled, logits)
         return step
-
-    def sample_now(self, reqs: list[Req], logits: torch.Tensor) -> SampleOutput:
-        """Rank 0 samples one token per request and shares the choice, so every rank stays in step."""
-        sample = self.sampler.sample_guarded(logits, reqs) if self.tp_rank == 0 else None
-        sample = broadcast_pyobj(sample, src=0)
-        if self.relay is not None:  # a later overlapped step reads these tokens from the device
-            ids = [-1 if t is None else t for t in sample.token_ids]
-            self.relay.write(reqs, torch.tensor(ids, dtype=torch.int64))
-        return sample
 
     def process_step(self, step: LaunchedStep) -> None:
         """Apply a launched step's tokens: outputs, stop checks, and the release of every request that ended."""
-        # A request released since the launch (an abort, or a stop found one step earlier) was answered then.
-        live = [r for r in step.live if r.req_pool_idx is not None]
-        if step.sampled:
-            overlapped = step.sample is None
-            apply_sample(step.sampled, step.resolve(), self.stop_checker, self.model_config.context_len)
-            if overlapped:
-                for req in step.sampled:
-                    req.tokens_in_flight -= 1
-        done = False
-        for req in live:
-            if req.finished:
-                done = True
-                if req is self.chunked_req:
-                    self.chunked_req = None
-                self.cache.release(req)
-        if done:
+        live, ended = self.steps.apply(step)
+        if ended:
+            if any(r is self.chunked_req for r in ended):
+                self.chunked_req = None
             self.decode.drop_finished()
         self.send_outputs([r for r in live if self.output_due(r)])
         self.profiler.on_step()
