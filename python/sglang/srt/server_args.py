@@ -150,6 +150,11 @@ class ServerArgs:
     disable_radix_cache: bool = _opt("Disable the radix prefix cache.", default=False)
     cuda_graph_max_bs: int | None = _opt("Largest decode batch captured in a CUDA graph.")
     disable_cuda_graph: bool = _opt("Disable CUDA graphs.", default=False)
+    disable_overlap_schedule: bool = _opt(
+        "Run each step's stop checks and outputs before launching the next step, instead of while it runs "
+        "(overlap scheduling, the default; outputs are the same either way).",
+        default=False,
+    )
 
     # Tensor R-Fork (upstream flag names)
     remote_instance_weight_loader_seed_instance_ip: str | None = _opt("R-Fork: IP of the seed instance.")

@@ -83,15 +83,7 @@ class Sampler:
             # Usually filled while the forward ran (prefetch_masks); only the constrained rows are touched.
             bitmask = self.masks.take(reqs, constrained)
             self.grammar_backend.apply_masks(logits, bitmask, constrained)
-        if len(sampled) == len(reqs):
-            chosen = self._sample(logits, reqs, tensors["knobs"])
-        else:
-            chosen = logits.argmax(dim=-1)  # the answer for greedy rows
-            if sampled:
-                rows = tensors["sampled_rows"]
-                knobs = tensors["knobs"].index_select(0, rows)
-                picked = self._sample(logits.index_select(0, rows), [reqs[i] for i in sampled], knobs)
-                chosen.index_copy_(0, rows, picked)
+        chosen = self._choose(logits, reqs, sampled, tensors)
         ids: list[int] = chosen.tolist()
         grammar_finish: list[dict[str, Any] | None] = [None] * len(reqs)
         for i in constrained:
@@ -115,6 +107,33 @@ class Sampler:
                     n = req.top_logprobs_num
                     tops[i] = list(zip(top_vals[i][:n], top_ids[i][:n]))
         return SampleOutput(ids, logprobs, tops, grammar_finish)
+
+    def choose_on_device(self, logits: torch.Tensor, reqs: list[Req]) -> torch.Tensor:
+        """One token id per row, left on the device (no host copy, no wait), for rows without grammar, penalties,
+        min_new_tokens or logit_bias (overlap scheduling samples only those this way): the same draws as calling
+        the sampler."""
+        logits = logits.float()
+        sampled = [i for i, r in enumerate(reqs) if not r.sampling_params.is_greedy]
+        upload = StepUpload()
+        if sampled:
+            upload.add_floats("knobs", [knob_row(r.sampling_params, logits.shape[-1]) for r in reqs])
+            if len(sampled) < len(reqs):
+                upload.add_ints("sampled_rows", sampled)
+        return self._choose(logits, reqs, sampled, upload.upload(logits.device))
+
+    def _choose(
+        self, logits: torch.Tensor, reqs: list[Req], sampled: list[int], tensors: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """Argmax for greedy rows, a draw for the `sampled` rows (their knobs in tensors), on the device."""
+        if len(sampled) == len(reqs):
+            return self._sample(logits, reqs, tensors["knobs"])
+        chosen = logits.argmax(dim=-1)
+        if sampled:
+            rows = tensors["sampled_rows"]
+            knobs = tensors["knobs"].index_select(0, rows)
+            picked = self._sample(logits.index_select(0, rows), [reqs[i] for i in sampled], knobs)
+            chosen.index_copy_(0, rows, picked)
+        return chosen
 
     def sample_guarded(self, logits: torch.Tensor, reqs: list[Req]) -> SampleOutput:
         """As calling the sampler, but a request whose row cannot be sampled (input that slipped past validation, a

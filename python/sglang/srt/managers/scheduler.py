@@ -6,7 +6,6 @@ import logging
 from collections import deque
 from typing import Any
 
-import torch
 import zmq
 
 from sglang.srt import startup_timeline
@@ -15,6 +14,7 @@ from sglang.srt.constrained.grammar_backend import create_grammar_backend
 from sglang.srt.distributed.parallel_state import broadcast_pyobj, gather_pyobj
 from sglang.srt.layers.sampler import Sampler
 from sglang.srt.managers import scheduler_rpc
+from sglang.srt.managers.decode_batch import DecodeBatch
 from sglang.srt.managers.io_struct import (
     AbortReq,
     BatchTokenIDOut,
@@ -22,10 +22,14 @@ from sglang.srt.managers.io_struct import (
     RpcReqOutput,
     TokenizedGenerateReqInput,
 )
+from sglang.srt.managers.output_processor import fail
+from sglang.srt.managers.overlap import LaunchedStep, needs_sync
+from sglang.srt.managers.prefill_adder import admit_prefill
 from sglang.srt.managers.profiler import RankProfiler
-from sglang.srt.managers.schedule_batch import Req, alloc_kv_slots, build_forward_batch
+from sglang.srt.managers.schedule_batch import Req
+from sglang.srt.managers.step_runner import StepRunner
 from sglang.srt.managers.stop_checker import StopChecker
-from sglang.srt.mem_cache.radix_cache import RadixCache
+from sglang.srt.mem_cache.cache_manager import ReqCacheManager
 from sglang.srt.metrics.scheduler_stats import BatchStatsLogger
 from sglang.srt.model_executor.forward_batch_info import ForwardMode
 from sglang.srt.model_executor.model_runner import ModelRunner
@@ -52,12 +56,12 @@ class Scheduler:
             )
             self.model_config.check_tp(server_args.tp_size)
         self.runner = ModelRunner(self.model_config, server_args, tp_rank, gpu_id, port_args.dist_init_method)
-        self.allocator = self.runner.token_to_kv_pool_allocator
-        self.page_size = self.allocator.page_size
-        # The slots that can be handed out: whole pages, without the scratch page 0.
-        self.max_total_num_tokens = self.allocator.size
+        self.cache = ReqCacheManager(self.runner, server_args.disable_radix_cache)
+        self.allocator = self.cache.allocator
+        self.page_size = self.cache.page_size
+        self.max_total_num_tokens = self.cache.max_total_num_tokens
         self.max_req_input_len = min(self.model_config.context_len - 1, self.max_total_num_tokens - 1)
-        self.tree_cache = RadixCache(self.allocator, disable=server_args.disable_radix_cache)
+        self.tree_cache = self.cache.tree_cache
         with startup_timeline.phase("stop checker (tokenizer)"):
             self.stop_checker = StopChecker(server_args.tokenizer_path, self.model_config)
         self.grammar_backend = create_grammar_backend(
@@ -68,9 +72,12 @@ class Scheduler:
         )
         self.sampler = Sampler(server_args.random_seed, self.stop_checker.stop_ids_for, self.grammar_backend)
         self.waiting: deque[Req] = deque()
-        self.running: list[Req] = []
+        self.decode = DecodeBatch()
         self.chunked_req: Req | None = None
-        self.cached_tokens_total = 0
+        # Overlap scheduling: the step launched last, whose tokens are applied once the next one is launched.
+        self.overlap = not server_args.disable_overlap_schedule
+        self.pending: LaunchedStep | None = None
+        self.steps = StepRunner(self.runner, self.cache, self.sampler, self.stop_checker, tp_rank, self.overlap)
         self.shutting_down = False
         self.pending_rpcs = scheduler_rpc.PendingRpcs()
         self.profiler = RankProfiler(tp_rank, self.runner.device)
@@ -82,6 +89,11 @@ class Scheduler:
             self.send_sock.connect(port_args.tokenizer_ipc_name)
             self.batch_stats = BatchStatsLogger(self, self.send_sock.send_pyobj if server_args.enable_metrics else None)
 
+    @property
+    def running(self) -> list[Req]:
+        """The decoding requests (the decode batch's list; read-only use outside the scheduler)."""
+        return self.decode.reqs
+
     # ---- main loop -------------------------------------------------------------------------------
 
     def event_loop(self) -> None:
@@ -92,16 +104,13 @@ class Scheduler:
             if self.pending_rpcs:
                 for rid, answer in self.pending_rpcs.collect(self):
                     self.reply_rpc(rid, answer)
-            step = self.get_next_batch()
-            if step is not None:
-                self.run_batch(*step)
-            elif self.tp_rank == 0:
+            if not self.step_once() and self.tp_rank == 0:
                 self.batch_stats.on_idle()
 
     def recv_requests(self) -> list[Any]:
         msgs: list[Any] = []
         if self.tp_rank == 0:
-            busy = bool(self.waiting or self.running or self.chunked_req)
+            busy = bool(self.waiting or self.running or self.chunked_req or self.pending)
             if busy or self.recv_sock.poll(_DEFERRED_POLL_MS if self.pending_rpcs else _IDLE_POLL_MS):
                 while True:
                     try:
@@ -113,8 +122,11 @@ class Scheduler:
     def process_input(self, msg: Any) -> None:
         if isinstance(msg, TokenizedGenerateReqInput):
             req = Req.from_input(msg)
+            req.context_limit = self.model_config.context_len
             if msg.grammar is not None and self.tp_rank == 0:
                 req.grammar = self.grammar_backend.matcher(msg.grammar)
+            # Decided from the message, not req.grammar (rank 0's alone): every rank must take the same path.
+            req.needs_sync = msg.grammar is not None or needs_sync(req)
             if len(req.origin_input_ids) > self.max_req_input_len:
                 fail(req, f"prompt of {len(req.origin_input_ids)} tokens exceeds {self.max_req_input_len}")
                 self.send_outputs([req])
@@ -126,6 +138,7 @@ class Scheduler:
             self.handle_rpc(msg)
 
     def handle_rpc(self, msg: RpcReqInput) -> None:
+        self.flush_pending()  # a control call sees no step in flight
         answer = scheduler_rpc.run(self, msg.method, msg.params)
         if isinstance(answer, scheduler_rpc.Deferred):
             # Its work (an R-Fork send, say) runs on another thread; the loop answers once it is done everywhere.
@@ -143,209 +156,116 @@ class Scheduler:
             if req.rid == rid:
                 self.waiting.remove(req)
                 if req.req_pool_idx is not None:
-                    self.release(req)
+                    self.cache.release(req)
                 req.finished_reason = {"type": "abort", "message": "aborted"}
                 self.send_outputs([req])
         for req in self.running + ([self.chunked_req] if self.chunked_req else []):
             if req.rid == rid and not req.finished:
                 req.finished_reason = {"type": "abort", "message": "aborted"}
+                self.decode.has_aborted = True
 
     # ---- batching ---------------------------------------------------------------------------------
 
     def get_next_batch(self) -> tuple[ForwardMode, list[Req]] | None:
+        """The next step: a prefill if any request is admitted, else a decode of every running request."""
         self.drop_aborted_running()
         if self.chunked_req or self.waiting:
             reqs = self.admit_prefill()
             if reqs:
                 return ForwardMode.EXTEND, reqs
-        if self.running:
+        if self.decode:
             self.reserve_decode_memory()
-        if self.running:  # retraction may have emptied it (the memory is held by a chunked prefill)
-            return ForwardMode.DECODE, list(self.running)
-        return None
+        # Retraction may have emptied it (the memory is held by a chunked prefill). Under overlap, a request whose
+        # token in flight is its last by length is not decoded again (that step's token would be discarded).
+        reqs = [r for r in self.decode.reqs if not r.last_token_in_flight()]
+        return (ForwardMode.DECODE, reqs) if reqs else None
 
     def drop_aborted_running(self) -> None:
-        for req in [r for r in self.running if r.finished]:
-            self.running.remove(req)
-            self.release(req)
+        """Release and answer the requests an abort ended since the last step."""
+        for req in self.decode.drop_aborted():
+            self.cache.release(req)
             self.send_outputs([req])
         if self.chunked_req is not None and self.chunked_req.finished:
             req, self.chunked_req = self.chunked_req, None
-            self.release(req)
+            self.cache.release(req)
             self.send_outputs([req])
 
     def admit_prefill(self) -> list[Req]:
         """Pick requests to prefill this step within the token budget and free KV memory."""
-        budget = self.server_args.chunked_prefill_size
-        budget = budget if budget and budget > 0 else 1 << 62
-        candidates = ([self.chunked_req] if self.chunked_req else []) + list(self.waiting)
-        self.chunked_req = None
-        admitted: list[Req] = []
-        # KV slots (whole pages) the admitted prefills take, plus one decode step of every request after them:
-        # the admitted requests allocate together in run_batch, so each one's check must count the others.
-        need = self.decode_need(self.running)
-        for req in candidates:
-            if budget <= 0 or len(self.running) + len(admitted) >= self.server_args.max_running_requests:
-                break
-            newly_placed = req.req_pool_idx is None
-            if newly_placed and not self.place(req):
-                break
-            n = min(req.remaining_prefill(), budget)
-            req_need = self.new_slots(req.kv_len, n) + self.new_slots(req.kv_len + n, 1)
-            if not self.ensure_free(need + req_need):
-                if newly_placed:
-                    self.release(req)
-                    req.reset_for_retract()
-                else:
-                    self.chunked_req = req  # keeps its KV and its place; tried again next step
-                break
-            need += req_need
-            req.extend_len = n
-            budget -= n
-            admitted.append(req)
-            if req in self.waiting:
-                self.waiting.remove(req)
-            if n < req.remaining_prefill():
-                self.chunked_req = req
-                break
-        return admitted
-
-    def place(self, req: Req) -> bool:
-        """Give req a KV row and reuse its longest cached prefix."""
-        row = self.runner.req_to_token_pool.alloc()
-        if row is None:
-            return False
-        req.req_pool_idx = row
-        # Always leave one token to compute: its logits give the first output token.
-        slots, node = self.tree_cache.match_prefix(req.fill_ids[:-1])
-        n = int(slots.numel())
-        if n:
-            self.runner.req_to_token_pool.req_to_token[row, :n] = slots.to(self.runner.device)
-        req.kv_len = req.cached_len = n
-        if not req.output_ids:
-            req.cached_tokens = n
-            self.cached_tokens_total += n
-        req.last_node = node
-        self.tree_cache.inc_lock_ref(node)
-        return True
-
-    def new_slots(self, held: int, n: int) -> int:
-        """Free slots that n more tokens of a request holding `held` take: the fresh pages they start, whole."""
-        if self.page_size == 1:
-            return n
-        return (_pages(held + n, self.page_size) - _pages(held, self.page_size)) * self.page_size
-
-    def decode_need(self, reqs: list[Req]) -> int:
-        """Free slots one decode step of reqs takes: a fresh page for each request whose last page is full."""
-        if self.page_size == 1:
-            return len(reqs)
-        return sum(self.new_slots(r.kv_len, 1) for r in reqs)
-
-    def ensure_free(self, n: int) -> bool:
-        short = n - self.allocator.available_size()
-        if short > 0:
-            self.tree_cache.evict(short)
-        return self.allocator.available_size() >= n
+        args = self.server_args
+        admission = admit_prefill(
+            self.cache,
+            self.waiting,
+            self.running,
+            self.chunked_req,
+            args.chunked_prefill_size,
+            args.max_running_requests,
+        )
+        self.chunked_req = admission.chunked_req
+        return admission.reqs
 
     def reserve_decode_memory(self) -> None:
-        """Make room for one token per running request, retracting the newest requests if needed.
+        """Make room for one token per running request (retracting or stopping the newest if needed)."""
+        stopped = self.decode.reserve_memory(self.cache, self.waiting, self.flush_pending)
+        self.send_outputs(stopped)
 
-        A request that would not fit even alone in the whole pool (prompt plus outputs so far plus the next token)
-        is finished instead: retracting it would only prefill it again and retract it again, forever.
-        """
-        while self.running and not self.ensure_free(self.decode_need(self.running)):
-            victim = self.running.pop()
-            self.release(victim)
-            if self.fits_alone(victim):
-                victim.reset_for_retract()
-                self.waiting.appendleft(victim)
-                logger.warning("KV cache full: request %s retracted and will be prefilled again", victim.rid)
-                continue
-            tokens = len(victim.fill_ids)
-            victim.finished_reason = {
-                "type": "abort",
-                "message": f"the KV cache holds {self.max_total_num_tokens} tokens, too few for this request's "
-                f"{tokens} tokens and the next one; raise --max-total-tokens (or --mem-fraction-static) or lower "
-                "max_new_tokens",
-            }
-            logger.warning(
-                "KV cache full: request %s stopped after %d tokens, too long for the pool", victim.rid, tokens
-            )
-            self.send_outputs([victim])
-
-    def fits_alone(self, req: Req) -> bool:
-        """Whether req's tokens so far and one more fit in the pool when nothing else holds any of it."""
-        held = len(req.fill_ids)
-        return self.new_slots(0, held) + self.new_slots(held, 1) <= self.max_total_num_tokens
-
-    def release(self, req: Req) -> None:
-        """Return req's KV row; its computed tokens go into the radix cache (or back to the allocator)."""
-        row = req.req_pool_idx
-        slots = self.runner.req_to_token_pool.req_to_token[row, : req.kv_len].to("cpu")
-        if self.tree_cache.disable:
-            self.allocator.free(slots[req.cached_len :])
-        else:
-            # Whole pages go into the cache; a partly written last page belongs to this request alone and is freed.
-            whole = self.tree_cache.page_aligned(req.kv_len)
-            done = self.tree_cache.insert(req.fill_ids[:whole], slots[:whole])
-            self.allocator.free(slots[req.cached_len : done])
-            self.allocator.free(slots[whole:])
-            self.tree_cache.dec_lock_ref(req.last_node)
-        self.runner.req_to_token_pool.free(row)
-        req.req_pool_idx = None
+    def flush_pending(self) -> None:
+        """Apply the step still in flight, if any (there is none without overlap scheduling)."""
+        if self.pending is not None:
+            step, self.pending = self.pending, None
+            self.process_step(step)
 
     # ---- running a batch ----------------------------------------------------------------------------
 
+    def step_once(self) -> bool:
+        """Schedule and run one step; under overlap, launch it and then apply the one before. False when idle."""
+        step = self.get_next_batch()
+        if not self.overlap:
+            if step is not None:
+                self.run_batch(*step)
+            return step is not None
+        launched = None
+        if step is not None:
+            mode, reqs = step
+            if any(r.needs_sync for r in reqs):
+                self.run_batch(mode, reqs)  # its sampling needs every earlier token on the host
+            else:
+                launched = self.launch_batch(mode, reqs, overlap=True)
+        previous, self.pending = self.pending, launched
+        if previous is not None:
+            self.process_step(previous)
+        return step is not None or previous is not None
+
     def run_batch(self, mode: ForwardMode, reqs: list[Req]) -> None:
-        out_cache_loc = alloc_kv_slots(reqs, mode, self.runner)
-        assert out_cache_loc is not None, "memory was reserved before scheduling"
-        batch = build_forward_batch(reqs, mode, out_cache_loc, self.runner)
-        self.sampler.prefetch_masks(reqs)  # grammar masks are filled on a worker thread while the forward runs
-        output = self.runner.forward(batch)
-        for req in reqs:
-            req.kv_len += req.extend_len if mode.is_extend() else 1
-        prefilled = [r for r in reqs if r.remaining_prefill() == 0 and not r.finished]
-        for req in prefilled:
-            limit = req.sampling_params.max_new_tokens
-            if limit is not None and limit <= len(req.output_ids):
-                req.finished_reason = {"type": "length", "matched": None}  # asked for no tokens
-        rows = [i for i, r in enumerate(reqs) if r in prefilled and not r.finished]
-        if rows:
-            self.sample_into([reqs[i] for i in rows], output.next_token_logits, rows)
+        """Run one step to its end: forward, sampling, and its tokens applied."""
+        if self.pending is not None:
+            self.flush_pending()
+            reqs = [r for r in reqs if not r.finished]  # chosen before the step in flight ended some
+            if not reqs:
+                return
+        self.process_step(self.launch_batch(mode, reqs, overlap=False))
+
+    def launch_batch(self, mode: ForwardMode, reqs: list[Req], overlap: bool) -> LaunchedStep:
+        """Enqueue a step; its prefilled requests join the decode batch now (under overlap the next step decodes
+        them before their first token is read)."""
+        step = self.steps.launch(mode, reqs, overlap)
         if mode.is_extend():
-            self.running.extend(r for r in prefilled if not r.finished)
-        for req in [r for r in reqs if r.finished]:
-            if req in self.running:
-                self.running.remove(req)
-            if req is self.chunked_req:
-                self.chunked_req = None
-            self.release(req)
-        self.send_outputs([r for r in reqs if self.output_due(r)])
-        self.profiler.on_step()
+            self.decode.add(step.sampled)
         if self.tp_rank == 0:
             self.batch_stats.on_batch(mode, reqs)
+        return step
 
-    def sample_into(self, reqs: list[Req], logits: torch.Tensor, rows: list[int]) -> None:
-        """Rank 0 samples one token per request and shares the choice, so every rank stays in step."""
-        sample = None
-        if self.tp_rank == 0:
-            sample = self.sampler.sample_guarded(logits[torch.tensor(rows, device=logits.device)], reqs)
-        sample = broadcast_pyobj(sample, src=0)
-        for j, req in enumerate(reqs):
-            if j in sample.errors:
-                fail(req, sample.errors[j])
-                continue
-            req.output_ids.append(sample.token_ids[j])
-            if req.return_logprob:
-                req.new_logprobs.append(sample.logprobs[j])
-                req.new_top_logprobs.append(sample.top_logprobs[j] or [])
-            try:
-                self.stop_checker.check(req, self.model_config.context_len)
-            except Exception as e:  # every rank fails alike: they check the same tokens
-                logger.exception("Stop check of request %s failed", req.rid)
-                fail(req, f"stop check failed: {type(e).__name__}: {e}")
-            if sample.grammar_finish[j] is not None and not req.finished:
-                req.finished_reason = sample.grammar_finish[j]  # e.g. a complete grammar under ignore_eos
+    def process_step(self, step: LaunchedStep) -> None:
+        """Apply a launched step's tokens: outputs, stop checks, and the release of every request that ended."""
+        live, ended = self.steps.apply(step)
+        if ended:
+            if any(r is self.chunked_req for r in ended):
+                self.chunked_req = None
+            self.decode.drop_finished()
+        self.send_outputs([r for r in live if self.output_due(r)])
+        self.profiler.on_step()
+        if self.tp_rank == 0 and not (self.waiting or self.running or self.chunked_req):
+            self.batch_stats.on_idle()  # now: a scrape right after the last reply sees the server drained
 
     def output_due(self, req: Req) -> bool:
         """Whether req's new tokens go out now: at its end, its first token, or every --stream-interval tokens."""
@@ -377,16 +297,5 @@ class Scheduler:
             "available_kv_tokens": self.allocator.available_size(),
             "evictable_kv_tokens": self.tree_cache.evictable_size(),
             "max_total_num_tokens": self.max_total_num_tokens,
-            "cached_tokens_total": self.cached_tokens_total,
+            "cached_tokens_total": self.cache.cached_tokens_total,
         }
-
-
-def fail(req: Req, message: str) -> None:
-    """End req alone with an abort carrying message (what the client reads)."""
-    logger.warning("Request %s aborted: %s", req.rid, message)
-    req.finished_reason = {"type": "abort", "message": message}
-
-
-def _pages(tokens: int, page_size: int) -> int:
-    """Pages that hold `tokens` tokens of one request (the last one possibly partly written)."""
-    return -(-tokens // page_size)

@@ -47,7 +47,7 @@ class StopChecker:
                     req.finished_reason = {"type": "stop", "matched": s}
                     return
         limit = params.max_new_tokens
-        if (limit is not None and len(req.output_ids) >= limit) or len(req.fill_ids) >= context_len:
+        if (limit is not None and len(req.output_ids) >= limit) or req.seqlen >= context_len:
             req.finished_reason = {"type": "length", "matched": None}
 
     @property

@@ -146,6 +146,9 @@ class CudaGraphRunner:
             host[:, bs:] = self.pad.unsqueeze(1)
             self.inputs[:n].copy_(self.host_inputs[:n], non_blocking=True)
             self.staged.record()
+            if forward_batch.token_source is not None:
+                ids, _, rows = self.inputs[: 3 * padded].view(3, padded)[:, :bs]
+                ids.copy_(forward_batch.token_source[rows])
             return
         # Built on the device (tests, tools): one copy per row.
         dest = self.inputs[:n].view(-1, padded)
@@ -161,6 +164,9 @@ class CudaGraphRunner:
         self._stage(forward_batch, padded)
         batch = self._static_batch(padded, list(forward_batch.seq_lens_cpu) + [1] * (padded - bs))
         self.backend.init_forward_metadata_replay(batch)
+        plan_done = getattr(self.runner, "plan_done", None)
+        if plan_done is not None:
+            plan_done.record()  # the plan's copies are enqueued: the next step may plan once they have run
         self.graphs[padded].replay()
         return LogitsProcessorOutput(next_token_logits=self.outputs[padded].next_token_logits[:bs])
 

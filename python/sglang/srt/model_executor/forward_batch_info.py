@@ -46,6 +46,9 @@ class ForwardBatch:
     # of it). The graph itself records out_cache_loc in req_to_token. None: the fields are on the model's device
     # and req_to_token already holds the new slots.
     host_inputs: torch.Tensor | None = None
+    # Overlap scheduling: the decode inputs are token_source[req_pool_indices], gathered on the device from the
+    # newest sampled token of each request row (input_ids is then a placeholder until that gather).
+    token_source: torch.Tensor | None = None
     req_to_token_pool: ReqToTokenPool | None = None
     token_to_kv_pool: MHATokenToKVPool | None = None
     attn_backend: AttentionBackend | None = None
@@ -58,5 +61,6 @@ class ForwardBatch:
         """Index (in the flattened layout) of each sequence's last token in this pass."""
         if self.forward_mode.is_decode():
             return torch.arange(self.batch_size, device=self.input_ids.device)
-        lens = torch.tensor(self.extend_seq_lens_cpu, device=self.input_ids.device)
+        # Staged without waiting for the device (a plain copy would wait for the steps in flight).
+        lens = torch.tensor(self.extend_seq_lens_cpu).to(self.input_ids.device, non_blocking=True)
         return torch.cumsum(lens, 0) - 1

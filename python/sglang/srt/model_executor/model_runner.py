@@ -89,6 +89,8 @@ class ModelRunner:
                 kernels.wait()
         with startup.phase("attention backend"):
             self.attn_backend = create_attention_backend(server_args.attention_backend, self)
+        # Recorded after each step's attention plan is enqueued (see forward).
+        self.plan_done = torch.cuda.Event() if self.device.type == "cuda" else None
         # Captured after the KV pool and backend exist: the graphs point at their buffers.
         with startup.phase("CUDA graphs"):
             self.cuda_graph_runner = maybe_create_cuda_graph_runner(self)
@@ -159,9 +161,16 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, forward_batch: ForwardBatch):
         """Run the model on a batch; returns the model's LogitsProcessorOutput."""
+        if self.plan_done is not None:
+            # Under overlap scheduling this step is planned while the previous one may not have started: FlashInfer's
+            # plan fills a pinned host buffer that an asynchronous copy then reads, so the previous plan's copy must
+            # have run before any plan refills one (it has, long since, when steps do not overlap).
+            self.plan_done.synchronize()
         if self.cuda_graph_runner is not None and self.cuda_graph_runner.can_run(forward_batch):
             return self.cuda_graph_runner.replay(forward_batch)
         if forward_batch.host_inputs is not None:
             raise RuntimeError("a decode batch was built on the host for a CUDA graph that cannot run it")
         self.attn_backend.init_forward_metadata(forward_batch)
+        if self.plan_done is not None:
+            self.plan_done.record()
         return self.model(forward_batch.input_ids, forward_batch.positions, forward_batch)
