@@ -217,14 +217,17 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
     """Median step times of --baseline-python and of this tree, measured in alternating child processes."""
     trees = {
         "baseline": str(Path(args.baseline_python).resolve()),
-        "this_tree": str(Path(__file__).parents[2] / "python"),
+        "this_tree": str(Path(__file__).resolve().parents[2] / "python"),
     }
     runs: dict[str, list[list[dict[str, Any]]]] = {name: [] for name in trees}
     for _ in range(args.rounds):
         for name, path in trees.items():
             with tempfile.TemporaryDirectory() as tmp:
                 out = os.path.join(tmp, "report.json")
-                env = {**os.environ, "PYTHONPATH": path}
+                # The tree first, then whatever else the caller's path held (the GPU machine's bundle of packages),
+                # without either tree's own python/ directory.
+                rest = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p not in trees.values()]
+                env = {**os.environ, "PYTHONPATH": os.pathsep.join([path, *rest])}
                 cmd = [sys.executable, __file__, *child_argv(args), "--output", out]
                 subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, timeout=3600)
                 with open(out) as f:
