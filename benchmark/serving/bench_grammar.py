@@ -4,7 +4,7 @@ forward (SGLANG_DISABLE_GRAMMAR_MASK_PREFETCH=1, the earlier behaviour, on a sec
 of one run.
 
     python benchmark/serving/bench_grammar.py --model-path DIR --batch-size 1 32 [--input-len 128] \\
-        [--output-len 64] [--rounds 5] [--mem-fraction-static 0.4] [--result-filename FILE]
+        [--output-len 64] [--rounds 5] [--result-filename FILE]
 
 A constrained row carries the regex `[a-z0-9 ]+` (or --regex), which never completes and which the words of the
 tiny models' and of make_llama3_8b_dummy.py's vocabularies fit, so every one of its output-len steps fills and
@@ -54,14 +54,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_args(parser)
     parser.add_argument("--regex", default=CONSTRAINED["regex"], help="the constrained rows' regex (never ending)")
-    parser.add_argument("--mem-fraction-static", type=float, default=None, help="per engine; both share the GPU")
     args = parser.parse_args(argv)
     common = {
         "model_path": args.model_path,
         "load_format": args.load_format,
         "device": args.device,
-        "mem_fraction_static": args.mem_fraction_static,
-        "max_total_tokens": args.max_total_tokens,
+        # Both engines share one device: each KV pool holds what the largest batch needs, twice over, and no more
+        # (a memory fraction would not do: it counts the whole device, the other engine's memory included).
+        "max_total_tokens": args.max_total_tokens or 2 * max(args.batch_size) * (args.input_len + args.output_len + 8),
         "max_running_requests": max(args.batch_size),
     }
     constrained = {"regex": args.regex}
