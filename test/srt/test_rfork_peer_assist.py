@@ -55,6 +55,13 @@ def test_registry_announce_refresh_and_list(bootstrap):
     by_id = {p["peer_id"]: p for p in peers}
     assert by_id["p1"]["addrs"] == [4096, 8192, 0] and by_id["p1"]["have"] == "7" and by_id["p1"]["done"]
     assert by_id["p2"]["have"] == "" and not by_id["p2"]["done"]
+    # Seed claims: a bitmap like 'have'; an entry that never sent one (an older client) claims nothing.
+    assert by_id["p1"]["claims"] == "" and by_id["p2"]["claims"] == ""
+    assert requests.put(url, json=announcement("p2", have="1", claims="06"), headers=AUTH, timeout=5).status_code == 200
+    peers = requests.get(url, params={"rank": 0, "addrs": 0}, headers=AUTH, timeout=5).json()["peers"]
+    assert {p["peer_id"]: p["claims"] for p in peers} == {"p1": "", "p2": "6"}
+    peers = requests.get(url, params={"rank": 0}, headers=AUTH, timeout=5).json()["peers"]
+    by_id = {p["peer_id"]: p for p in peers}
     brief = requests.get(url, params={"rank": 0, "addrs": 0}, headers=AUTH, timeout=5).json()["peers"]
     assert [{k: v for k, v in p.items() if k != "age_s"} for p in brief] == [
         {k: v for k, v in p.items() if k not in ("age_s", "addrs")} for p in peers
@@ -73,6 +80,9 @@ def test_registry_refuses_what_could_hurt_the_seed(bootstrap):
     assert put(announcement(addrs=["0x10"])).status_code == 400
     assert put(announcement(addrs=[1, 2], have="fff")).status_code == 400  # more bits than tensors
     assert put(announcement(addrs=[1], have="xyz")).status_code == 400
+    assert put(announcement(addrs=[1, 2], claims="1f")).status_code == 400  # more bits than tensors
+    assert put(announcement(addrs=[1], claims="-1")).status_code == 400
+    assert put(announcement(addrs=[1], claims=3)).status_code == 400
     assert put(announcement("bad id!", addrs=[1])).status_code == 400
     assert put(announcement(addrs=[1], protocol="carrier-pigeon")).status_code == 400
     assert put(announcement(addrs=[1], session_id="x" * 300)).status_code == 400
@@ -336,3 +346,90 @@ def test_seed_killed_mid_read_without_peers_fails_fast(tiny_model_dir, tmp_path)
     finally:
         kill_process_tree(victim.pid)
         kill_process_tree(client.pid)
+
+
+def _claim_board(seq: int | None, peer_seq: int | None = 1, done: bool = False):
+    import torch
+
+    from sglang.srt.model_loader.peer_sources import BatchLimit, Item, Source, WorkBoard
+
+    items = [Item(i, f"t{i}", torch.zeros(4), 16, 0, "x") for i in range(8)]
+    board = WorkBoard(items, list(range(8)), BatchLimit(16, 16))  # one tensor per batch, three planned after it
+    board.seq = seq
+    seed = Source("seed", "s", [0] * 8, is_seed=True)
+    peer = Source("peer", "p", [0] * 8, is_seed=False, seq=peer_seq, done=done)
+    board.add(seed)
+    board.add(peer)
+    return board, seed, peer, items
+
+
+def test_board_leaves_what_a_forking_peer_claimed_from_the_seed_to_it():
+    board, seed, peer, items = _claim_board(seq=2)
+    board.update_have("peer", 0, False, claims=0b0011)  # the peer reads 0 and 1 from the seed
+    assert [it.index for it in board.claim(seed, 0)] == [2]
+    # What this client announces: its batch in flight and the next three in its order that no one claimed.
+    assert board.seed_claims() == 0b111100
+    board.complete(seed, [items[2]], [])
+    assert [it.index for it in board.claim(seed, 0)] == [3]
+    # The peer holds 0 now and still claims 1: this client reads 0 from the peer, and 1 from no one yet.
+    board.update_have("peer", 0b0001, False, claims=0b0010)
+    assert [it.index for it in board.claim(peer, 0)] == [0]
+    assert board.claim(peer, 0) == []
+    assert [it.index for it in board.claim(seed, 0)] == [4]
+    assert board.claim_overrides == 0
+
+
+def test_board_takes_a_claimed_tensor_from_the_seed_once_the_wait_expires():
+    import time
+
+    from sglang.srt.model_loader.peer_sources import CLAIM_WAIT_S
+
+    board, seed, peer, items = _claim_board(seq=2)
+    board.order = [0, 1, 2]
+    board.update_have("peer", 0, False, claims=0b0111)
+    assert board.claim(seed, 0) == []  # everything left is claimed: wait for the peer
+    # The claim on 0 was first seen CLAIM_WAIT_S ago (and 1, 2 just now): only 0 may come from the seed.
+    peer.set_claims(0b0110, time.monotonic())
+    peer.set_claims(0b0111, time.monotonic() - CLAIM_WAIT_S)
+    assert [it.index for it in board.claim(seed, 0)] == [0]
+    assert board.claim_overrides == 1
+    assert board.claim(seed, 0) == []
+
+
+def test_board_forgets_the_claims_of_a_dropped_or_forked_peer():
+    board, seed, peer, items = _claim_board(seq=2)
+    board.update_have("peer", 0, False, claims=0b1111)
+    assert [it.index for it in board.claim(seed, 0)] == [4]
+    board.complete(peer, [], [], "the read failed")  # dropped: its claims mean nothing any more
+    assert [it.index for it in board.claim(seed, 0)] == [0]
+    # A peer that has forked holds everything: the seed is one source among the others, claims or not.
+    board, seed, peer, items = _claim_board(seq=2, done=True)
+    board.update_have("peer", 0xFF, True, claims=0b1111)
+    assert [it.index for it in board.claim(seed, 0)] == [0]
+
+
+def test_board_two_clients_claiming_one_tensor_the_earlier_joiner_keeps_it():
+    # Both planned 1..3 before hearing of each other (claims travel with the registry exchange).
+    for seq, expected in ((0, [1]), (2, [4])):
+        board, seed, peer, items = _claim_board(seq=seq, peer_seq=1)
+        assert [it.index for it in board.claim(seed, 0)] == [0]
+        assert board.seed_claims() == 0b1111
+        board.update_have("peer", 0, False, claims=0b1110)
+        board.complete(seed, [items[0]], [])
+        assert [it.index for it in board.claim(seed, 0)] == expected
+
+
+def test_lone_client_reads_everything_from_the_seed_in_its_order():
+    import torch
+
+    from sglang.srt.model_loader.peer_sources import BatchLimit, Item, Source, WorkBoard
+
+    items = [Item(i, f"t{i}", torch.zeros(4), 16, 0, "x") for i in range(8)]
+    board = WorkBoard(items, [5, 6, 7, 0, 1, 2, 3, 4], BatchLimit(32, 16))
+    seed = Source("seed", "s", [0] * 8, is_seed=True)
+    board.add(seed)
+    got = []
+    while batch := board.claim(seed, 0):
+        got += [it.index for it in batch]
+        board.complete(seed, batch, [])
+    assert got == [5, 6, 7, 0, 1, 2, 3, 4] and board.finished and board.seed_claims() == 0

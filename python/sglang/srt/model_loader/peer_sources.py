@@ -4,6 +4,10 @@ One WorkBoard per client rank tracks every tensor (pending, being read, verified
 (the seed, each usable peer) claims a batch, reads it with its own Mooncake engine, checks every tensor against the
 seed's checksum and hands back what failed. A source that errors is dropped and its tensors return to the pool;
 a peer whose bytes fail the check is dropped and those tensors are read from the seed.
+
+While other clients fork too, the seed's link is the one they all share, so each client announces its *seed claims*
+(the batch its seed reader has in flight and the few it plans next) and leaves a tensor that a live peer claimed to
+that peer, for a bounded time, instead of asking the seed for it as well: the seed sends about one copy in all.
 """
 
 from __future__ import annotations
@@ -29,6 +33,15 @@ TEST_READ_DELAY_S = float(os.environ.get("SGLANG_RFORK_PEER_TEST_READ_DELAY_S", 
 BATCH_TIMEOUT_S = 20.0
 # The seed re-reads a tensor whose bytes failed its own checksum at most this often before the fork fails.
 SEED_ATTEMPTS = 2
+# A tensor a forking peer claimed from the seed is left to that peer for this long after this client first saw the
+# claim; then (or once the peer is dropped) this client's seed reader may take it after all.
+CLAIM_WAIT_S = 3.0
+# The seed reader claims its in-flight batch and the next ones in its order: at least this many batches' worth, and
+# at least what it reads in CLAIM_AHEAD_S at its rate so far. Others hear of a claim up to one registry exchange
+# (0.15 s) late, so a reader must claim further ahead than that or two readers walking the same stretch of tensors
+# both ask the seed for it; a claim that ages much less than CLAIM_WAIT_S never expires while it is being honoured.
+CLAIM_AHEAD_BATCHES = 4
+CLAIM_AHEAD_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -77,9 +90,38 @@ class Source:
     failed: str | None = None
     bytes_read: int = 0
     bad_tensors: int = 0
+    seq: int | None = None  # a peer's join number: of two clients claiming one tensor, the lower number keeps it
+    claims: int = 0  # bitmap of the tensors this peer reads (or is about to read) from the seed
+    claim_since: dict[int, float] = field(default_factory=dict)  # when this client first saw each claim
 
     def has(self, index: int) -> bool:
         return self.is_seed or bool(self.have >> index & 1)
+
+    def set_claims(self, claims: int, now: float) -> None:
+        """Take the peer's latest claim bitmap, keeping the first-seen time of the claims it still makes."""
+        for i in _bits(claims & ~self.claims):
+            self.claim_since[i] = now
+        for i in _bits(self.claims & ~claims):
+            del self.claim_since[i]
+        self.claims = claims
+
+    def fresh_claims(self, now: float) -> int:
+        """The claims first seen less than CLAIM_WAIT_S ago."""
+        expired = 0
+        for i, since in self.claim_since.items():
+            if now - since >= CLAIM_WAIT_S:
+                expired |= 1 << i
+        return self.claims & ~expired
+
+
+def _bits(mask: int) -> list[int]:
+    """Positions of the set bits of mask (cost grows with the number of bits set, not the highest one)."""
+    out = []
+    while mask:
+        low = mask & -mask
+        out.append(low.bit_length() - 1)
+        mask ^= low
+    return out
 
 
 @dataclass
@@ -97,6 +139,10 @@ class WorkBoard:
     fatal: str | None = None
     stopped: bool = False
     cond: threading.Condition = field(default_factory=threading.Condition)
+    seq: int | None = None  # this client's join number
+    plan: int = 0  # bitmap of the tensors the seed reader means to read next (announced with the in-flight ones)
+    seed_started: float | None = None  # when the seed reader claimed its first batch: its rate so far sets the plan
+    claim_overrides: int = 0  # tensors read from the seed although a peer claimed them (the wait for it expired)
 
     @property
     def finished(self) -> bool:
@@ -107,14 +153,26 @@ class WorkBoard:
             self.sources[source.label] = source
             self.cond.notify_all()
 
-    def update_have(self, label: str, have: int, done: bool) -> None:
-        """A peer announced more verified tensors, or that it has forked."""
+    def update_have(self, label: str, have: int, done: bool, claims: int = 0) -> None:
+        """A peer announced more verified tensors, its current seed claims, or that it has forked."""
         with self.cond:
             source = self.sources[label]
-            have &= (1 << len(self.items)) - 1
-            if (have, done) != (source.have, source.done):
+            every = (1 << len(self.items)) - 1
+            have &= every
+            claims &= every
+            if (have, done, claims) != (source.have, source.done, source.claims):
                 source.have, source.done = have, done
+                source.set_claims(claims, time.monotonic())
                 self.cond.notify_all()
+
+    def seed_claims(self) -> int:
+        """What this client announces it reads from the seed: the seed reader's batch in flight and its plan."""
+        with self.cond:
+            claims = self.plan
+            for index, label in self.claimed.items():
+                if self.sources[label].is_seed:
+                    claims |= 1 << index
+            return claims & ~self.done
 
     def claim(self, source: Source, timeout: float) -> list[Item]:
         """The next batch source should read (waits up to timeout for one); empty if none or when stopped."""
@@ -134,28 +192,60 @@ class WorkBoard:
 
     def _pick(self, source: Source) -> list[Item]:
         peers = [s for s in self.sources.values() if not s.is_seed and s.failed is None]
+        expired = 0
         if source.is_seed and any(not s.done for s in peers):
             # Other clients are forking too, so the seed's link is the one all of them share: leave it what no
-            # usable peer holds. Once every known peer has forked, the seed is one source among the others.
-            held = 0
+            # usable peer holds, nor what a forking peer reads from the seed itself (for CLAIM_WAIT_S at most).
+            # Once every known peer has forked, the seed is one source among the others.
+            now = time.monotonic()
+            skip = 0
             for s in peers:
-                held |= s.have
-            wanted = lambda i: i in self.seed_only or not held >> i & 1  # noqa: E731
+                skip |= s.have
+                if s.done:
+                    continue
+                fresh = s.fresh_claims(now)
+                expired |= s.claims & ~fresh
+                if self.seq is not None and s.seq is not None and self.seq < s.seq:
+                    fresh &= ~self.plan  # both claim these: the earlier joiner (this client) keeps them
+                skip |= fresh
+            wanted = lambda i: i in self.seed_only or not skip >> i & 1  # noqa: E731
         elif source.is_seed:
             wanted = lambda i: True  # noqa: E731
         else:
             wanted = lambda i: i not in self.seed_only and source.has(i)  # noqa: E731
         batch: list[Item] = []
         size = 0
+        plan = 0
+        plan_room = self._plan_bytes() if source.is_seed else 0
+        plan_count = CLAIM_AHEAD_BATCHES * self._max_tensors()
         for i in self.order:
             if self.done >> i & 1 or i in self.claimed or not wanted(i):
                 continue
             item = self.items[i]
-            if batch and (size + item.nbytes > self.limit.nbytes or len(batch) >= self._max_tensors()):
-                break
+            if plan or batch and (size + item.nbytes > self.limit.nbytes or len(batch) >= self._max_tensors()):
+                # The batch is full; what the seed reader would read next is its plan, claimed with the batch.
+                if plan_room <= 0 or plan_count <= 0:
+                    break
+                plan |= 1 << i
+                plan_room -= item.nbytes
+                plan_count -= 1
+                continue
             batch.append(item)
             size += item.nbytes
+        if source.is_seed and batch:
+            self.plan = plan
+            self.claim_overrides += sum(1 for it in batch if expired >> it.index & 1)
+            if self.seed_started is None:
+                self.seed_started = time.monotonic()
         return batch
+
+    def _plan_bytes(self) -> int:
+        """How far past its batch the seed reader claims (see CLAIM_AHEAD_BATCHES)."""
+        rate = 0.0
+        seed = next((s for s in self.sources.values() if s.is_seed), None)
+        if self.seed_started is not None and seed is not None:
+            rate = seed.bytes_read / max(time.monotonic() - self.seed_started, 1e-3)
+        return max((CLAIM_AHEAD_BATCHES - 1) * self.limit.nbytes, int(rate * CLAIM_AHEAD_S))
 
     def needs_seed(self) -> bool:
         """Whether some tensor still missing can come only from the seed (a peer's copy failed the check)."""
@@ -187,6 +277,8 @@ class WorkBoard:
                 error = f"served {len(bad)} tensor(s) that fail the seed's checksums, e.g. {bad[0].name}"
             if error is not None:
                 source.failed = error
+                if source.is_seed:
+                    self.plan = 0  # nothing more comes from the seed through this client: let the others take it
                 for index in [i for i, label in self.claimed.items() if label == source.label]:
                     del self.claimed[index]
             self.cond.notify_all()
