@@ -206,6 +206,11 @@ def test_three_clients_at_once_trade_weights(seed, tiny_model_dir, tmp_path):
         assert all(r["seed_bytes"] + r["peer_bytes"] == total // 3 for r in reports)
         assert len({r["join_seq"] for r in reports}) == 3
         assert any(r["peer_bytes"] > 0 for r in reports), reports
+        # Without peer assist the seed sends three copies; with it, about one when the three overlap well, and at
+        # most 1 + 1/2 + 1/3 when each starts only after the one before it has forked (a loaded machine can do
+        # that): two copies leave room for both.
+        seed_copies = sum(r["seed_bytes"] for r in reports) / (total // 3)
+        assert seed_copies <= 2.0, reports
         assert all(not r["dropped_sources"] and not r["tensors_reread_after_bad_checksum"] for r in reports)
         log = Path(clients[0].log_path).read_text(errors="replace")
         assert re.search(r"peer assist: bytes by source: .*seed \d+", log)
@@ -301,8 +306,9 @@ def test_board_leaves_the_seed_what_no_peer_holds_and_moves_work_off_failed_sour
     peer = Source("peer", "p", [0] * 6, is_seed=False, have=0b000011)
     board.add(seed)
     board.add(peer)
-    assert [it.index for it in board.claim(seed, 0)] == [3, 4]  # in this client's order
-    assert [it.index for it in board.claim(seed, 0)] == [5, 2]  # 0 and 1: the peer has them
+    # 0 and 1: the peer has them. It may well be about to read 2 and 3 too, so the seed reader starts further on.
+    assert [it.index for it in board.claim(seed, 0)] == [4, 5]
+    assert [it.index for it in board.claim(seed, 0)] == [2, 3]
     assert [it.index for it in board.claim(peer, 0)] == [0, 1]
     assert board.claim(seed, 0) == [] and board.claim(peer, 0) == []
     # The peer's bytes for 0 are wrong: it is dropped, 0 goes to the seed, 1 (still claimed by it) is released.
@@ -348,16 +354,16 @@ def test_seed_killed_mid_read_without_peers_fails_fast(tiny_model_dir, tmp_path)
         kill_process_tree(client.pid)
 
 
-def _claim_board(seq: int | None, peer_seq: int | None = 1, done: bool = False):
+def _claim_board(seq: int | None, peer_seq: int | None = 1, done: bool = False, n: int = 8):
     import torch
 
     from sglang.srt.model_loader.peer_sources import BatchLimit, Item, Source, WorkBoard
 
-    items = [Item(i, f"t{i}", torch.zeros(4), 16, 0, "x") for i in range(8)]
-    board = WorkBoard(items, list(range(8)), BatchLimit(16, 16))  # one tensor per batch, three planned after it
+    items = [Item(i, f"t{i}", torch.zeros(4), 16, 0, "x") for i in range(n)]
+    board = WorkBoard(items, list(range(n)), BatchLimit(16, 16))  # one tensor per batch, three planned after it
     board.seq = seq
-    seed = Source("seed", "s", [0] * 8, is_seed=True)
-    peer = Source("peer", "p", [0] * 8, is_seed=False, seq=peer_seq, done=done)
+    seed = Source("seed", "s", [0] * n, is_seed=True)
+    peer = Source("peer", "p", [0] * n, is_seed=False, seq=peer_seq, done=done)
     board.add(seed)
     board.add(peer)
     return board, seed, peer, items
@@ -365,18 +371,27 @@ def _claim_board(seq: int | None, peer_seq: int | None = 1, done: bool = False):
 
 def test_board_leaves_what_a_forking_peer_claimed_from_the_seed_to_it():
     board, seed, peer, items = _claim_board(seq=2)
-    board.update_have("peer", 0, False, claims=0b0011)  # the peer reads 0 and 1 from the seed
-    assert [it.index for it in board.claim(seed, 0)] == [2]
-    # What this client announces: its batch in flight and the next three in its order that no one claimed.
-    assert board.seed_claims() == 0b111100
-    board.complete(seed, [items[2]], [])
-    assert [it.index for it in board.claim(seed, 0)] == [3]
-    # The peer holds 0 now and still claims 1: this client reads 0 from the peer, and 1 from no one yet.
-    board.update_have("peer", 0b0001, False, claims=0b0010)
+    board.update_have("peer", 0, False, claims=0b0000_1111)  # the peer reads 0-3 from the seed, walking up
+    # This client starts half-way along the gap 4-7 (the peer may soon claim 4), and announces its batch in flight
+    # and what it reads next: the rest of its run, up to the tensor the peer claimed.
+    assert [it.index for it in board.claim(seed, 0)] == [6]
+    assert board.seed_claims() == 0b1100_0000
+    board.complete(seed, [items[6]], [])
+    assert [it.index for it in board.claim(seed, 0)] == [7]
+    # The peer holds 0 now and still claims 1-3: this client reads 0 from the peer, and 1-3 from no one yet.
+    board.update_have("peer", 0b0001, False, claims=0b1110)
     assert [it.index for it in board.claim(peer, 0)] == [0]
     assert board.claim(peer, 0) == []
-    assert [it.index for it in board.claim(seed, 0)] == [4]
-    assert board.claim_overrides == 0
+    assert sorted(board.claim(seed, 0)[0].index for _ in range(2)) == [4, 5]
+    assert board.claim(seed, 0) == [] and board.claim_overrides == 0
+
+
+def test_board_starts_a_new_run_in_the_middle_of_the_longest_gap():
+    # The peer holds 0-1 and reads 2-3 next: it walks towards 4, so this client starts half-way along 4-15.
+    board, seed, peer, items = _claim_board(seq=2, n=16)
+    board.update_have("peer", 0b0011, False, claims=0b1100)
+    assert [it.index for it in board.claim(seed, 0)] == [10]
+    assert [it.index for it in board.claim(seed, 0)] == [11]
 
 
 def test_board_takes_a_claimed_tensor_from_the_seed_once_the_wait_expires():
@@ -385,7 +400,7 @@ def test_board_takes_a_claimed_tensor_from_the_seed_once_the_wait_expires():
     from sglang.srt.model_loader.peer_sources import CLAIM_WAIT_S
 
     board, seed, peer, items = _claim_board(seq=2)
-    board.order = [0, 1, 2]
+    board.done = 0b1111_1000  # all but 0-2, which the peer claims
     board.update_have("peer", 0, False, claims=0b0111)
     assert board.claim(seed, 0) == []  # everything left is claimed: wait for the peer
     # The claim on 0 was first seen CLAIM_WAIT_S ago (and 1, 2 just now): only 0 may come from the seed.
@@ -398,8 +413,9 @@ def test_board_takes_a_claimed_tensor_from_the_seed_once_the_wait_expires():
 
 def test_board_forgets_the_claims_of_a_dropped_or_forked_peer():
     board, seed, peer, items = _claim_board(seq=2)
+    board.done = 0b1111_0000
     board.update_have("peer", 0, False, claims=0b1111)
-    assert [it.index for it in board.claim(seed, 0)] == [4]
+    assert board.claim(seed, 0) == []
     board.complete(peer, [], [], "the read failed")  # dropped: its claims mean nothing any more
     assert [it.index for it in board.claim(seed, 0)] == [0]
     # A peer that has forked holds everything: the seed is one source among the others, claims or not.
@@ -409,14 +425,14 @@ def test_board_forgets_the_claims_of_a_dropped_or_forked_peer():
 
 
 def test_board_two_clients_claiming_one_tensor_the_earlier_joiner_keeps_it():
-    # Both planned 1..3 before hearing of each other (claims travel with the registry exchange).
-    for seq, expected in ((0, [1]), (2, [4])):
+    # Both planned 1-3 before hearing of each other (claims travel with the registry exchange).
+    for seq, expected in ((0, {1}), (2, {4, 5, 6, 7})):  # the later joiner goes elsewhere (where: its rate says)
         board, seed, peer, items = _claim_board(seq=seq, peer_seq=1)
         assert [it.index for it in board.claim(seed, 0)] == [0]
         assert board.seed_claims() == 0b1111
         board.update_have("peer", 0, False, claims=0b1110)
         board.complete(seed, [items[0]], [])
-        assert [it.index for it in board.claim(seed, 0)] == expected
+        assert board.claim(seed, 0)[0].index in expected
 
 
 def test_lone_client_reads_everything_from_the_seed_in_its_order():

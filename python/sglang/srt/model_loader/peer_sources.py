@@ -143,6 +143,7 @@ class WorkBoard:
     plan: int = 0  # bitmap of the tensors the seed reader means to read next (announced with the in-flight ones)
     seed_started: float | None = None  # when the seed reader claimed its first batch: its rate so far sets the plan
     claim_overrides: int = 0  # tensors read from the seed although a peer claimed them (the wait for it expired)
+    cursor: int | None = None  # where the seed reader's current run goes on
 
     @property
     def finished(self) -> bool:
@@ -191,14 +192,33 @@ class WorkBoard:
         return []
 
     def _pick(self, source: Source) -> list[Item]:
+        if source.is_seed:
+            return self._pick_seed()
+        batch: list[Item] = []
+        size = 0
+        for i in self.order:
+            if self.done >> i & 1 or i in self.claimed or i in self.seed_only or not source.has(i):
+                continue
+            item = self.items[i]
+            if batch and (size + item.nbytes > self.limit.nbytes or len(batch) >= self._max_tensors()):
+                break
+            batch.append(item)
+            size += item.nbytes
+        return batch
+
+    def _pick_seed(self) -> list[Item]:
+        """The seed reader walks a run of consecutive tensors (in the seed's order) that no one else has or reads
+        from the seed; where its run runs into another's, it starts again in the middle of the longest such gap,
+        so that two readers seldom walk towards the same tensors (claims reach the others a little late)."""
         peers = [s for s in self.sources.values() if not s.is_seed and s.failed is None]
         expired = 0
-        if source.is_seed and any(not s.done for s in peers):
+        skip = 0
+        spread = any(not s.done for s in peers)
+        if spread:
             # Other clients are forking too, so the seed's link is the one all of them share: leave it what no
             # usable peer holds, nor what a forking peer reads from the seed itself (for CLAIM_WAIT_S at most).
             # Once every known peer has forked, the seed is one source among the others.
             now = time.monotonic()
-            skip = 0
             for s in peers:
                 skip |= s.have
                 if s.done:
@@ -208,44 +228,89 @@ class WorkBoard:
                 if self.seq is not None and s.seq is not None and self.seq < s.seq:
                     fresh &= ~self.plan  # both claim these: the earlier joiner (this client) keeps them
                 skip |= fresh
-            wanted = lambda i: i in self.seed_only or not skip >> i & 1  # noqa: E731
-        elif source.is_seed:
-            wanted = lambda i: True  # noqa: E731
-        else:
-            wanted = lambda i: i not in self.seed_only and source.has(i)  # noqa: E731
+        taken = self.done | skip & ~self._seed_only_mask()
+        for i in self.claimed:
+            taken |= 1 << i
+        n = len(self.items)
+        start = self.cursor
+        if start is None or taken >> start & 1:
+            start = self._run_start(taken) if spread else next((i for i in self.order if not taken >> i & 1), None)
+        if start is None:
+            return []
         batch: list[Item] = []
         size = 0
         plan = 0
-        plan_room = self._plan_bytes() if source.is_seed else 0
-        plan_count = CLAIM_AHEAD_BATCHES * self._max_tensors()
-        for i in self.order:
-            if self.done >> i & 1 or i in self.claimed or not wanted(i):
-                continue
+        plan_room = 0
+        i = start
+        for _ in range(n):
+            if taken >> i & 1:
+                break  # another's run (or what this client has already): the next batch starts elsewhere
             item = self.items[i]
             if plan or batch and (size + item.nbytes > self.limit.nbytes or len(batch) >= self._max_tensors()):
                 # The batch is full; what the seed reader would read next is its plan, claimed with the batch.
-                if plan_room <= 0 or plan_count <= 0:
+                if not plan:
+                    plan_room = self._plan_bytes(size)
+                if plan_room <= 0:
                     break
                 plan |= 1 << i
                 plan_room -= item.nbytes
-                plan_count -= 1
-                continue
-            batch.append(item)
-            size += item.nbytes
-        if source.is_seed and batch:
-            self.plan = plan
-            self.claim_overrides += sum(1 for it in batch if expired >> it.index & 1)
-            if self.seed_started is None:
-                self.seed_started = time.monotonic()
+            else:
+                batch.append(item)
+                size += item.nbytes
+            i = (i + 1) % n
+        if not batch:
+            return []
+        self.cursor = (batch[-1].index + 1) % n
+        self.plan = plan
+        self.claim_overrides += sum(1 for it in batch if expired >> it.index & 1)
+        if self.seed_started is None:
+            self.seed_started = time.monotonic()
         return batch
 
-    def _plan_bytes(self) -> int:
-        """How far past its batch the seed reader claims (see CLAIM_AHEAD_BATCHES)."""
+    def _seed_only_mask(self) -> int:
+        mask = 0
+        for i in self.seed_only:
+            mask |= 1 << i
+        return mask
+
+    def _run_start(self, taken: int) -> int | None:
+        """The middle (by bytes) of the longest circular run of tensors not taken (its start if it is short); this
+        client's own first tensor when nothing is taken yet (orders are rotated by join number, so clients that
+        start together spread)."""
+        n = len(self.items)
+        if not taken & ((1 << n) - 1):
+            return self.order[0] if self.order else None
+        first = next(i for i in range(n) if taken >> i & 1)  # runs are cut at a taken tensor: start after one
+        best: list[int] = []
+        best_bytes = 0
+        run: list[int] = []
+        for k in range(1, n + 1):
+            i = (first + k) % n
+            if not taken >> i & 1:
+                run.append(i)
+                continue
+            run_bytes = sum(self.items[j].nbytes for j in run)
+            if run and run_bytes > best_bytes:
+                best, best_bytes = run, run_bytes
+            run = []
+        if not best:
+            return None
+        if best_bytes <= self._plan_bytes(0) or len(best) <= self._max_tensors() and best_bytes <= self.limit.nbytes:
+            return best[0]  # one batch, or no longer than a plan: splitting it would only cost an extra batch
+        half = 0
+        for j in best:
+            half += self.items[j].nbytes
+            if 2 * half > best_bytes:
+                return j
+        return best[-1]
+
+    def _plan_bytes(self, batch_bytes: int) -> int:
+        """How far past its batch of batch_bytes the seed reader claims (see CLAIM_AHEAD_BATCHES)."""
         rate = 0.0
         seed = next((s for s in self.sources.values() if s.is_seed), None)
         if self.seed_started is not None and seed is not None:
             rate = seed.bytes_read / max(time.monotonic() - self.seed_started, 1e-3)
-        return max((CLAIM_AHEAD_BATCHES - 1) * self.limit.nbytes, int(rate * CLAIM_AHEAD_S))
+        return max((CLAIM_AHEAD_BATCHES - 1) * batch_bytes, int(rate * CLAIM_AHEAD_S))
 
     def needs_seed(self) -> bool:
         """Whether some tensor still missing can come only from the seed (a peer's copy failed the check)."""
