@@ -449,3 +449,17 @@ def test_lone_client_reads_everything_from_the_seed_in_its_order():
         got += [it.index for it in batch]
         board.complete(seed, batch, [])
     assert got == [5, 6, 7, 0, 1, 2, 3, 4] and board.finished and board.seed_claims() == 0
+
+
+def test_longest_gap_wraps_around_and_is_split_by_bytes():
+    from sglang.srt.model_loader.seed_runs import longest_gap, middle
+
+    sizes = [10, 10, 10, 10, 10, 100, 10, 10]
+    # Taken: 3 and 4. The free run 5, 6, 7, 0, 1, 2 wraps past the end; 5 alone is more than half its bytes.
+    gap, gap_bytes = longest_gap(sizes, 0b0001_1000)
+    assert gap == [5, 6, 7, 0, 1, 2] and gap_bytes == 150
+    assert middle(gap, sizes, gap_bytes) == 5
+    assert longest_gap(sizes, 0b0010_0001) == ([1, 2, 3, 4], 40)  # longer than 6, 7
+    assert middle([1, 2, 3, 4], sizes, 40) == 3
+    assert longest_gap(sizes, 0b1111_1111) == ([], 0)
+    assert longest_gap(sizes, 0) == (list(range(8)), 170)

@@ -6,8 +6,9 @@ seed's checksum and hands back what failed. A source that errors is dropped and 
 a peer whose bytes fail the check is dropped and those tensors are read from the seed.
 
 While other clients fork too, the seed's link is the one they all share, so each client announces its *seed claims*
-(the batch its seed reader has in flight and the few it plans next) and leaves a tensor that a live peer claimed to
-that peer, for a bounded time, instead of asking the seed for it as well: the seed sends about one copy in all.
+(the batch its seed reader has in flight and the rest of its run ahead, see seed_runs) and leaves a tensor that a live
+peer claimed to that peer, for a bounded time, instead of asking the seed for it as well: the seed sends about one
+copy in all.
 """
 
 from __future__ import annotations
@@ -22,6 +23,14 @@ from typing import Any
 
 import torch
 
+from sglang.srt.model_loader.seed_runs import (
+    CLAIM_AHEAD_BATCHES,
+    CLAIM_AHEAD_S,
+    CLAIM_WAIT_S,
+    bits,
+    longest_gap,
+    middle,
+)
 from sglang.srt.remote_instance.manifest import tensor_checksums
 from sglang.srt.remote_instance.mooncake_guard import GuardedEngine, MooncakeError, ReadEntry, ReadPlan
 
@@ -33,15 +42,6 @@ TEST_READ_DELAY_S = float(os.environ.get("SGLANG_RFORK_PEER_TEST_READ_DELAY_S", 
 BATCH_TIMEOUT_S = 20.0
 # The seed re-reads a tensor whose bytes failed its own checksum at most this often before the fork fails.
 SEED_ATTEMPTS = 2
-# A tensor a forking peer claimed from the seed is left to that peer for this long after this client first saw the
-# claim; then (or once the peer is dropped) this client's seed reader may take it after all.
-CLAIM_WAIT_S = 3.0
-# The seed reader claims its in-flight batch and the next ones in its order: at least this many batches' worth, and
-# at least what it reads in CLAIM_AHEAD_S at its rate so far. Others hear of a claim up to one registry exchange
-# (0.15 s) late, so a reader must claim further ahead than that or two readers walking the same stretch of tensors
-# both ask the seed for it; a claim that ages much less than CLAIM_WAIT_S never expires while it is being honoured.
-CLAIM_AHEAD_BATCHES = 4
-CLAIM_AHEAD_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -99,9 +99,9 @@ class Source:
 
     def set_claims(self, claims: int, now: float) -> None:
         """Take the peer's latest claim bitmap, keeping the first-seen time of the claims it still makes."""
-        for i in _bits(claims & ~self.claims):
+        for i in bits(claims & ~self.claims):
             self.claim_since[i] = now
-        for i in _bits(self.claims & ~claims):
+        for i in bits(self.claims & ~claims):
             del self.claim_since[i]
         self.claims = claims
 
@@ -112,16 +112,6 @@ class Source:
             if now - since >= CLAIM_WAIT_S:
                 expired |= 1 << i
         return self.claims & ~expired
-
-
-def _bits(mask: int) -> list[int]:
-    """Positions of the set bits of mask (cost grows with the number of bits set, not the highest one)."""
-    out = []
-    while mask:
-        low = mask & -mask
-        out.append(low.bit_length() - 1)
-        mask ^= low
-    return out
 
 
 @dataclass
@@ -274,35 +264,17 @@ class WorkBoard:
         return mask
 
     def _run_start(self, taken: int) -> int | None:
-        """The middle (by bytes) of the longest circular run of tensors not taken (its start if it is short); this
-        client's own first tensor when nothing is taken yet (orders are rotated by join number, so clients that
-        start together spread)."""
-        n = len(self.items)
-        if not taken & ((1 << n) - 1):
+        """Where the seed reader's next run starts (see seed_runs); this client's own first tensor when nothing is
+        taken yet (orders are rotated by join number, so clients that start together spread)."""
+        if not taken & ((1 << len(self.items)) - 1):
             return self.order[0] if self.order else None
-        first = next(i for i in range(n) if taken >> i & 1)  # runs are cut at a taken tensor: start after one
-        best: list[int] = []
-        best_bytes = 0
-        run: list[int] = []
-        for k in range(1, n + 1):
-            i = (first + k) % n
-            if not taken >> i & 1:
-                run.append(i)
-                continue
-            run_bytes = sum(self.items[j].nbytes for j in run)
-            if run and run_bytes > best_bytes:
-                best, best_bytes = run, run_bytes
-            run = []
-        if not best:
+        sizes = [it.nbytes for it in self.items]
+        gap, gap_bytes = longest_gap(sizes, taken)
+        if not gap:
             return None
-        if best_bytes <= self._plan_bytes(0) or len(best) <= self._max_tensors() and best_bytes <= self.limit.nbytes:
-            return best[0]  # one batch, or no longer than a plan: splitting it would only cost an extra batch
-        half = 0
-        for j in best:
-            half += self.items[j].nbytes
-            if 2 * half > best_bytes:
-                return j
-        return best[-1]
+        if gap_bytes <= self._plan_bytes(0) or len(gap) <= self._max_tensors() and gap_bytes <= self.limit.nbytes:
+            return gap[0]  # one batch, or no longer than a plan: splitting it would only cost an extra batch
+        return middle(gap, sizes, gap_bytes)
 
     def _plan_bytes(self, batch_bytes: int) -> int:
         """How far past its batch of batch_bytes the seed reader claims (see CLAIM_AHEAD_BATCHES)."""
