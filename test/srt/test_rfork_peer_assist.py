@@ -206,11 +206,16 @@ def test_three_clients_at_once_trade_weights(seed, tiny_model_dir, tmp_path):
         assert all(r["seed_bytes"] + r["peer_bytes"] == total // 3 for r in reports)
         assert len({r["join_seq"] for r in reports}) == 3
         assert any(r["peer_bytes"] > 0 for r in reports), reports
-        # Without peer assist the seed sends three copies; with it, about one when the three overlap well, and at
-        # most 1 + 1/2 + 1/3 when each starts only after the one before it has forked (a loaded machine can do
-        # that): two copies leave room for both.
+        # Without peer assist the seed sends three copies. With it, about one while the three transfers overlap
+        # (each leaves to the others what they read from the seed); a client that starts only after another has
+        # forked reads part from the seed (the seed is then one source among the peers), up to 1 + 1/2 + 1/3
+        # copies when a loaded machine starts them one after the other. Before seed claims, overlapping
+        # transfers had the seed send ~1.8 copies here.
         seed_copies = sum(r["seed_bytes"] for r in reports) / (total // 3)
-        assert seed_copies <= 2.0, reports
+        windows = [requests.get(f"{c.base_url}/get_server_info", timeout=30).json()["fork_report"] for c in clients]
+        windows = [w["backend_window_unix_s"] for w in windows]
+        overlapped = max(w[0] for w in windows) < min(w[1] for w in windows)
+        assert seed_copies <= (1.5 if overlapped else 2.0), (seed_copies, windows, reports)
         assert all(not r["dropped_sources"] and not r["tensors_reread_after_bad_checksum"] for r in reports)
         log = Path(clients[0].log_path).read_text(errors="replace")
         assert re.search(r"peer assist: bytes by source: .*seed \d+", log)
