@@ -124,6 +124,8 @@ def fork_together(
                 "seed_bytes": peers.get("seed_bytes", rep["bytes"]),
                 "peer_bytes": peers.get("peer_bytes", 0),
                 "dropped_sources": peers.get("dropped_sources", {}),
+                # Tensors asked of the seed although a forking peer had claimed them (its claim timed out).
+                "seed_reads_after_claim_wait": peers.get("seed_reads_after_claim_wait", 0),
             }
         )
     ready = max(c["ready_unix"] for c in clients)

@@ -468,3 +468,21 @@ def test_longest_gap_wraps_around_and_is_split_by_bytes():
     assert middle([1, 2, 3, 4], sizes, 40) == 3
     assert longest_gap(sizes, 0b1111_1111) == ([], 0)
     assert longest_gap(sizes, 0) == (list(range(8)), 170)
+
+
+def test_board_leaves_an_earlier_joiner_that_has_not_started_the_run_it_will_pick():
+    import time
+
+    from sglang.srt.model_loader.peer_sources import CLAIM_WAIT_S, Source
+
+    def first_pick(newcomer_seen: float) -> int:
+        # Peer 0 holds 0-3 and reads 4-5; peer 1 joined before this client (join 2) but has read nothing yet: it
+        # will start half-way along 6-15, at 11, so this client starts half-way along 6-10.
+        board, seed, peer, items = _claim_board(seq=2, peer_seq=0, n=16)
+        board.update_have("peer", 0b1111, False, claims=0b11_0000)
+        board.add(Source("newcomer", "q", [0] * 16, is_seed=False, seq=1, seen=newcomer_seen))
+        return board.claim(seed, 0)[0].index
+
+    assert first_pick(time.monotonic()) == 8
+    # One that has not started for CLAIM_WAIT_S is not waited for.
+    assert first_pick(time.monotonic() - CLAIM_WAIT_S) == 11

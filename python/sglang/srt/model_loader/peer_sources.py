@@ -93,6 +93,7 @@ class Source:
     seq: int | None = None  # a peer's join number: of two clients claiming one tensor, the lower number keeps it
     claims: int = 0  # bitmap of the tensors this peer reads (or is about to read) from the seed
     claim_since: dict[int, float] = field(default_factory=dict)  # when this client first saw each claim
+    seen: float = field(default_factory=time.monotonic)  # when this client learnt of the source
 
     def has(self, index: int) -> bool:
         return self.is_seed or bool(self.have >> index & 1)
@@ -224,7 +225,17 @@ class WorkBoard:
         n = len(self.items)
         start = self.cursor
         if start is None or taken >> start & 1:
-            start = self._run_start(taken) if spread else next((i for i in self.order if not taken >> i & 1), None)
+            if spread:
+                # Peers that joined before this client and have not started yet pick their runs as this client
+                # would, from much the same view: leave them the places they will pick.
+                newcomers = [
+                    s
+                    for s in peers
+                    if not (s.done or s.have or s.claims) and self._joined_after(s) and now - s.seen < CLAIM_WAIT_S
+                ]
+                start = self._run_start(taken, len(newcomers))
+            else:
+                start = next((i for i in self.order if not taken >> i & 1), None)
         if start is None:
             return []
         batch: list[Item] = []
@@ -263,18 +274,27 @@ class WorkBoard:
             mask |= 1 << i
         return mask
 
-    def _run_start(self, taken: int) -> int | None:
-        """Where the seed reader's next run starts (see seed_runs); this client's own first tensor when nothing is
-        taken yet (orders are rotated by join number, so clients that start together spread)."""
+    def _joined_after(self, peer: Source) -> bool:
+        return self.seq is not None and peer.seq is not None and peer.seq < self.seq
+
+    def _run_start(self, taken: int, newcomers: int = 0) -> int | None:
+        """Where the seed reader's next run starts (see seed_runs), after newcomers earlier joiners took theirs; this
+        client's own first tensor when nothing is taken yet (orders are rotated by join number, so clients that
+        start together spread)."""
         if not taken & ((1 << len(self.items)) - 1):
             return self.order[0] if self.order else None
         sizes = [it.nbytes for it in self.items]
-        gap, gap_bytes = longest_gap(sizes, taken)
-        if not gap:
-            return None
-        if gap_bytes <= self._plan_bytes(0) or len(gap) <= self._max_tensors() and gap_bytes <= self.limit.nbytes:
-            return gap[0]  # one batch, or no longer than a plan: splitting it would only cost an extra batch
-        return middle(gap, sizes, gap_bytes)
+        for _ in range(newcomers + 1):
+            gap, gap_bytes = longest_gap(sizes, taken)
+            if not gap:
+                return None
+            if gap_bytes <= self._plan_bytes(0) or len(gap) <= self._max_tensors() and gap_bytes <= self.limit.nbytes:
+                start = gap[0]  # one batch, or no longer than a plan: splitting it would only cost an extra batch
+            else:
+                start = middle(gap, sizes, gap_bytes)
+            for j in gap[gap.index(start) :]:
+                taken |= 1 << j  # a newcomer's run: from its start to the end of the gap
+        return start
 
     def _plan_bytes(self, batch_bytes: int) -> int:
         """How far past its batch of batch_bytes the seed reader claims (see CLAIM_AHEAD_BATCHES)."""
