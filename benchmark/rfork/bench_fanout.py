@@ -18,7 +18,8 @@ client the bytes it read from the seed and from peers.
 The TCP seed holds an 8B-shaped model cut to --tcp-layers layers (Mooncake TCP on GPU memory moves ~1.5 GB/s, so the
 full 16 GB would take ~11 s per client and ~35 s for three without peer assist; 16 layers hold 9 GB); the JSON says
 which model each part used. The whole run should take 4-5 minutes on 2xH200 (not measured yet). --cpu-smoke runs the
-same flow on the CPU with a tiny model over TCP, to check the script itself.
+same flow on the CPU with a tiny model over TCP, to check the script itself; with --cpu-layers 4 --cpu-hidden 1024
+(~190 MB) its seed_copies_sent says something about the peer-assist schedule too.
 """
 
 from __future__ import annotations
@@ -48,7 +49,13 @@ def model_dirs(args: argparse.Namespace) -> dict[str, Path]:
     if args.cpu_smoke:
         from sglang.tools.make_tiny_model import make_tiny_model
 
-        tiny = Path(make_tiny_model("llama", Path("/tmp/rfork_fanout_tiny")))
+        shape = {
+            "num_layers": args.cpu_layers,
+            "hidden_size": args.cpu_hidden,
+            "intermediate_size": args.cpu_hidden * 2,
+        }
+        out = Path(f"/tmp/rfork_fanout_tiny_{args.cpu_layers}x{args.cpu_hidden}")
+        tiny = out if (out / "config.json").exists() else Path(make_tiny_model("llama", out, **shape))
         return {"nvlink_intra": tiny, "tcp": tiny}
     from make_llama3_8b_dummy import write_model_dir
 
@@ -117,6 +124,8 @@ def fork_together(
                 "seed_bytes": peers.get("seed_bytes", rep["bytes"]),
                 "peer_bytes": peers.get("peer_bytes", 0),
                 "dropped_sources": peers.get("dropped_sources", {}),
+                # Tensors asked of the seed although a forking peer had claimed them (its claim timed out).
+                "seed_reads_after_claim_wait": peers.get("seed_reads_after_claim_wait", 0),
             }
         )
     ready = max(c["ready_unix"] for c in clients)
@@ -184,6 +193,9 @@ def main() -> None:
     parser.add_argument("--client-gpu", type=int, default=1)
     parser.add_argument("--protocols", default="nvlink_intra,tcp")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny model on the CPU over TCP: checks the script")
+    # ~190 MB of float32 weights with 4 layers of hidden 1024: big enough for seed_copies_sent to mean something.
+    parser.add_argument("--cpu-layers", type=int, default=2, help="--cpu-smoke: layers of the model")
+    parser.add_argument("--cpu-hidden", type=int, default=64, help="--cpu-smoke: hidden size (MLP: twice that)")
     parser.add_argument("--result-name", default="rfork_fanout_h200x2.json")
     args = parser.parse_args()
     protocols = ["tcp"] if args.cpu_smoke else args.protocols.split(",")
@@ -195,7 +207,7 @@ def main() -> None:
         write_result(
             {
                 **stamp(" ".join(["python benchmark/rfork/bench_fanout.py", *sys.argv[1:]])),
-                "model": "tiny llama (CPU smoke run)"
+                "model": f"tiny llama, {args.cpu_layers} layers of hidden {args.cpu_hidden} (CPU smoke run)"
                 if args.cpu_smoke
                 else f"Llama-3-8B-shaped, bf16, dummy weights; TCP part cut to {args.tcp_layers} of 32 layers",
                 "seed_gpu": None if args.cpu_smoke else args.seed_gpu,

@@ -55,6 +55,13 @@ def test_registry_announce_refresh_and_list(bootstrap):
     by_id = {p["peer_id"]: p for p in peers}
     assert by_id["p1"]["addrs"] == [4096, 8192, 0] and by_id["p1"]["have"] == "7" and by_id["p1"]["done"]
     assert by_id["p2"]["have"] == "" and not by_id["p2"]["done"]
+    # Seed claims: a bitmap like 'have'; an entry that never sent one (an older client) claims nothing.
+    assert by_id["p1"]["claims"] == "" and by_id["p2"]["claims"] == ""
+    assert requests.put(url, json=announcement("p2", have="1", claims="06"), headers=AUTH, timeout=5).status_code == 200
+    peers = requests.get(url, params={"rank": 0, "addrs": 0}, headers=AUTH, timeout=5).json()["peers"]
+    assert {p["peer_id"]: p["claims"] for p in peers} == {"p1": "", "p2": "6"}
+    peers = requests.get(url, params={"rank": 0}, headers=AUTH, timeout=5).json()["peers"]
+    by_id = {p["peer_id"]: p for p in peers}
     brief = requests.get(url, params={"rank": 0, "addrs": 0}, headers=AUTH, timeout=5).json()["peers"]
     assert [{k: v for k, v in p.items() if k != "age_s"} for p in brief] == [
         {k: v for k, v in p.items() if k not in ("age_s", "addrs")} for p in peers
@@ -73,6 +80,9 @@ def test_registry_refuses_what_could_hurt_the_seed(bootstrap):
     assert put(announcement(addrs=["0x10"])).status_code == 400
     assert put(announcement(addrs=[1, 2], have="fff")).status_code == 400  # more bits than tensors
     assert put(announcement(addrs=[1], have="xyz")).status_code == 400
+    assert put(announcement(addrs=[1, 2], claims="1f")).status_code == 400  # more bits than tensors
+    assert put(announcement(addrs=[1], claims="-1")).status_code == 400
+    assert put(announcement(addrs=[1], claims=3)).status_code == 400
     assert put(announcement("bad id!", addrs=[1])).status_code == 400
     assert put(announcement(addrs=[1], protocol="carrier-pigeon")).status_code == 400
     assert put(announcement(addrs=[1], session_id="x" * 300)).status_code == 400
@@ -196,6 +206,16 @@ def test_three_clients_at_once_trade_weights(seed, tiny_model_dir, tmp_path):
         assert all(r["seed_bytes"] + r["peer_bytes"] == total // 3 for r in reports)
         assert len({r["join_seq"] for r in reports}) == 3
         assert any(r["peer_bytes"] > 0 for r in reports), reports
+        # Without peer assist the seed sends three copies. With it, about one while the three transfers overlap
+        # (each leaves to the others what they read from the seed); a client that starts only after another has
+        # forked reads part from the seed (the seed is then one source among the peers), up to 1 + 1/2 + 1/3
+        # copies when a loaded machine starts them one after the other. Before seed claims, overlapping
+        # transfers had the seed send ~1.8 copies here.
+        seed_copies = sum(r["seed_bytes"] for r in reports) / (total // 3)
+        windows = [requests.get(f"{c.base_url}/get_server_info", timeout=30).json()["fork_report"] for c in clients]
+        windows = [w["backend_window_unix_s"] for w in windows]
+        overlapped = max(w[0] for w in windows) < min(w[1] for w in windows)
+        assert seed_copies <= (1.5 if overlapped else 2.0), (seed_copies, windows, reports)
         assert all(not r["dropped_sources"] and not r["tensors_reread_after_bad_checksum"] for r in reports)
         log = Path(clients[0].log_path).read_text(errors="replace")
         assert re.search(r"peer assist: bytes by source: .*seed \d+", log)
@@ -291,8 +311,9 @@ def test_board_leaves_the_seed_what_no_peer_holds_and_moves_work_off_failed_sour
     peer = Source("peer", "p", [0] * 6, is_seed=False, have=0b000011)
     board.add(seed)
     board.add(peer)
-    assert [it.index for it in board.claim(seed, 0)] == [3, 4]  # in this client's order
-    assert [it.index for it in board.claim(seed, 0)] == [5, 2]  # 0 and 1: the peer has them
+    # 0 and 1: the peer has them. It may well be about to read 2 and 3 too, so the seed reader starts further on.
+    assert [it.index for it in board.claim(seed, 0)] == [4, 5]
+    assert [it.index for it in board.claim(seed, 0)] == [2, 3]
     assert [it.index for it in board.claim(peer, 0)] == [0, 1]
     assert board.claim(seed, 0) == [] and board.claim(peer, 0) == []
     # The peer's bytes for 0 are wrong: it is dropped, 0 goes to the seed, 1 (still claimed by it) is released.
@@ -336,3 +357,132 @@ def test_seed_killed_mid_read_without_peers_fails_fast(tiny_model_dir, tmp_path)
     finally:
         kill_process_tree(victim.pid)
         kill_process_tree(client.pid)
+
+
+def _claim_board(seq: int | None, peer_seq: int | None = 1, done: bool = False, n: int = 8):
+    import torch
+
+    from sglang.srt.model_loader.peer_sources import BatchLimit, Item, Source, WorkBoard
+
+    items = [Item(i, f"t{i}", torch.zeros(4), 16, 0, "x") for i in range(n)]
+    board = WorkBoard(items, list(range(n)), BatchLimit(16, 16))  # one tensor per batch, three planned after it
+    board.seq = seq
+    seed = Source("seed", "s", [0] * n, is_seed=True)
+    peer = Source("peer", "p", [0] * n, is_seed=False, seq=peer_seq, done=done)
+    board.add(seed)
+    board.add(peer)
+    return board, seed, peer, items
+
+
+def test_board_leaves_what_a_forking_peer_claimed_from_the_seed_to_it():
+    board, seed, peer, items = _claim_board(seq=2)
+    board.update_have("peer", 0, False, claims=0b0000_1111)  # the peer reads 0-3 from the seed, walking up
+    # This client starts half-way along the gap 4-7 (the peer may soon claim 4), and announces its batch in flight
+    # and what it reads next: the rest of its run, up to the tensor the peer claimed.
+    assert [it.index for it in board.claim(seed, 0)] == [6]
+    assert board.seed_claims() == 0b1100_0000
+    board.complete(seed, [items[6]], [])
+    assert [it.index for it in board.claim(seed, 0)] == [7]
+    # The peer holds 0 now and still claims 1-3: this client reads 0 from the peer, and 1-3 from no one yet.
+    board.update_have("peer", 0b0001, False, claims=0b1110)
+    assert [it.index for it in board.claim(peer, 0)] == [0]
+    assert board.claim(peer, 0) == []
+    assert sorted(board.claim(seed, 0)[0].index for _ in range(2)) == [4, 5]
+    assert board.claim(seed, 0) == [] and board.claim_overrides == 0
+
+
+def test_board_starts_a_new_run_in_the_middle_of_the_longest_gap():
+    # The peer holds 0-1 and reads 2-3 next: it walks towards 4, so this client starts half-way along 4-15.
+    board, seed, peer, items = _claim_board(seq=2, n=16)
+    board.update_have("peer", 0b0011, False, claims=0b1100)
+    assert [it.index for it in board.claim(seed, 0)] == [10]
+    assert [it.index for it in board.claim(seed, 0)] == [11]
+
+
+def test_board_takes_a_claimed_tensor_from_the_seed_once_the_wait_expires():
+    import time
+
+    from sglang.srt.model_loader.peer_sources import CLAIM_WAIT_S
+
+    board, seed, peer, items = _claim_board(seq=2)
+    board.done = 0b1111_1000  # all but 0-2, which the peer claims
+    board.update_have("peer", 0, False, claims=0b0111)
+    assert board.claim(seed, 0) == []  # everything left is claimed: wait for the peer
+    # The claim on 0 was first seen CLAIM_WAIT_S ago (and 1, 2 just now): only 0 may come from the seed.
+    peer.set_claims(0b0110, time.monotonic())
+    peer.set_claims(0b0111, time.monotonic() - CLAIM_WAIT_S)
+    assert [it.index for it in board.claim(seed, 0)] == [0]
+    assert board.claim_overrides == 1
+    assert board.claim(seed, 0) == []
+
+
+def test_board_forgets_the_claims_of_a_dropped_or_forked_peer():
+    board, seed, peer, items = _claim_board(seq=2)
+    board.done = 0b1111_0000
+    board.update_have("peer", 0, False, claims=0b1111)
+    assert board.claim(seed, 0) == []
+    board.complete(peer, [], [], "the read failed")  # dropped: its claims mean nothing any more
+    assert [it.index for it in board.claim(seed, 0)] == [0]
+    # A peer that has forked holds everything: the seed is one source among the others, claims or not.
+    board, seed, peer, items = _claim_board(seq=2, done=True)
+    board.update_have("peer", 0xFF, True, claims=0b1111)
+    assert [it.index for it in board.claim(seed, 0)] == [0]
+
+
+def test_board_two_clients_claiming_one_tensor_the_earlier_joiner_keeps_it():
+    # Both planned 1-3 before hearing of each other (claims travel with the registry exchange).
+    for seq, expected in ((0, {1}), (2, {4, 5, 6, 7})):  # the later joiner goes elsewhere (where: its rate says)
+        board, seed, peer, items = _claim_board(seq=seq, peer_seq=1)
+        assert [it.index for it in board.claim(seed, 0)] == [0]
+        assert board.seed_claims() == 0b1111
+        board.update_have("peer", 0, False, claims=0b1110)
+        board.complete(seed, [items[0]], [])
+        assert board.claim(seed, 0)[0].index in expected
+
+
+def test_lone_client_reads_everything_from_the_seed_in_its_order():
+    import torch
+
+    from sglang.srt.model_loader.peer_sources import BatchLimit, Item, Source, WorkBoard
+
+    items = [Item(i, f"t{i}", torch.zeros(4), 16, 0, "x") for i in range(8)]
+    board = WorkBoard(items, [5, 6, 7, 0, 1, 2, 3, 4], BatchLimit(32, 16))
+    seed = Source("seed", "s", [0] * 8, is_seed=True)
+    board.add(seed)
+    got = []
+    while batch := board.claim(seed, 0):
+        got += [it.index for it in batch]
+        board.complete(seed, batch, [])
+    assert got == [5, 6, 7, 0, 1, 2, 3, 4] and board.finished and board.seed_claims() == 0
+
+
+def test_longest_gap_wraps_around_and_is_split_by_bytes():
+    from sglang.srt.model_loader.seed_runs import longest_gap, middle
+
+    sizes = [10, 10, 10, 10, 10, 100, 10, 10]
+    # Taken: 3 and 4. The free run 5, 6, 7, 0, 1, 2 wraps past the end; 5 alone is more than half its bytes.
+    gap, gap_bytes = longest_gap(sizes, 0b0001_1000)
+    assert gap == [5, 6, 7, 0, 1, 2] and gap_bytes == 150
+    assert middle(gap, sizes, gap_bytes) == 5
+    assert longest_gap(sizes, 0b0010_0001) == ([1, 2, 3, 4], 40)  # longer than 6, 7
+    assert middle([1, 2, 3, 4], sizes, 40) == 3
+    assert longest_gap(sizes, 0b1111_1111) == ([], 0)
+    assert longest_gap(sizes, 0) == (list(range(8)), 170)
+
+
+def test_board_leaves_an_earlier_joiner_that_has_not_started_the_run_it_will_pick():
+    import time
+
+    from sglang.srt.model_loader.peer_sources import CLAIM_WAIT_S, Source
+
+    def first_pick(newcomer_seen: float) -> int:
+        # Peer 0 holds 0-3 and reads 4-5; peer 1 joined before this client (join 2) but has read nothing yet: it
+        # will start half-way along 6-15, at 11, so this client starts half-way along 6-10.
+        board, seed, peer, items = _claim_board(seq=2, peer_seq=0, n=16)
+        board.update_have("peer", 0b1111, False, claims=0b11_0000)
+        board.add(Source("newcomer", "q", [0] * 16, is_seed=False, seq=1, seen=newcomer_seen))
+        return board.claim(seed, 0)[0].index
+
+    assert first_pick(time.monotonic()) == 8
+    # One that has not started for CLAIM_WAIT_S is not waited for.
+    assert first_pick(time.monotonic() - CLAIM_WAIT_S) == 11

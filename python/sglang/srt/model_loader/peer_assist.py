@@ -4,7 +4,9 @@ each other as well as from the seed, and a forked client keeps serving later one
 Each client rank registers its own (still empty) weights with a Mooncake engine of its own, announces itself in the
 seed's swarm registry (GET/PUT /remote_instance_peers) and updates there which tensors it holds verified. It reads
 its tensors in an order rotated by its join number, so clients started together fetch different tensors from the
-seed first and then trade them. Every byte, from whichever source, is checked against the seed's checksums.
+seed first and then trade them; it also announces which tensors it is reading from the seed, and leaves the ones
+others announced to them (see peer_sources), so that the seed sends about one copy in all. Every byte, from whichever
+source, is checked against the seed's checksums.
 """
 
 from __future__ import annotations
@@ -44,6 +46,9 @@ EXCHANGE_S = 0.15
 # Once forked: how often it refreshes its entry (the registry drops it 15 s after the last refresh).
 HEARTBEAT_S = 3.0
 REGISTRY_TIMEOUT_S = 2.0
+# A forking peer refreshes its entry every EXCHANGE_S: one not refreshed for this long is stuck or dead, and its
+# claims on the seed's tensors are ignored (its verified tensors can still be read; a dead one is dropped then).
+CLAIMS_STALE_S = 1.0
 # Peers one client rank reads from at most (each costs a reader thread and a Mooncake engine).
 MAX_READ_PEERS = 8
 # Engines that serve this process's weights to later clients: kept for the life of the process.
@@ -64,12 +69,14 @@ class Registry:
     warned: bool = False
     sent_addrs: bool = False
 
-    def announce(self, have: int, done: bool) -> bool:
+    def announce(self, have: int, done: bool, claims: int = 0) -> bool:
         """PUT this rank's state (its addresses on the first call or after the entry expired); a rank that
         cannot serve announces nothing."""
         if not self.serving:
             return False
         body = {**self.announcement, "rank": self.rank, "have": f"{have:x}" if have else "", "done": done}
+        if claims:
+            body["claims"] = f"{claims:x}"
         for with_addrs in (False, True) if self.sent_addrs else (True,):
             if with_addrs:
                 body["addrs"] = self.addrs
@@ -175,10 +182,11 @@ class Swarm:
             have = int(peer.get("have") or "0", 16)
         except ValueError:
             return
+        claims = _claims(peer)
         label = self.labels.get(peer_id)
         if label is not None:
             if self.board.sources[label].failed is None:
-                self.board.update_have(label, have, peer.get("done") is True)
+                self.board.update_have(label, have, peer.get("done") is True, claims)
             return
         addrs = peer.get("addrs")
         if peer_id in self.rejected or addrs is None:
@@ -197,9 +205,10 @@ class Swarm:
             return  # enough sources; this one is considered again once one of them is dropped
         label = f"peer#{peer['seq']} {peer.get('session_id')}"
         self.labels[peer_id] = label
-        source = Source(label, str(peer["session_id"]), addrs, is_seed=False)
+        source = Source(label, str(peer["session_id"]), addrs, is_seed=False, seq=peer["seq"])
         source.have = have & ((1 << len(self.board.items)) - 1)
         source.done = peer.get("done") is True
+        source.set_claims(claims & ((1 << len(self.board.items)) - 1), time.monotonic())
         logger.info("TP%d: peer assist: reading from %s as well", self.ctx.tp_rank, label)
         self.add_source(source)
 
@@ -258,6 +267,7 @@ def _read(
 ) -> int:
     offset = int((registry.seq or 0) * 0.6180339887 % 1.0 * len(items))
     board = WorkBoard(items, list(range(offset, len(items))) + list(range(offset)), BATCH_LIMITS[protocol])
+    board.seq = registry.seq
     swarm = Swarm(board, ctx, protocol, model)
     swarm.refresh(registry)  # before the seed's reader starts, so that it knows what peers hold already
     seed = Source("seed", endpoint.session_id, [it.seed_addr for it in items], is_seed=True)
@@ -286,7 +296,7 @@ def _read(
                 raise RemoteInstanceError(ctx.seed.name, "transfer", f"Mooncake {protocol}: {seed.failed}")
             if time.monotonic() >= next_exchange:
                 next_exchange = time.monotonic() + EXCHANGE_S
-                registry.announce(board.done, False)
+                registry.announce(board.done, False, board.seed_claims())
                 swarm.refresh(registry)
             board.wait(EXCHANGE_S)
     finally:
@@ -349,6 +359,18 @@ def _heartbeat(registry: Registry, have: int) -> None:
         registry.announce(have, True)
 
 
+def _claims(peer: dict[str, Any]) -> int:
+    """The tensors a peer says it reads from the seed; none when it says nothing (an older client), says it
+    wrongly, or has not refreshed its entry lately."""
+    age = peer.get("age_s")
+    if not isinstance(age, (int, float)) or age > CLAIMS_STALE_S:
+        return 0
+    try:
+        return max(int(peer.get("claims") or "0", 16), 0)
+    except (TypeError, ValueError):
+        return 0
+
+
 def _count(mask: int) -> int:
     return bin(mask).count("1")
 
@@ -363,4 +385,5 @@ def _report(board: WorkBoard, registry: Registry) -> dict[str, Any]:
         "peer_bytes": peer_bytes,
         "dropped_sources": {s.label: s.failed for s in board.sources.values() if s.failed},
         "tensors_reread_after_bad_checksum": sum(s.bad_tensors for s in board.sources.values()),
+        "seed_reads_after_claim_wait": board.claim_overrides,
     }

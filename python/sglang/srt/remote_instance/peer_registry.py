@@ -1,7 +1,8 @@
 """Swarm registry kept by a seed's bootstrap server: which R-Fork clients can serve which of its tensors right now.
 
-Clients forking with peer assist PUT their Mooncake session id, where each of their tensors lives, and a bitmap of
-the tensors they hold verified; readers GET the list to pick sources. The seed only stores and returns what it was
+Clients forking with peer assist PUT their Mooncake session id, where each of their tensors lives, a bitmap of the
+tensors they hold verified and one of the tensors they are reading from the seed (their claims, so that the others
+leave those to them); readers GET the list to pick sources. The seed only stores and returns what it was
 told: everything is type- and size-checked, entries expire, and the number of entries is bounded, so no client can
 grow the seed's memory or break its serving. Readers verify every byte against the seed's checksums anyway.
 """
@@ -52,6 +53,7 @@ class PeerEntry:
     n_tensors: int
     have: str
     done: bool
+    claims: str
     host_id: str | None
     gpu_uuid: str | None
     updated: float
@@ -63,6 +65,7 @@ class PeerEntry:
             "session_id": self.session_id,
             "protocol": self.protocol,
             "have": self.have,
+            "claims": self.claims,
             "done": self.done,
             "host_id": self.host_id,
             "gpu_uuid": self.gpu_uuid,
@@ -94,8 +97,9 @@ class PeerRegistry:
             if entry is None and fields["addrs"] is None:
                 raise PeerRequestError(404, f"unknown peer {peer_id}: announce it with 'addrs' first")
             n = len(fields["addrs"]) if fields["addrs"] is not None else entry.n_tensors
-            if len(fields["have"]) > (n + 3) // 4:
-                raise PeerRequestError(400, f"'have' has more bits than the {n} announced tensors")
+            for key in ("have", "claims"):
+                if len(fields[key]) > (n + 3) // 4:
+                    raise PeerRequestError(400, f"'{key}' has more bits than the {n} announced tensors")
             held = sum(e.n_tensors for p in self.ranks.values() for e in p.values()) - (entry.n_tensors if entry else 0)
             if held + n > MAX_TOTAL_TENSORS:
                 raise PeerRequestError(429, "the swarm registry is full; fork from the seed alone")
@@ -104,13 +108,14 @@ class PeerRegistry:
                     raise PeerRequestError(429, "the swarm registry is full; fork from the seed alone")
                 seq = self.next_seq.get(rank, 0)
                 self.next_seq[rank] = seq + 1
-                entry = PeerEntry(peer_id, seq, "", "", "[]", 0, "", False, None, None, now)
+                entry = PeerEntry(peer_id, seq, "", "", "[]", 0, "", False, "", None, None, now)
                 self.ranks.setdefault(rank, {})[peer_id] = entry
             if fields["addrs"] is not None:
                 entry.addrs_json, entry.n_tensors = json.dumps(fields["addrs"]), n
             entry.session_id, entry.protocol = fields["session_id"], fields["protocol"]
             entry.host_id, entry.gpu_uuid = fields["host_id"], fields["gpu_uuid"]
             entry.have, entry.done, entry.updated = fields["have"], fields["done"], now
+            entry.claims = fields["claims"]
             return {"seq": entry.seq, "ttl_s": self.ttl}
 
     def get(self, rank: int, with_addrs: bool = True) -> bytes:
@@ -163,9 +168,12 @@ def _validated(body: Any) -> dict[str, Any]:
         and all(type(a) is int and 0 <= a < 1 << 64 for a in addrs)
     ):
         raise PeerRequestError(400, f"'addrs' must be a list of at most {MAX_TENSORS} addresses (0 <= a < 2**64)")
-    have = body.get("have", "")
-    if not isinstance(have, str) or not _HEX.match(have):
-        raise PeerRequestError(400, "'have' must be a lowercase hex bitmap of the tensors held verified")
+    bitmaps = {}
+    for key, what in (("have", "the tensors held verified"), ("claims", "the tensors being read from the seed")):
+        value = body.get(key, "")  # a client that predates "claims" sends none: it claims nothing
+        if not isinstance(value, str) or not _HEX.match(value):
+            raise PeerRequestError(400, f"'{key}' must be a lowercase hex bitmap of {what}")
+        bitmaps[key] = value.lstrip("0")
     done = body.get("done", False)
     if not isinstance(done, bool):
         raise PeerRequestError(400, "'done' must be true or false")
@@ -181,7 +189,7 @@ def _validated(body: Any) -> dict[str, Any]:
         "session_id": session_id,
         "protocol": protocol,
         "addrs": addrs,
-        "have": have.lstrip("0"),
+        **bitmaps,
         "done": done,
         **ident,
     }
