@@ -11,6 +11,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from sglang.srt.server_args_rfork import check_remote_instance_args, resolve_remote_instance_load
+
 logger = logging.getLogger(__name__)
 
 LOAD_FORMATS = ("auto", "safetensors", "pt", "dummy", "remote_instance")
@@ -196,49 +198,8 @@ class ServerArgs:
 
     def __post_init__(self) -> None:
         self._fill_defaults()
-        self._handle_load_format()
+        resolve_remote_instance_load(self)
         self.validate()
-
-    def _handle_load_format(self) -> None:
-        """Upstream falls back to disk silently when R-Fork flags are incomplete; we say which flag is missing,
-        and refuse when there is nothing on disk to fall back to."""
-        if self.remote_instance_weight_loader_start_seed_via_transfer_engine and not _mooncake_available():
-            logger.warning(
-                "--remote-instance-weight-loader-start-seed-via-transfer-engine ignored: mooncake is not "
-                "installed (pip install mooncake-transfer-engine); this instance will not publish its weights."
-            )
-            self.remote_instance_weight_loader_start_seed_via_transfer_engine = False
-        if self.load_format != "remote_instance":
-            return
-        missing = [
-            flag
-            for flag, value in (
-                (
-                    "--remote-instance-weight-loader-seed-instance-ip",
-                    self.remote_instance_weight_loader_seed_instance_ip,
-                ),
-                (
-                    "--remote-instance-weight-loader-seed-instance-service-port",
-                    self.remote_instance_weight_loader_seed_instance_service_port,
-                ),
-            )
-            if value is None
-        ]
-        backend = self.remote_instance_weight_loader_backend
-        if backend == "nccl" and self.remote_instance_weight_loader_send_weights_group_ports is None:
-            missing.append("--remote-instance-weight-loader-send-weights-group-ports")
-        if backend == "transfer_engine" and not _mooncake_available():
-            missing.append("mooncake (pip install mooncake-transfer-engine) for the transfer_engine backend")
-        if not missing:
-            return
-        what = ", ".join(missing)
-        if self.model_path and not _has_weight_files(self.model_path):
-            raise ServerArgsError(
-                f"--load-format remote_instance needs {what}, and {self.model_path} has no weight files to load "
-                "from disk instead."
-            )
-        logger.warning("--load-format remote_instance is missing %s; loading weights from disk (auto) instead.", what)
-        self.load_format = "auto"
 
     def _fill_defaults(self) -> None:
         if self.served_model_name is None:
@@ -325,35 +286,11 @@ class ServerArgs:
             raise ServerArgsError("--device cuda was requested but CUDA is not available; use --device cpu.")
         if self.attention_backend == "flashinfer" and self.device != "cuda":
             raise ServerArgsError("--attention-backend flashinfer needs --device cuda; use torch_native on CPU.")
-        ports = self.remote_instance_weight_loader_send_weights_group_ports
-        if ports is not None and not (
-            isinstance(ports, list) and all(isinstance(p, int) and 0 < p < 65536 for p in ports)
-        ):
-            raise ServerArgsError(
-                "--remote-instance-weight-loader-send-weights-group-ports must be a JSON list of ports, "
-                f"e.g. '[60000,60001]'; got {ports!r}."
-            )
         for name in ("port", "engine_info_bootstrap_port"):
             value = getattr(self, name)
             if not 0 < value < 65536:
                 raise ServerArgsError(f"--{name.replace('_', '-')} must be a port number, got {value}.")
-        group_ports = self.remote_instance_weight_loader_send_weights_group_ports
-        if self.load_format == "remote_instance" and group_ports is not None and len(group_ports) != self.tp_size:
-            raise ServerArgsError(
-                f"--remote-instance-weight-loader-send-weights-group-ports has {len(group_ports)} port(s) for "
-                f"--tp-size {self.tp_size}; give exactly one port per TP rank."
-            )
-        if self.remote_instance_weight_loader_timeout <= 0:
-            raise ServerArgsError("--remote-instance-weight-loader-timeout must be positive.")
-        if (
-            self.load_format == "remote_instance"
-            and self.remote_instance_weight_loader_peer_assist
-            and self.remote_instance_weight_loader_backend != "transfer_engine"
-        ):
-            raise ServerArgsError(
-                "--remote-instance-weight-loader-peer-assist works over TransferEngine only; add "
-                "--remote-instance-weight-loader-backend transfer_engine or drop the flag."
-            )
+        check_remote_instance_args(self)
 
     @property
     def tp_size_per_node(self) -> int:
@@ -406,14 +343,6 @@ def _scalar_type(f: dataclasses.Field) -> type:
     return str
 
 
-def _mooncake_available() -> bool:
-    try:
-        import mooncake.engine  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def _default_attention_backend(device: str) -> str:
     """flashinfer on CUDA when it is installed; torch_native otherwise (with a notice on CUDA, where it is slow)."""
     if device != "cuda":
@@ -425,12 +354,6 @@ def _default_attention_backend(device: str) -> str:
         logger.warning("flashinfer is not installed; using the torch_native attention backend.")
         return "torch_native"
     return "flashinfer"
-
-
-def _has_weight_files(model_path: str) -> bool:
-    import glob
-
-    return any(glob.glob(os.path.join(model_path, pattern)) for pattern in ("*.safetensors", "*.bin", "*.pt"))
 
 
 def _cuda_available() -> bool:
