@@ -17,6 +17,7 @@ from sglang.srt.remote_instance.bootstrap_server import start_bootstrap_server
 from sglang.srt.remote_instance.mooncake_guard import mooncake_available
 from sglang.srt.remote_instance.peer_registry import PeerRegistry
 from sglang.srt.server_args import ServerArgs, ServerArgsError
+from sglang.test.rfork_utils import greedy_ids, rank_checksums, te_client_args, weights_by_name
 from sglang.test.test_utils import config_only_copy, find_free_port, kill_process_tree, popen_launch_server
 
 KEY = "peer-test-key"
@@ -132,32 +133,19 @@ def test_peer_assist_flag_needs_transfer_engine(tiny_model_dir):
 
 
 def client_args(seed_url: str, *extra: str) -> list[str]:
-    return [
-        "--load-format", "remote_instance",
-        "--remote-instance-weight-loader-backend", "transfer_engine",
-        "--remote-instance-weight-loader-seed-instance-ip", "127.0.0.1",
-        "--remote-instance-weight-loader-seed-instance-service-port", seed_url.rsplit(":", 1)[1],
-        "--remote-instance-weight-loader-timeout", "60",
-        "--remote-instance-weight-loader-peer-assist",
-        *SMALL_KV, *extra,
-    ]  # fmt: skip
+    return te_client_args(seed_url, "--remote-instance-weight-loader-peer-assist", *SMALL_KV, *extra, timeout=60)
 
 
 def checksums(url: str) -> dict[str, str]:
-    r = requests.get(f"{url}/remote_instance_weight_manifest", params={"rank": 0}, timeout=60)
-    r.raise_for_status()
-    return r.json()["checksums"]
+    return rank_checksums(url, 1)[0]
 
 
 def weights(url: str, names: list[str]) -> dict[str, list]:
-    whole = {"truncate_size": 10**6}  # more rows than any tiny weight has (the default is upstream's 100)
-    return {n: requests.post(f"{url}/get_weights_by_name", json={"name": n, **whole}, timeout=60).json() for n in names}
+    return weights_by_name(url, names)
 
 
 def greedy(url: str) -> list[int]:
-    r = requests.post(f"{url}/generate", json={"text": PROMPT, "sampling_params": GREEDY}, timeout=60)
-    r.raise_for_status()
-    return r.json()["output_ids"]
+    return greedy_ids(url, PROMPT, GREEDY)
 
 
 def peer_report(url: str) -> dict:

@@ -7,9 +7,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-import requests
 
 from sglang.srt.remote_instance.mooncake_guard import mooncake_available
+from sglang.test.rfork_utils import greedy_ids, te_client_args, weights_by_name
+from sglang.test.rfork_utils import rank_checksums as checksums
 from sglang.test.test_utils import config_only_copy, find_free_port, kill_process_tree, popen_launch_server
 
 pytestmark = pytest.mark.skipif(not mooncake_available(), reason="mooncake-transfer-engine is not installed")
@@ -39,44 +40,16 @@ def seed_args(tp: int) -> list[str]:
 
 def client_args(seed_url: str, tp: int) -> list[str]:
     """A TransferEngine client of TP size tp forking from seed_url."""
-    return [
-        "--tp-size",
-        str(tp),
-        "--load-format",
-        "remote_instance",
-        "--remote-instance-weight-loader-backend",
-        "transfer_engine",
-        "--remote-instance-weight-loader-seed-instance-ip",
-        "127.0.0.1",
-        "--remote-instance-weight-loader-seed-instance-service-port",
-        seed_url.rsplit(":", 1)[1],
-        "--remote-instance-weight-loader-timeout",
-        "60",
-        *SMALL_KV,
-    ]
-
-
-def checksums(url: str, tp: int) -> list[dict[str, str]]:
-    """Per-rank checksums of every parameter, each computed by the instance from its own bytes."""
-    out = []
-    for rank in range(tp):
-        r = requests.get(f"{url}/remote_instance_weight_manifest", params={"rank": rank}, timeout=60)
-        r.raise_for_status()
-        out.append(r.json()["checksums"])
-    return out
+    return te_client_args(seed_url, "--tp-size", str(tp), *SMALL_KV, timeout=60)
 
 
 def all_weights(url: str) -> dict[str, list]:
     """Every parameter's values as /get_weights_by_name gives them (all ranks' shards joined)."""
-    names = list(checksums(url, 1)[0])
-    whole = {"truncate_size": 10**6}  # more rows than any tiny weight has (the default is upstream's 100)
-    return {n: requests.post(f"{url}/get_weights_by_name", json={"name": n, **whole}, timeout=60).json() for n in names}
+    return weights_by_name(url)
 
 
 def greedy(url: str) -> list[int]:
-    r = requests.post(f"{url}/generate", json={"text": PROMPT, "sampling_params": GREEDY}, timeout=60)
-    r.raise_for_status()
-    return r.json()["output_ids"]
+    return greedy_ids(url, PROMPT, GREEDY)
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen3"])
