@@ -22,7 +22,8 @@ import requests
 import torch
 from torch import nn
 
-from sglang.srt.model_loader.peer_sources import BATCH_LIMITS, Item, Source, SourceReader, WorkBoard
+from sglang.srt.model_loader.peer_reader import SourceReader
+from sglang.srt.model_loader.peer_sources import BATCH_LIMITS, Item, Source, WorkBoard
 from sglang.srt.model_loader.remote_instance_weight_loader_utils import RemoteInstanceError
 from sglang.srt.remote_instance.addresses import local_ip_towards
 from sglang.srt.remote_instance.manifest import weight_tensors
