@@ -143,6 +143,9 @@ class _Seed(BaseHTTPRequestHandler):
         path, _, query = self.path.partition("?")
         if path == "/remote_instance_transfer_engine_info" and self.te_info:
             rank = int(dict(p.split("=", 1) for p in query.split("&") if "=" in p).get("rank", 0))
+            if not 0 <= rank < len(self.te_info):
+                self._reply(400, {"detail": f"rank {rank} out of range"})
+                return
             self._reply(200, {"rank": rank, "remote_instance_transfer_engine_info": self.te_info[rank]})
         elif path == "/get_server_info":
             self._reply(200, {"tp_size": len(self.tensors)})

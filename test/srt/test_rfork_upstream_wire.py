@@ -250,6 +250,7 @@ def test_other_tp_from_upstream_te_seed_is_refused_by_name(tiny_model_dir, tmp_p
             [*launch, "--port", str(find_free_port()), *args], capture_output=True, text=True, timeout=120
         )
         assert proc.returncode != 0
-        assert "start the client with the seed's model, --dtype and --tp-size" in proc.stderr
+        # The peer answers /get_server_info with its tp_size, so the client names the layout it lacks and the fix.
+        assert "publishes no shard layout" in proc.stderr and "start the client with --tp-size 1" in proc.stderr
     finally:
         peer.kill()
