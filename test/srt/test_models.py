@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import shutil
@@ -11,13 +10,12 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from sglang.srt.configs.load_config import LoadConfig, LoadFormat
 from sglang.srt.configs.model_config import ModelConfig, ModelConfigError
 from sglang.srt.model_loader import get_model_loader
 from sglang.srt.model_loader.weight_utils import WeightFilesNotFoundError, WeightLoadingError
-from sglang.test.hf_reference import hf_greedy
+from sglang.test.hf_reference import assert_close_to_hf
 from sglang.test.model_harness import ModelHarness, run_tp_ranks
 
 PROMPTS = [[7], [3, 141, 59, 26, 5], [271, 82, 81, 8, 28, 18, 28, 4, 59, 0, 45, 23], list(range(100, 123))]
@@ -53,20 +51,8 @@ def models(tiny_model_dir: Any, tmp_path_factory: pytest.TempPathFactory) -> dic
     return paths
 
 
-@functools.cache
-def hf_reference(path: str) -> tuple[list[torch.Tensor], list[list[int]]]:
-    """HF prefill logits per prompt and HF greedy continuations."""
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    with torch.inference_mode():
-        logits = [model(torch.tensor([prompt])).logits[0].float() for prompt in PROMPTS]
-    return logits, hf_greedy(path, PROMPTS, NEW_TOKENS)
-
-
 def _assert_close_to_hf(path: str, logits: list[Any], tokens: list[list[int]]) -> None:
-    ref_logits, ref_tokens = hf_reference(path)
-    for ours, ref in zip(logits, ref_logits):
-        torch.testing.assert_close(torch.as_tensor(ours), ref, atol=1e-3, rtol=0)
-    assert tokens == ref_tokens
+    assert_close_to_hf(path, PROMPTS, NEW_TOKENS, logits, tokens)
 
 
 @pytest.mark.parametrize("name", ["llama", "llama3_rope", "llama_tied", "qwen2", "qwen3", "llama_sharded"])

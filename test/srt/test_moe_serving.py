@@ -13,6 +13,7 @@ import requests
 import sglang
 from sglang.srt.remote_instance.mooncake_guard import mooncake_available
 from sglang.test.hf_reference import hf_greedy
+from sglang.test.rfork_utils import rank_checksums
 from sglang.test.test_utils import config_only_copy, find_free_port, kill_process_tree, popen_launch_server
 
 needs_mooncake = pytest.mark.skipif(not mooncake_available(), reason="mooncake-transfer-engine is not installed")
@@ -57,15 +58,6 @@ def _generate(url: str, **body: object) -> dict:
     return r.json()
 
 
-def _checksums(url: str, tp: int) -> list[dict[str, str]]:
-    out = []
-    for rank in range(tp):
-        r = requests.get(f"{url}/remote_instance_weight_manifest", params={"rank": rank}, timeout=60)
-        r.raise_for_status()
-        out.append(r.json()["checksums"])
-    return out
-
-
 @pytest.fixture(scope="module")
 def model_dir(tiny_model_dir) -> str:
     return tiny_model_dir("qwen3_moe", **MODEL)
@@ -101,7 +93,7 @@ def test_openai_routes_serve_the_moe_model(seed, model_dir):
 
 
 def test_fork_tp1_over_nccl_into_an_engine(seed, model_dir, tmp_path):
-    expected = _checksums(seed.base_url, 1)
+    expected = rank_checksums(seed.base_url, 1)
     # One tensor per stacked expert projection: 2 MoE layers x (router, w13, w2), not 3 per expert.
     assert sum(".mlp.experts." in name for name in expected[0]) == 4
     with sglang.Engine(
@@ -123,7 +115,7 @@ def test_fork_tp1_over_transfer_engine(seed, model_dir, tmp_path):
         env=ENV,
     )  # fmt: skip
     try:
-        assert _checksums(client.base_url, 1) == _checksums(seed.base_url, 1)
+        assert rank_checksums(client.base_url, 1) == rank_checksums(seed.base_url, 1)
         assert _generate(client.base_url)["output_ids"] == _hf_tokens(model_dir)
         log = Path(client.log_path).read_text(errors="replace")
         assert "over Mooncake tcp" in log and "verify" in log
@@ -135,7 +127,7 @@ def test_tp2_serves_and_forks_over_both_backends(model_dir, tmp_path):
     seed2 = popen_launch_server(model_dir, other_args=["--tp-size", "2", *SERVE, *_te_seed_args()], env=ENV)
     try:
         assert _generate(seed2.base_url)["output_ids"] == _hf_tokens(model_dir)
-        expected = _checksums(seed2.base_url, 2)
+        expected = rank_checksums(seed2.base_url, 2)
         # Each rank holds its own half of every expert's intermediate channels.
         w13 = "model.layers.0.mlp.experts.w13_weight"
         assert expected[0][w13] != expected[1][w13]
@@ -146,7 +138,7 @@ def test_tp2_serves_and_forks_over_both_backends(model_dir, tmp_path):
                 env=ENV,
             )
             try:
-                assert _checksums(client.base_url, 2) == expected, backend
+                assert rank_checksums(client.base_url, 2) == expected, backend
                 assert _generate(client.base_url)["output_ids"] == _hf_tokens(model_dir), backend
                 assert "verify" in Path(client.log_path).read_text(errors="replace")
             finally:
