@@ -56,7 +56,7 @@ def build_scheduler(args: argparse.Namespace) -> tuple[Scheduler, zmq.Socket]:
         dtype=args.dtype,
         load_format=args.load_format,
         max_running_requests=max(args.batch_size),
-        max_total_tokens=max(args.batch_size) * (args.input_len + 3 * args.steps + 64) + 64,
+        max_total_tokens=max(args.batch_size) * context_needed(args) + 64,
         chunked_prefill_size=args.chunked_prefill_size,
     )
     port_args = PortArgs.init_new(server_args)

@@ -305,11 +305,12 @@ def test_openai_logprobs_limits(base):
     assert_rejected(post(base, "/v1/chat/completions", body), "top_logprobs")
 
 
-def test_weights_truncate_size_cannot_bypass_the_cap(base):
+def test_weights_truncate_size_beyond_the_tensor_counts_rows(base):
     resp = requests.get(
         base + "/get_weights_by_name", params={"name": "lm_head.weight", "truncate_size": 10**12}, headers=AUTH
     )
-    assert resp.status_code == 200  # the tiny model's head is far below the cap; the big one is in test_engine
+    # A truncate_size past the tensor gives all its rows; the element cap itself is tested in test_engine.
+    assert resp.status_code == 200
     rows = resp.json()  # truncate_size counts rows, as upstream
     assert len(rows) == VOCAB and {len(row) for row in rows} == {64}
 

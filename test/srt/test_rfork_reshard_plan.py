@@ -17,10 +17,10 @@ from sglang.srt.model_loader.loader import DefaultModelLoader, build_model_skele
 from sglang.srt.model_loader.transfer_engine_reshard import (
     ReshardError,
     bad_blocks,
-    padding,
     parse_shards,
     plan_all,
     read_rank,
+    zero_padding,
 )
 from sglang.srt.remote_instance.block_checksum import ROW_WORDS, block_sums, digests, range_digests
 from sglang.srt.remote_instance.manifest import weight_tensors
@@ -76,11 +76,7 @@ def fork(path: str, seeds: list, client_tp: int, rank: int, scratch_bytes: int =
         result = read_rank(plan, shards[r], ptrs, tensors, memmove, verify=True, scratch_bytes=scratch_bytes)
         assert result.moved == plan.nbytes
         bad |= set(bad_blocks(result.checks()))
-    with torch.no_grad():
-        for name, t in tensors.items():
-            layout = layouts[name]
-            for a, b in padding(layout):
-                t.view(layout.outer, layout.rows, -1)[:, a:b].zero_()
+    zero_padding(tensors, layouts)  # the fork's own padding step
     return model, plans, bad
 
 

@@ -68,10 +68,9 @@ def check_remote_instance_args(args: ServerArgs) -> None:
             "--remote-instance-weight-loader-send-weights-group-ports must be a JSON list of ports, "
             f"e.g. '[60000,60001]'; got {ports!r}."
         )
-    group_ports = args.remote_instance_weight_loader_send_weights_group_ports
-    if args.load_format == "remote_instance" and group_ports is not None and len(group_ports) != args.tp_size:
+    if args.load_format == "remote_instance" and ports is not None and len(ports) != args.tp_size:
         raise ServerArgsError(
-            f"--remote-instance-weight-loader-send-weights-group-ports has {len(group_ports)} port(s) for "
+            f"--remote-instance-weight-loader-send-weights-group-ports has {len(ports)} port(s) for "
             f"--tp-size {args.tp_size}; give exactly one port per TP rank."
         )
     if args.remote_instance_weight_loader_timeout <= 0:
@@ -88,11 +87,10 @@ def check_remote_instance_args(args: ServerArgs) -> None:
 
 
 def _mooncake_available() -> bool:
-    try:
-        import mooncake.engine  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    # Imported here: the guard module is light, but mooncake itself is only imported on the TransferEngine branches.
+    from sglang.srt.remote_instance.mooncake_guard import mooncake_available
+
+    return mooncake_available()
 
 
 def _has_weight_files(model_path: str) -> bool:

@@ -20,7 +20,6 @@ from sglang.srt.layers.sampler import SampleOutput
 if TYPE_CHECKING:
     from sglang.srt.layers.sampler import Sampler
     from sglang.srt.managers.schedule_batch import Req
-    from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
 
 def needs_sync(req: Req) -> bool:
@@ -52,8 +51,6 @@ class TokenRelay:
 class LaunchedStep:
     """A step whose forward (and, under overlap, sampling) is enqueued; its results are applied later."""
 
-    mode: ForwardMode
-    reqs: list[Req]  # the whole batch
     live: list[Req]  # the batch's requests that were not finished when it was launched
     sampled: list[Req]  # the requests that take a token from this step, in the order of its ids
     sample: SampleOutput | None = None  # set at once without overlap, by resolve() under it

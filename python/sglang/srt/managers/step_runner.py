@@ -72,7 +72,7 @@ class StepRunner:
                 continue
             rows.append(i)
             sampled.append(req)
-        step = LaunchedStep(mode, reqs, live, sampled)
+        step = LaunchedStep(live, sampled)
         if not sampled:
             step.sample = SampleOutput([], [], [], [])
             return step

@@ -290,8 +290,9 @@ def _read(
             if board.fatal:
                 raise RemoteInstanceError(ctx.seed.name, "transfer", board.fatal)
             if time.monotonic() > ctx.deadline:
+                read = board.done.bit_count()
                 raise RemoteInstanceError(
-                    ctx.seed.name, "transfer", f"{_count(board.done)} of {len(items)} tensors read before the deadline"
+                    ctx.seed.name, "transfer", f"{read} of {len(items)} tensors read before the deadline"
                 )
             if seed.failed and (board.needs_seed() or not any(not s.is_seed for s in swarm.live_sources())):
                 raise RemoteInstanceError(ctx.seed.name, "transfer", f"Mooncake {protocol}: {seed.failed}")
@@ -370,10 +371,6 @@ def _claims(peer: dict[str, Any]) -> int:
         return max(int(peer.get("claims") or "0", 16), 0)
     except (TypeError, ValueError):
         return 0
-
-
-def _count(mask: int) -> int:
-    return bin(mask).count("1")
 
 
 def _report(board: WorkBoard, registry: Registry) -> dict[str, Any]:

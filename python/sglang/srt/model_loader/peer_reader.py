@@ -62,7 +62,7 @@ class SourceReader:
                         return
                 continue
             entries = [
-                ReadEntry(it.name, it.tensor.data_ptr(), source.addrs[it.index], it.nbytes) for it in batch if it.nbytes
+                ReadEntry(it.name, it.tensor.data_ptr(), source.addrs[it.index], it.nbytes) for it in batch
             ]
             nbytes = sum(e.length for e in entries)
             limit = min(self.deadline, time.monotonic() + BATCH_TIMEOUT_S + nbytes / 1e8)

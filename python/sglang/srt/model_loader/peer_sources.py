@@ -132,6 +132,9 @@ class WorkBoard:
     claim_overrides: int = 0  # tensors read from the seed although a peer claimed them (the wait for it expired)
     cursor: int | None = None  # where the seed reader's current run goes on
 
+    def __post_init__(self) -> None:
+        self.sizes = [it.nbytes for it in self.items]  # fixed for the board's life; the seed's run planning reads it
+
     @property
     def finished(self) -> bool:
         return self.done == (1 << len(self.items)) - 1
@@ -227,7 +230,7 @@ class WorkBoard:
                 newcomers = [
                     s
                     for s in peers
-                    if not (s.done or s.have or s.claims) and self._joined_after(s) and now - s.seen < CLAIM_WAIT_S
+                    if not (s.done or s.have or s.claims) and self._joined_before(s) and now - s.seen < CLAIM_WAIT_S
                 ]
                 start = self._run_start(taken, len(newcomers))
             else:
@@ -270,7 +273,7 @@ class WorkBoard:
             mask |= 1 << i
         return mask
 
-    def _joined_after(self, peer: Source) -> bool:
+    def _joined_before(self, peer: Source) -> bool:
         return self.seq is not None and peer.seq is not None and peer.seq < self.seq
 
     def _run_start(self, taken: int, newcomers: int = 0) -> int | None:
@@ -279,7 +282,7 @@ class WorkBoard:
         start together spread)."""
         if not taken & ((1 << len(self.items)) - 1):
             return self.order[0] if self.order else None
-        sizes = [it.nbytes for it in self.items]
+        sizes = self.sizes
         for _ in range(newcomers + 1):
             gap, gap_bytes = longest_gap(sizes, taken)
             if not gap:

@@ -142,6 +142,18 @@ def padding(layout: ShardLayout) -> list[tuple[int, int]]:
     return out
 
 
+def zero_padding(tensors: dict[str, torch.Tensor], layouts: dict[str, ShardLayout]) -> int:
+    """Zero every tensor's padding (rows no seed holds, as a disk load leaves them); returns the bytes zeroed."""
+    zeroed = 0
+    with torch.no_grad():
+        for name, t in tensors.items():
+            layout = layouts[name]
+            for a, b in padding(layout):
+                t.view(layout.outer, layout.rows, -1)[:, a:b].zero_()
+                zeroed += (b - a) * layout.outer * layout.inner * t.element_size()
+    return zeroed
+
+
 def plan_tensor(name: str, mine: ShardLayout, theirs: dict[int, SeedShard], prefer: list[int]) -> dict[int, RankPlan]:
     """Reads of one tensor, per seed rank."""
     check_compatible(name, mine, theirs)

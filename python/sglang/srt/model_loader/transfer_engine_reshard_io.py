@@ -28,10 +28,10 @@ from sglang.srt.model_loader.transfer_engine_reshard import (
     ReshardError,
     SeedShard,
     bad_blocks,
-    padding,
     parse_shards,
     plan_all,
     read_rank,
+    zero_padding,
 )
 from sglang.srt.remote_instance.addresses import local_ip_towards
 from sglang.srt.remote_instance.manifest import weight_tensors
@@ -111,13 +111,10 @@ class ReshardFork:
         tensors = dict(weight_tensors(model))
         layouts = model_layouts(model)
         plans = self._plan(ctx, tensors, layouts)
-        with torch.no_grad():
-            for name, t in tensors.items():
-                layout = layouts[name]
-                for a, b in padding(layout):
-                    t.view(layout.outer, layout.rows, -1)[:, a:b].zero_()
-                    self.padding_bytes += (b - a) * layout.outer * layout.inner * t.element_size()
-                if ctx.device.type == "cpu":
+        self.padding_bytes += zero_padding(tensors, layouts)
+        if ctx.device.type == "cpu":
+            with torch.no_grad():
+                for t in tensors.values():
                     t.zero_()  # pre-touch: page faults inside Mooncake's IO thread cut throughput ~4x
         start = time.perf_counter()
         engines: dict[int, GuardedEngine] = {}
