@@ -40,9 +40,17 @@ def bearer_token(header: bytes) -> bytes:
     return token.strip() if scheme.lower() == b"bearer" else b""
 
 
+async def send_error(send: Any, status: int, message: str, close: bool = False) -> None:
+    """Answer an ASGI request with the API's JSON error body (close: the connection cannot be reused, e.g. because
+    the rest of the request body was never read)."""
+    body = json.dumps(error_body(message, None, status)).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if close:
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
 async def _reject(send: Any) -> None:
     message = "Missing or wrong API key: send the header 'Authorization: Bearer <key>' with the server's --api-key."
-    body = json.dumps(error_body(message, None, 401)).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": 401, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    await send_error(send, 401, message)

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Any
 
-from sglang.srt.entrypoints.openai.protocol import error_body
+from sglang.srt.entrypoints.http_auth import send_error
 
 # Longest a client may pause while sending its body before the request is answered 408 and dropped: a client
 # that trickles bytes holds a connection, never the server.
@@ -70,11 +69,5 @@ def _replay(messages: list[dict[str, Any]], receive: Any) -> Any:
 
 
 async def _answer(send: Any, status: int, message: str) -> None:
-    body = json.dumps(error_body(message, None, status)).encode()
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-        (b"connection", b"close"),  # the rest of the body is never read, so the connection cannot be reused
-    ]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    # The rest of the body is never read, so the connection cannot be reused.
+    await send_error(send, status, message, close=True)

@@ -74,7 +74,6 @@ class TokenizerManager:
         )
         self.telemetry = RequestTelemetry.from_args(server_args, self.tokenizer)
         self.scheduler_info: dict[str, Any] = {}
-        self.max_req_input_len = 0
         # Complete once the schedulers report how many prompt tokens they take (attach_schedulers).
         self.limits = RequestLimits.build(server_args, self.model_config.vocab_size, 0, self.tokenizer)
         self.tokenize_pool = ThreadPoolExecutor(TOKENIZE_WORKERS, thread_name_prefix="tokenize")
@@ -181,21 +180,19 @@ class TokenizerManager:
             bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
             if bad:
                 raise InvalidRequestError("input_ids", f"token id {bad[0]!r} is not in the vocabulary [0, {vocab}).")
-            field_name = "input_ids"
         else:
             ids = await self.encode(obj.text, "text")
-            field_name = "text"
-        self._check_length(ids, field_name)
+            self._check_length(ids, "text")
         rid = obj.rid if isinstance(obj.rid, str) else new_rid()
         return TokenizedGenerateReqInput(rid, ids, params, obj.return_logprob, obj.top_logprobs_num, grammar)
 
     def _check_length(self, ids: list[int], field_name: str) -> None:
         if not ids:
             raise InvalidRequestError(field_name, "the prompt is empty; send at least one token.")
-        if len(ids) > self.max_req_input_len:
+        if len(ids) > self.limits.max_prompt_tokens:
             raise InvalidRequestError(
                 field_name,
-                f"the prompt has {len(ids)} tokens, more than this server accepts ({self.max_req_input_len}; "
+                f"the prompt has {len(ids)} tokens, more than this server accepts ({self.limits.max_prompt_tokens}; "
                 f"context length {self.model_config.context_len}). Shorten the prompt.",
             )
 
@@ -377,8 +374,7 @@ class TokenizerManager:
     def attach_schedulers(self, scheduler_info: dict[str, Any]) -> None:
         """Take what rank 0 reported once it has started (this manager is built while the ranks load)."""
         self.scheduler_info = scheduler_info
-        self.max_req_input_len = scheduler_info["max_req_input_len"]
-        self.limits = dataclasses.replace(self.limits, max_prompt_tokens=self.max_req_input_len)
+        self.limits = dataclasses.replace(self.limits, max_prompt_tokens=scheduler_info["max_req_input_len"])
 
     def server_info(self) -> dict[str, Any]:
         """Static part of /get_server_info: the arguments, what the schedulers reported and the start-up timeline."""

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from sglang.srt.remote_instance.manifest import host_values
+
 ROW_WORDS = 1024
 _MASK = (1 << 64) - 1
 
@@ -44,15 +46,9 @@ def block_sums(raw: torch.Tensor) -> torch.Tensor:
 
 def digests(sums: list[torch.Tensor]) -> list[str]:
     """Hex digests of block_sums results, with one copy to the host per device."""
-    by_device: dict[torch.device, list[int]] = {}
-    for i, s in enumerate(sums):
-        by_device.setdefault(s.device, []).append(i)
-    out = [""] * len(sums)
-    for indices in by_device.values():
-        values = torch.stack([sums[i] for i in indices]).cpu().tolist()
-        for i, (rows, cols, rest, tail, size) in zip(indices, values):
-            mixed = (rows * 1_000_003 + cols * 999_983 + rest * 7_919 + tail * 31 + size) & _MASK
-            out[i] = f"{mixed:016x}"
+    out = []
+    for rows, cols, rest, tail, size in host_values(sums):
+        out.append(f"{(rows * 1_000_003 + cols * 999_983 + rest * 7_919 + tail * 31 + size) & _MASK:016x}")
     return out
 
 

@@ -97,7 +97,7 @@ def tensor_checksums(tensors: list[torch.Tensor]) -> list[str]:
         sums.append(_word_sums(raw[:body].view(torch.int64)))
         tails.append(raw[body:] if body < raw.numel() else None)  # the last < 8 bytes, if any
         sizes.append(raw.numel())
-    host = _to_host(sums)
+    host = host_values(sums)
     out = []
     for (weighted, plain), tail_bytes, size in zip(host, tails, sizes):
         tail = 0 if tail_bytes is None else int.from_bytes(bytes(tail_bytes.cpu().tolist()), "little")
@@ -121,16 +121,15 @@ def _word_sums(words: torch.Tensor) -> torch.Tensor:
     return torch.stack([weighted, plain])
 
 
-def _to_host(pairs: list[torch.Tensor]) -> list[tuple[int, int]]:
-    """The [weighted, plain] pairs as Python ints, one device-to-host copy per device."""
+def host_values(vectors: list[torch.Tensor]) -> list[list[int]]:
+    """Equal-length integer vectors as Python lists, in order, with one device-to-host copy per device."""
     by_device: dict[torch.device, list[int]] = {}
-    for i, pair in enumerate(pairs):
-        by_device.setdefault(pair.device, []).append(i)
-    out: list[tuple[int, int]] = [(0, 0)] * len(pairs)
+    for i, v in enumerate(vectors):
+        by_device.setdefault(v.device, []).append(i)
+    out: list[list[int]] = [[] for _ in vectors]
     for indices in by_device.values():
-        values = torch.stack([pairs[i] for i in indices]).cpu().tolist()
-        for i, (weighted, plain) in zip(indices, values):
-            out[i] = (weighted, plain)
+        for i, values in zip(indices, torch.stack([vectors[i] for i in indices]).cpu().tolist()):
+            out[i] = values
     return out
 
 
