@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sglang.srt.sampling.sampling_params import SamplingParams, SamplingParamsError
+from sglang.srt.sampling.sampling_params import SamplingParams
 
 
 @dataclass
@@ -27,20 +28,19 @@ class GenerateReqInput:
             return isinstance(self.text, list)
         return bool(self.input_ids) and isinstance(self.input_ids[0], list)
 
-    def split(self, max_n: int) -> list[GenerateReqInput]:
+    def split(self, check_n: Callable[[int], None]) -> list[GenerateReqInput]:
         """One GenerateReqInput per prompt and choice: a batch, and `n` > 1, are served as independent requests.
 
         Choices of a prompt come one after another; choice j of a seeded prompt uses seed + j and rid r-j.
         """
-        return [choice for prompt in self._split_prompts() for choice in prompt._split_choices(max_n)]
+        return [choice for prompt in self._split_prompts() for choice in prompt._split_choices(check_n)]
 
-    def _split_choices(self, max_n: int) -> list[GenerateReqInput]:
+    def _split_choices(self, check_n: Callable[[int], None]) -> list[GenerateReqInput]:
         params = self.sampling_params
         n = params.get("n", 1) if isinstance(params, dict) else 1
         if not isinstance(n, int) or isinstance(n, bool) or n <= 1:
             return [self]  # n == 1, or a bad n that SamplingParams validation will name
-        if n > max_n:
-            raise SamplingParamsError("n", f"must be in [1, {max_n}] (--max-n), got {n}")
+        check_n(n)  # the server's --max-n (RequestLimits.check_n)
         choices = []
         for j in range(n):
             choice = {**params, "n": 1}

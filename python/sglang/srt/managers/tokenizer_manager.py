@@ -104,7 +104,7 @@ class TokenizerManager:
         self._ensure_loop()
         if cumulative is None:
             cumulative = not self.server_args.incremental_streaming_output
-        parts = obj.split(self.limits.max_n)
+        parts = obj.split(self.limits.check_n)
         # Validate the whole batch before sending any of it.
         reqs = [await self._tokenize(p) for p in parts]
         states = self._admit(reqs)
