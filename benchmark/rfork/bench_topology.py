@@ -42,43 +42,66 @@ COMMON = ["--max-total-tokens", "16384", "--attention-backend", "torch_native", 
 FORK_LINE = re.compile(r"TP(\d+) R-Fork from \S+ via transfer_engine: ([\d.]+) MB in ([\d.]+) s .*steps: (.*)")
 
 
-def plans_for(model_dir: Path, seed_tp: int, seed_gpu: int, client_tp: int, client_gpu: int) -> dict:
-    """{client rank: {seed rank: [(tensor, lo, hi)]}} as the fork plans them, plus per-rank tensor sizes."""
+def model_config(model_dir: Path):
     from sglang.srt.configs.model_config import ModelConfig
+
+    return ModelConfig.from_path(str(model_dir), "bfloat16", device="cuda")
+
+
+def rank_model(cfg, tp: int, rank: int) -> tuple[dict, dict]:
+    """(tensors on the meta device, shard layouts) of one rank of a --tp-size tp instance."""
     from sglang.srt.distributed import parallel_state
     from sglang.srt.model_loader.loader import build_model_skeleton
-    from sglang.srt.model_loader.transfer_engine_reshard import Block, SeedShard, plan_all
     from sglang.srt.remote_instance.manifest import weight_tensors
-    from sglang.srt.remote_instance.shard_layout import block_bounds, model_layouts
+    from sglang.srt.remote_instance.shard_layout import model_layouts
 
-    cfg = ModelConfig.from_path(str(model_dir), "bfloat16", device="cuda")
+    saved = parallel_state._TP
+    parallel_state._TP = parallel_state.TPGroup(rank=rank, size=tp, device=torch.device("meta"))
+    try:
+        model = build_model_skeleton(cfg, torch.device("meta"))
+        return dict(weight_tensors(model)), model_layouts(model)
+    finally:
+        parallel_state._TP = saved
 
-    def rank_model(tp: int, rank: int):
-        saved = parallel_state._TP
-        parallel_state._TP = parallel_state.TPGroup(rank=rank, size=tp, device=torch.device("meta"))
-        try:
-            model = build_model_skeleton(cfg, torch.device("meta"))
-            return dict(weight_tensors(model)), model_layouts(model)
-        finally:
-            parallel_state._TP = saved
+
+def seed_shards(cfg, seed_tp: int) -> tuple[dict, dict]:
+    """{seed rank: {name: SeedShard}} as the seed would publish them (digests left empty) and per-rank sizes."""
+    from sglang.srt.model_loader.transfer_engine_reshard import Block, SeedShard
+    from sglang.srt.remote_instance.shard_layout import block_bounds
 
     seeds, sizes = {}, {}
     for r in range(seed_tp):
-        tensors, layouts = rank_model(seed_tp, r)
-        sizes[("seed", r)] = {n: t.numel() * t.element_size() for n, t in tensors.items()}
+        tensors, layouts = rank_model(cfg, seed_tp, r)
+        sizes[r] = {n: t.numel() * t.element_size() for n, t in tensors.items()}
         seeds[r] = {}
         for n, t in tensors.items():
             bounds = block_bounds(layouts[n], t.element_size())
             blocks = tuple(Block(lo, hi, "") for lo, hi in zip(bounds, bounds[1:]) if hi > lo)
             seeds[r][n] = SeedShard(layouts[n], t.element_size(), blocks)
+    return seeds, sizes
+
+
+def client_plans(cfg, seeds: dict, scenario: tuple[int, int, int, int], rank: int) -> tuple[dict, dict, dict]:
+    """(tensors on meta, layouts, {seed rank: RankPlan}) of one client rank, preferring seed ranks on its GPU."""
+    from sglang.srt.model_loader.transfer_engine_reshard import plan_all
+
+    seed_tp, seed_gpu, client_tp, client_gpu = scenario
+    tensors, layouts = rank_model(cfg, client_tp, rank)
     dtypes = {r: {n: "bfloat16" for n in seeds[r]} for r in seeds}
+    order = [(rank + k) % seed_tp for k in range(seed_tp)]
+    local = [r for r in order if seed_gpu + r == client_gpu + rank]  # as the client prefers seed ranks on its GPU
+    return tensors, layouts, plan_all(tensors, layouts, seeds, dtypes, local + [r for r in order if r not in local])
+
+
+def plans_for(model_dir: Path, seed_tp: int, seed_gpu: int, client_tp: int, client_gpu: int) -> dict:
+    """{client rank: {seed rank: [(tensor, lo, hi)]}} as the fork plans them, plus per-rank tensor sizes."""
+    cfg = model_config(model_dir)
+    seeds, seed_sizes = seed_shards(cfg, seed_tp)
+    sizes = {("seed", r): s for r, s in seed_sizes.items()}
     out = {}
     for c in range(client_tp):
-        tensors, layouts = rank_model(client_tp, c)
+        tensors, _, plans = client_plans(cfg, seeds, (seed_tp, seed_gpu, client_tp, client_gpu), c)
         sizes[("client", c)] = {n: t.numel() * t.element_size() for n, t in tensors.items()}
-        order = [(c + k) % seed_tp for k in range(seed_tp)]
-        local = [r for r in order if seed_gpu + r == client_gpu + c]  # as the client prefers seed ranks on its GPU
-        plans = plan_all(tensors, layouts, seeds, dtypes, local + [r for r in order if r not in local])
         out[c] = {
             r: [(d.name, d.lo, d.hi) for d in p.direct] + [(s.name, s.lo, s.hi) for s in p.staged]
             for r, p in plans.items()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import threading
 
 import pytest
 import torch
@@ -19,9 +20,9 @@ from sglang.srt.model_loader.transfer_engine_reshard import (
     bad_blocks,
     parse_shards,
     plan_all,
-    read_rank,
     zero_padding,
 )
+from sglang.srt.model_loader.transfer_engine_reshard_read import read_rank
 from sglang.srt.remote_instance.block_checksum import ROW_WORDS, block_sums, digests, range_digests
 from sglang.srt.remote_instance.manifest import weight_tensors
 from sglang.srt.remote_instance.shard_layout import model_layouts, published_layout
@@ -52,7 +53,15 @@ def memmove(entries, owner) -> int:
     return sum(e.length for e in entries)
 
 
-def fork(path: str, seeds: list, client_tp: int, rank: int, scratch_bytes: int = 1 << 20):
+def fork(
+    path: str,
+    seeds: list,
+    client_tp: int,
+    rank: int,
+    scratch_bytes: int = 1 << 20,
+    pipeline: bool = False,
+    read=memmove,
+):
     """Client rank `rank` of TP client_tp built from the seed models; returns (model, plans, bad tensor names)."""
     seed_tp = len(seeds)
     published = [
@@ -73,7 +82,7 @@ def fork(path: str, seeds: list, client_tp: int, rank: int, scratch_bytes: int =
     bad: set[str] = set()
     for r, plan in plans.items():
         ptrs = {n: w[0] for n, w in weights[r].items()}
-        result = read_rank(plan, shards[r], ptrs, tensors, memmove, verify=True, scratch_bytes=scratch_bytes)
+        result = read_rank(plan, shards[r], ptrs, tensors, read, True, scratch_bytes, pipeline=pipeline)
         assert result.moved == plan.nbytes
         bad |= set(bad_blocks(result.checks()))
     zero_padding(tensors, layouts)  # the fork's own padding step
@@ -92,14 +101,15 @@ def models(tiny_model_dir):
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "qwen3_moe"])
 @pytest.mark.parametrize("seed_tp,client_tp", [(2, 1), (1, 2), (1, 4), (4, 1), (4, 2), (2, 4)])
 @pytest.mark.parametrize("block_bytes", ["1", None])
-def test_fork_rebuilds_disk_loaded_target_layout(models, arch, seed_tp, client_tp, block_bytes, monkeypatch):
+@pytest.mark.parametrize("pipeline", [False, True], ids=["sequential", "pipelined"])
+def test_fork_rebuilds_disk_loaded_target_layout(models, arch, seed_tp, client_tp, block_bytes, pipeline, monkeypatch):
     if block_bytes:
         monkeypatch.setenv("SGLANG_RFORK_MIN_BLOCK_BYTES", block_bytes)  # many blocks: in-place reads happen
     path = models[arch]
     seeds = [disk_model(path, seed_tp, r) for r in range(seed_tp)]
     direct = staged = 0
     for rank in range(client_tp):
-        model, plans, bad = fork(path, seeds, client_tp, rank)
+        model, plans, bad = fork(path, seeds, client_tp, rank, pipeline=pipeline)
         assert not bad
         target = dict(weight_tensors(disk_model(path, client_tp, rank)))
         got = dict(weight_tensors(model))
@@ -111,6 +121,34 @@ def test_fork_rebuilds_disk_loaded_target_layout(models, arch, seed_tp, client_t
     assert staged > 0  # row-parallel weights are strided on any TP change
     if block_bytes and client_tp > seed_tp:
         assert direct > 0
+
+
+@pytest.mark.parametrize("pipeline", [False, True], ids=["sequential", "pipelined"])
+def test_one_block_per_round_still_rebuilds_the_target(models, pipeline):
+    """Scratch smaller than any block: every staged block is a round of its own (both ways' buffer turns)."""
+    path = models["qwen3"]
+    seeds = [disk_model(path, 1, 0)]
+    model, plans, bad = fork(path, seeds, 2, 1, scratch_bytes=1, pipeline=pipeline)
+    assert not bad and sum(len(p.staged) for p in plans.values()) > 2
+    target = dict(weight_tensors(disk_model(path, 2, 1)))
+    assert all(torch.equal(t, target[n]) for n, t in weight_tensors(model))
+
+
+def test_pipelined_read_that_fails_midway_raises_and_leaves_no_thread(models):
+    path = models["qwen3"]
+    seeds = [disk_model(path, 1, 0)]
+    calls = []
+
+    def failing(entries, owner):
+        calls.append(len(entries))
+        if len(calls) == 3:
+            raise RuntimeError("link went down")
+        return memmove(entries, owner)
+
+    with pytest.raises(RuntimeError, match="link went down"):
+        fork(path, seeds, 2, 1, scratch_bytes=1, pipeline=True, read=failing)
+    assert len(calls) == 3  # nothing read after the failure
+    assert not [t for t in threading.enumerate() if t.name == "reshard-reader"]
 
 
 def test_corrupted_seed_byte_is_caught(models):

@@ -44,6 +44,16 @@ def load_config_from_server_args(server_args: ServerArgs) -> LoadConfig:
     )
 
 
+def _uses_block_checksums(server_args: ServerArgs) -> bool:
+    """Whether this instance may sum weight blocks: a TransferEngine client (its seed may run another TP size) or
+    a TransferEngine seed (it publishes the block checksums such clients check)."""
+    client = (
+        server_args.load_format == "remote_instance"
+        and server_args.remote_instance_weight_loader_backend == "transfer_engine"
+    )
+    return client or server_args.remote_instance_weight_loader_start_seed_via_transfer_engine
+
+
 class ModelRunner:
     """Owns the model and KV cache of one TP rank."""
 
@@ -70,6 +80,12 @@ class ModelRunner:
                 torch.cuda.set_stream(torch.cuda.Stream(self.device))
             else:
                 self.device = torch.device("cpu")
+        if self.device.type == "cuda" and _uses_block_checksums(server_args):
+            # The fused block-checksum kernel (forks into another TP size, seeds publishing for them) compiles on
+            # a fresh node while the rest of startup runs; until it is ready checksums use torch.
+            from sglang.srt.remote_instance import block_checksum_gpu
+
+            block_checksum_gpu.warm_up(self.device)
         # FlashInfer's kernels compile (fresh node) or load from the JIT cache while the weights arrive.
         kernels = start_kernel_build(server_args.attention_backend, model_config, self.tp_size, self.device)
         with startup.phase("distributed init"):

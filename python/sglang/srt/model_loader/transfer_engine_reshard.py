@@ -5,25 +5,22 @@ logical segment it holds with pieces of seed ranks' segments. A piece along the 
 whole checksummed blocks is read straight into place; anything else (pieces of a strided shard, such as a
 row-parallel weight split along its columns, or a piece cutting a block) goes through a bounded scratch buffer,
 is checked there block by block against the seed's checksums and is then copied into place with torch.
+Running a plan is transfer_engine_reshard_read's job.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from sglang.srt.remote_instance.block_checksum import digests, range_sums
-from sglang.srt.remote_instance.mooncake_guard import ReadEntry
+from sglang.srt.remote_instance.block_checksum import digests
 from sglang.srt.remote_instance.shard_layout import ShardLayout
 
-# Staged reads of one round share one scratch buffer of this size (or the largest single block, if bigger); two
-# buffers take turns, so the next round's read overlaps the previous round's checks and scatter on a GPU.
-SCRATCH_BYTES = 256 << 20
+# Staged reads are placed in scratch at multiples of this, so that scatter can copy in wide words.
+ALIGN = 256
 
 
 class ReshardError(ValueError):
@@ -196,8 +193,9 @@ def _merge_staged(name: str, staged: list[tuple[tuple[Block, ...], Piece]]) -> l
 
 
 def rounds(staged: list[StagedRead], scratch_bytes: int) -> list[list[tuple[StagedRead, int]]]:
-    """Staged reads grouped into rounds that each fit the scratch buffer: (read, offset in scratch) pairs. A read
-    larger than the scratch is split at block edges into reads of its own."""
+    """Staged reads grouped into rounds that each fit the scratch buffer: (read, offset in scratch) pairs, offsets
+    aligned to ALIGN bytes (so scatter can copy in wide words). A read larger than the scratch is split at block
+    edges into reads of its own."""
     out: list[list[tuple[StagedRead, int]]] = [[]]
     used = 0
     for read in (part for r in staged for part in _split(r, scratch_bytes)):
@@ -206,7 +204,7 @@ def rounds(staged: list[StagedRead], scratch_bytes: int) -> list[list[tuple[Stag
             out.append([])
             used = 0
         out[-1].append((read, used))
-        used += size
+        used = -(-(used + size) // ALIGN) * ALIGN
     return [r for r in out if r]
 
 
@@ -222,18 +220,25 @@ def _split(read: StagedRead, limit: int) -> list[StagedRead]:
     return parts
 
 
-def scatter(read: StagedRead, buf: torch.Tensor, seed: ShardLayout, element_size: int, dest: torch.Tensor) -> None:
+def scatter(
+    read: StagedRead, buf: torch.Tensor, seed: ShardLayout, element_size: int, dest: torch.Tensor, wide: bool = False
+) -> None:
     """Copy the pieces held by buf (seed bytes [read.lo, read.hi)) into dest, a flat uint8 view of this rank's
-    tensor laid out as `mine`."""
+    tensor laid out as `mine`. wide: copy a strided shard's pieces in the widest word their edges allow (a
+    byte-wise strided copy keeps one GPU thread per byte)."""
     row = seed.inner * element_size
     if seed.outer > 1:
+        # Each outer slice is one row of a 2-D byte array; a piece is a column range of it.
         slice_bytes = seed.rows * row
         first, last = read.lo // slice_bytes, read.hi // slice_bytes
-        src = buf.view(last - first, seed.rows, row)
-        local_rows = dest.numel() // (seed.outer * row)
-        out = dest.view(seed.outer, local_rows, row)[first:last]
+        local_slice = dest.numel() // seed.outer
         for p in read.pieces:
-            out[:, p.local_at : p.local_at + p.count].copy_(src[:, p.seed_at : p.seed_at + p.count])
+            a, n, at = p.seed_at * row, p.count * row, p.local_at * row
+            word = _word(buf.data_ptr(), dest.data_ptr(), slice_bytes, local_slice, a, n, at) if wide else torch.uint8
+            w = word.itemsize
+            src = buf.view(word).view(last - first, slice_bytes // w)
+            out = dest.view(word).view(seed.outer, local_slice // w)[first:last]
+            out[:, at // w : (at + n) // w].copy_(src[:, a // w : (a + n) // w])
         return
     for p in read.pieces:
         a = max(p.seed_at * row, read.lo)
@@ -241,6 +246,14 @@ def scatter(read: StagedRead, buf: torch.Tensor, seed: ShardLayout, element_size
         if b > a:
             at = p.local_at * row + a - p.seed_at * row
             dest[at : at + b - a].copy_(buf[a - read.lo : b - read.lo])
+
+
+def _word(*values: int) -> torch.dtype:
+    """The widest integer dtype whose size divides every value (addresses, strides, offsets in bytes)."""
+    for dtype in (torch.int64, torch.int32, torch.int16):
+        if all(v % dtype.itemsize == 0 for v in values):
+            return dtype
+    return torch.uint8
 
 
 def bad_blocks(checks: list[tuple[torch.Tensor, Block, str]]) -> list[str]:
@@ -294,74 +307,3 @@ def plan_all(
     if extra:
         raise ReshardError(f"{len(extra)} tensor(s) only on the seed, e.g. {extra[:3]}")
     return plans
-
-
-# Reads entries (local_addr <- remote_addr) from one seed rank; owner must outlive an abandoned read.
-ReadFn = Callable[[list[ReadEntry], Any], int]
-
-
-@dataclass
-class RankResult:
-    """What reading from one seed rank did: bytes moved and the blocks to check (sums of the staged ones were
-    taken as they passed through scratch; the in-place ones are summed where they landed, in `verify`)."""
-
-    moved: int = 0
-    staged_checks: list[tuple[torch.Tensor, Block, str]] = field(default_factory=list)
-    in_place: list[tuple[torch.Tensor, int, Block, str]] = field(default_factory=list)
-
-    def checks(self) -> list[tuple[torch.Tensor, Block, str]]:
-        """(sums, block, tensor name) of every block read."""
-        sums = range_sums([(raw, at, at + b.hi - b.lo) for raw, at, b, _ in self.in_place])
-        return self.staged_checks + [(s, b, name) for s, (_, _, b, name) in zip(sums, self.in_place)]
-
-
-def read_rank(
-    plan: RankPlan,
-    shards: dict[str, SeedShard],
-    ptrs: dict[str, int],
-    tensors: dict[str, torch.Tensor],
-    read: ReadFn,
-    verify: bool,
-    scratch_bytes: int = SCRATCH_BYTES,
-    prepare: Callable[[list[torch.Tensor]], None] | None = None,
-) -> RankResult:
-    """Run one seed rank's plan: in-place reads in one go, then staged rounds (read, sum, scatter). prepare gets
-    the scratch buffers before any read into them (a transport that must register local memory)."""
-    out = RankResult()
-    raw = {name: t.reshape(-1).view(torch.uint8) for name, t in tensors.items()}
-    entries = [
-        ReadEntry(d.name, raw[d.name].data_ptr() + d.local, ptrs[d.name] + d.lo, d.hi - d.lo) for d in plan.direct
-    ]
-    out.moved = read(entries, tensors) if entries else 0
-    if verify:
-        out.in_place = [(raw[d.name], d.local + b.lo - d.lo, b, d.name) for d in plan.direct for b in d.blocks]
-    if not plan.staged:
-        return out
-    largest = max(b.hi - b.lo for s in plan.staged for b in s.blocks)
-    groups = rounds(plan.staged, max(scratch_bytes, largest))
-    device = next(iter(tensors.values())).device
-    size = max(sum(s.hi - s.lo for s, _ in g) for g in groups)
-    buffers = [torch.empty(size, dtype=torch.uint8, device=device) for _ in range(min(2, len(groups)))]
-    done: list[torch.cuda.Event | None] = [None] * len(buffers)
-    if prepare is not None:
-        prepare(buffers)
-    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-        for i, group in enumerate(groups):
-            turn = i % len(buffers)
-            scratch = buffers[turn]
-            if done[turn] is not None:
-                done[turn].synchronize()  # the kernels reading this buffer two rounds ago have finished
-            base = scratch.data_ptr()
-            staged = [ReadEntry(s.name, base + at, ptrs[s.name] + s.lo, s.hi - s.lo) for s, at in group]
-            out.moved += read(staged, (tensors, buffers))
-            if verify:
-                blocks = [(b, s.name) for s, _ in group for b in s.blocks]
-                spans = [(scratch, at + b.lo - s.lo, at + b.hi - s.lo) for s, at in group for b in s.blocks]
-                out.staged_checks += [(sums, b, name) for sums, (b, name) in zip(range_sums(spans), blocks)]
-            for s, at in group:
-                shard = shards[s.name]
-                scatter(s, scratch[at : at + s.hi - s.lo], shard.layout, shard.element_size, raw[s.name])
-            if device.type == "cuda":
-                done[turn] = torch.cuda.Event()
-                done[turn].record()
-    return out

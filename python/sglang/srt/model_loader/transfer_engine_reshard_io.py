@@ -24,15 +24,15 @@ from sglang.srt.model_loader.transfer_engine_client import (
 )
 from sglang.srt.model_loader.transfer_engine_reshard import (
     RankPlan,
-    RankResult,
     ReshardError,
     SeedShard,
     bad_blocks,
     parse_shards,
     plan_all,
-    read_rank,
     zero_padding,
 )
+from sglang.srt.model_loader.transfer_engine_reshard_read import RankResult, pipelined, read_rank, round_bytes
+from sglang.srt.remote_instance import block_checksum_gpu
 from sglang.srt.remote_instance.addresses import local_ip_towards
 from sglang.srt.remote_instance.manifest import weight_tensors
 from sglang.srt.remote_instance.mooncake_guard import (
@@ -71,6 +71,8 @@ class ReshardFork:
     @classmethod
     def fetch(cls, ctx: ForkContext, seed_tp: int) -> ReshardFork:
         """GET every seed rank's info; RemoteInstanceError if one publishes no shard layout."""
+        if ctx.device.type == "cuda" and pipelined():
+            block_checksum_gpu.warm_up(ctx.device)  # (started at device init already; this is a no-op then)
         ranks: dict[int, SeedRank] = {}
         for rank in range(seed_tp):
             payload = ctx.seed.request(
@@ -215,6 +217,10 @@ class ReshardFork:
         engine, session = route
         read_plan = READ_PLANS[engine.protocol]
         gpu = ctx.device.index if ctx.device.type == "cuda" else None
+        if gpu is not None:
+            # A pool thread starts on device 0: a CUDA call from it would open a second context (~0.1 s, and
+            # memory) on another rank's GPU.
+            torch.cuda.set_device(gpu)
         seed = self.ranks[rank]
         ptrs = {name: int(seed.info.weights[name][0]) for name in tensors}
 
@@ -226,7 +232,8 @@ class ReshardFork:
                 location = f"cuda:{gpu}" if gpu is not None else "*"
                 engine.register([(b.data_ptr(), b.numel()) for b in buffers], location)
 
-        result = read_rank(plan, seed.shards, ptrs, tensors, read, ctx.load_config.verify, prepare=prepare)
+        scratch = round_bytes(plan, ctx.device, len(self.ranks)) if pipelined() else None
+        result = read_rank(plan, seed.shards, ptrs, tensors, read, ctx.load_config.verify, scratch, prepare)
         with self.lock:
             self.results.append(result)
         return result.moved
