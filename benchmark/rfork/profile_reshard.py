@@ -1,7 +1,10 @@
 """Where a topology-changing fork's transfer time goes, without servers: the read step alone, in bare processes.
 
     python benchmark/rfork/profile_reshard.py [--model-dir /tmp/llama8b] [--scenarios tp1_to_tp2,tp2_to_tp1]
-        [--variants raw,fork,fork_noverify] [--reference PATH_TO_OLD_transfer_engine_reshard.py]
+        [--variants raw,fork,pipelined] [--reference PATH_TO_OLD_transfer_engine_reshard.py] [--cpu]
+
+(--reference: the module before this script existed, e.g. `git show bf0cc89:python/sglang/srt/model_loader/
+transfer_engine_reshard.py > /tmp/reshard_before.py`.)
 
 Seed ranks are bare processes holding an 8B-shaped rank's bytes in one registered allocation (as in
 bench_topology.py); each client rank is a process with its real tensors that runs the fork's own plan and
