@@ -28,7 +28,7 @@ from pathlib import Path
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import drop_page_cache, ensure_checkpoint, log_dir, stamp, write_result  # noqa: E402
+from common import drop_page_cache, ensure_checkpoint, fork_args, log_dir, stamp, write_result  # noqa: E402
 
 from sglang.srt.server_args import free_port  # noqa: E402
 from sglang.test.test_utils import config_only_copy  # noqa: E402
@@ -112,14 +112,7 @@ def client_args(kind: str, gpu: int, seed_port: int) -> list[str]:
     if kind == "disk":
         return base
     fork = [
-        "--load-format",
-        "remote_instance",
-        "--remote-instance-weight-loader-seed-instance-ip",
-        "127.0.0.1",
-        "--remote-instance-weight-loader-seed-instance-service-port",
-        str(seed_port),
-        "--remote-instance-weight-loader-backend",
-        kind,
+        *fork_args(seed_port, kind),
     ]
     if kind == "nccl":
         fork += ["--remote-instance-weight-loader-send-weights-group-ports", f"[{free_port()}]"]

@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     drop_page_cache,
     ensure_checkpoint,
+    fork_args,
     launch,
     log_dir,
     server_info,
@@ -99,20 +100,15 @@ def main() -> None:
     try:
         disk = server_info(seed_port)
         client_dir = Path(config_only_copy(model_dir, "/tmp/llama8b-client"))
-        fork_args = [
+        client_args = [
             *common,
             "--base-gpu-id",
             str(args.client_gpu),
-            "--load-format",
-            "remote_instance",
-            "--remote-instance-weight-loader-seed-instance-ip",
-            "127.0.0.1",
-            "--remote-instance-weight-loader-seed-instance-service-port",
-            str(seed_port),
+            *fork_args(seed_port, "nccl"),
             "--remote-instance-weight-loader-send-weights-group-ports",
             f"[{free_port()}]",
         ]
-        client = launch(client_dir, client_port, fork_args, logs / "client.log")
+        client = launch(client_dir, client_port, client_args, logs / "client.log")
         forked = server_info(client_port)
         client.terminate()
         client.wait(30)

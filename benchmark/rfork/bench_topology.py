@@ -29,7 +29,7 @@ import torch
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import launch, log_dir, stamp, write_result  # noqa: E402
+from common import fork_args, launch, log_dir, stamp, write_result  # noqa: E402
 
 from sglang.srt.server_args import free_port  # noqa: E402
 
@@ -127,15 +127,48 @@ def _offsets(sizes: dict[str, int]) -> tuple[dict[str, int], int]:
     return offsets, total
 
 
-def _raw_seed(gpu: int, sizes: dict[str, int], info: mp.Queue, done: mp.Event) -> None:
+def where(gpu: int | None) -> tuple[str, str]:
+    """(torch device, Mooncake protocol) of a bare process: NVLink between GPUs, TCP on the CPU (smoke runs)."""
+    if gpu is None:
+        return "cpu", "tcp"
     torch.cuda.set_device(gpu)
+    return "cuda", "nvlink_intra"
+
+
+def bare_seed(gpu: int | None, sizes: dict[str, int], info: mp.Queue, done: mp.Event) -> None:
+    """A seed rank's bytes (tensors of these sizes back to back) in one registered allocation, until done."""
+    from sglang.srt.remote_instance.mooncake_guard import GuardedEngine
+
+    device, protocol = where(gpu)
     offsets, total = _offsets(sizes)
-    buffer = torch.full((total,), 7, dtype=torch.uint8, device="cuda")
-    engine = _engine()
-    if engine.register_memory(buffer.data_ptr(), total, f"cuda:{gpu}") != 0:
-        raise RuntimeError("register_memory failed")
-    info.put((f"127.0.0.1:{engine.get_rpc_port()}", buffer.data_ptr(), offsets))
+    buffer = torch.full((total,), 7, dtype=torch.uint8, device=device)
+    engine = GuardedEngine("127.0.0.1", protocol)
+    engine.register([(buffer.data_ptr(), total)], f"cuda:{gpu}" if gpu is not None else "*")
+    info.put((engine.session_id, buffer.data_ptr(), offsets))
     done.wait(900)
+
+
+def run_bare(seed_gpus: list, seed_sizes: list[dict], client_target, clients: int, client_args) -> dict | None:
+    """Start one bare_seed per seed rank, then `clients` processes running client_target(*client_args(rank,
+    seeds, barrier, results)), meeting at a barrier; {client rank: what it put in results}, or None if one
+    failed."""
+    ctx = mp.get_context("spawn")
+    done, results, info = ctx.Event(), ctx.Manager().dict(), ctx.Queue()
+    seeds, procs = {}, []
+    for r, (gpu, sizes) in enumerate(zip(seed_gpus, seed_sizes)):
+        procs.append(ctx.Process(target=bare_seed, args=(gpu, sizes, info, done)))
+        procs[-1].start()
+        seeds[r] = info.get(timeout=300)
+    barrier = ctx.Barrier(clients)
+    workers = [ctx.Process(target=client_target, args=client_args(c, seeds, barrier, results)) for c in range(clients)]
+    for p in workers:
+        p.start()
+    for p in workers:
+        p.join(900)
+    done.set()
+    for p in procs:
+        p.join(60)
+    return dict(results) if len(results) == clients else None
 
 
 def _raw_client(gpu: int, rank: int, sizes: dict, reads: dict, seeds: dict, barrier, results: dict) -> None:
@@ -179,27 +212,13 @@ def _raw_client(gpu: int, rank: int, sizes: dict, reads: dict, seeds: dict, barr
 def raw_read(scenario: tuple[int, int, int, int], planned: dict) -> dict:
     """The same byte ranges as the fork's plans, read by bare processes on the same GPUs."""
     seed_tp, seed_gpu, client_tp, client_gpu = scenario
-    ctx = mp.get_context("spawn")
-    done, results, info = ctx.Event(), ctx.Manager().dict(), ctx.Queue()
-    seeds = {}
-    procs = []
-    for r in range(seed_tp):
-        p = ctx.Process(target=_raw_seed, args=(seed_gpu + r, planned["sizes"][("seed", r)], info, done))
-        p.start()
-        procs.append(p)
-        seeds[r] = info.get(timeout=300)
-    barrier = ctx.Barrier(client_tp)
-    clients = []
-    for c in range(client_tp):
-        args = (client_gpu + c, c, planned["sizes"][("client", c)], planned["plans"][c], seeds, barrier, results)
-        clients.append(ctx.Process(target=_raw_client, args=args))
-        clients[-1].start()
-    for p in clients:
-        p.join(900)
-    done.set()
-    for p in procs:
-        p.join(60)
-    if len(results) < client_tp:
+    sizes = [planned["sizes"][("seed", r)] for r in range(seed_tp)]
+
+    def client_args(c, seeds, barrier, results):
+        return (client_gpu + c, c, planned["sizes"][("client", c)], planned["plans"][c], seeds, barrier, results)
+
+    results = run_bare([seed_gpu + r for r in range(seed_tp)], sizes, _raw_client, client_tp, client_args)
+    if results is None:
         return {"error": "a raw client did not finish"}
     per_pass = [max(results[c]["passes_s"][i] for c in range(client_tp)) for i in range(PASSES)]
     nbytes = sum(results[c]["bytes"] for c in range(client_tp))
@@ -235,14 +254,7 @@ def fork(name: str, scenario: tuple[int, int, int, int], model_dir: Path, logs: 
             str(client_tp),
             "--base-gpu-id",
             str(client_gpu),
-            "--load-format",
-            "remote_instance",
-            "--remote-instance-weight-loader-backend",
-            "transfer_engine",
-            "--remote-instance-weight-loader-seed-instance-ip",
-            "127.0.0.1",
-            "--remote-instance-weight-loader-seed-instance-service-port",
-            str(seed_port),
+            *fork_args(seed_port, "transfer_engine"),
         ]
         log = logs / f"topology_client_{name}.log"
         client = launch(model_dir, free_port(), client_args, log, env=env)

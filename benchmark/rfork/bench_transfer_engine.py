@@ -33,7 +33,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_nccl import param_shapes  # noqa: E402
-from common import drop_page_cache, ensure_checkpoint, launch, log_dir, server_info, stamp, write_result  # noqa: E402
+from common import drop_page_cache, ensure_checkpoint, fork_args, launch, log_dir, server_info, stamp, write_result  # noqa: E402
 
 from sglang.srt.remote_instance.mooncake_guard import TCP_SLICE_BYTES  # noqa: E402
 from sglang.srt.server_args import free_port  # noqa: E402
@@ -214,14 +214,7 @@ def fork_during_stream(
         *common,
         "--base-gpu-id",
         str(gpu),
-        "--load-format",
-        "remote_instance",
-        "--remote-instance-weight-loader-backend",
-        "transfer_engine",
-        "--remote-instance-weight-loader-seed-instance-ip",
-        "127.0.0.1",
-        "--remote-instance-weight-loader-seed-instance-service-port",
-        str(seed_port),
+        *fork_args(seed_port, "transfer_engine"),
     ]
     port = free_port()
     try:

@@ -36,10 +36,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_topology import SCENARIOS, _offsets, client_plans, model_config, seed_shards  # noqa: E402
+from bench_topology import SCENARIOS, client_plans, model_config, run_bare, seed_shards, where  # noqa: E402
 from common import stamp, write_result  # noqa: E402
 
 PASSES = 4
@@ -71,7 +70,7 @@ def _reference(path: str):
     return module
 
 
-def _first_sums_ms(device: str) -> float | None:
+def _compile_ms(device: str) -> float | None:
     """How long compiling and loading the fused block-sum kernel takes in this process (with an empty
     TRITON_CACHE_DIR, what a fresh node pays once, in the background)."""
     from sglang.srt.remote_instance import block_checksum_gpu
@@ -114,26 +113,6 @@ def _sums_bench(plans: dict, tensors: dict, device: str) -> dict:
     return out
 
 
-def _where(gpu: int | None) -> tuple[str, str]:
-    """(torch device, Mooncake protocol): NVLink between GPUs, TCP for a CPU smoke run."""
-    if gpu is None:
-        return "cpu", "tcp"
-    torch.cuda.set_device(gpu)
-    return "cuda", "nvlink_intra"
-
-
-def _seed(gpu: int | None, sizes: dict[str, int], info, done) -> None:
-    from sglang.srt.remote_instance.mooncake_guard import GuardedEngine
-
-    device, protocol = _where(gpu)
-    offsets, total = _offsets(sizes)
-    buffer = torch.full((total,), 7, dtype=torch.uint8, device=device)
-    engine = GuardedEngine("127.0.0.1", protocol)
-    engine.register([(buffer.data_ptr(), total)], f"cuda:{gpu}" if gpu is not None else "*")
-    info.put((engine.session_id, buffer.data_ptr(), offsets))
-    done.wait(900)
-
-
 def _client(gpu, rank, scenario, model_dir, seeds_at, variants, reference, barrier, results) -> None:
     from sglang.srt.model_loader import transfer_engine_reshard_read as current
     from sglang.srt.model_loader.transfer_engine_client import READ_PLANS
@@ -141,8 +120,8 @@ def _client(gpu, rank, scenario, model_dir, seeds_at, variants, reference, barri
     from sglang.srt.remote_instance.block_checksum import digests
     from sglang.srt.remote_instance.mooncake_guard import GuardedEngine, ReadEntry, ReadPlan
 
-    device, protocol = _where(gpu)
-    compile_ms = _first_sums_ms(device)
+    device, protocol = where(gpu)
+    compile_ms = _compile_ms(device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     cfg = model_config(model_dir)
     seeds, _ = seed_shards(cfg, scenario[0])
@@ -192,9 +171,8 @@ def _client(gpu, rank, scenario, model_dir, seeds_at, variants, reference, barri
                 torch.cuda.set_device(gpu)
             p = pick(plans[r])
             if module is current:
-                scratch = current.round_bytes(p, torch.device(device, gpu), len(plans)) if pipeline else None
-                args = (p, seeds[r], ptrs[r], tensors, reader(r), verify, scratch)
-                result = current.read_rank(*args, trace=traces[r], pipeline=pipeline)
+                args = (p, seeds[r], ptrs[r], tensors, reader(r), verify)
+                result = current.read_rank(*args, trace=traces[r], pipeline=pipeline, seed_ranks=len(plans))
             else:
                 result = module.read_rank(p, seeds[r], ptrs[r], tensors, reader(r), verify)
             if full_check:
@@ -253,7 +231,7 @@ def _client(gpu, rank, scenario, model_dir, seeds_at, variants, reference, barri
                 "calls": len(spans),
             }
         out[name] = {"passes_ms": [round(t * 1e3, 2) for t in times], "bytes": moved, "steps_ms": steps}
-    out["first_block_sums_ms"] = compile_ms
+    out["kernel_compile_ms"] = compile_ms
     out["block_sums"] = _sums_bench(plans, tensors, device)
     results[rank] = out
 
@@ -264,39 +242,17 @@ def profile(
     seed_tp, seed_gpu, client_tp, client_gpu = scenario
     cfg = model_config(model_dir)
     _, sizes = seed_shards(cfg, seed_tp)
-    ctx = mp.get_context("spawn")
-    done, results, info = ctx.Event(), ctx.Manager().dict(), ctx.Queue()
-    seeds_at, procs = {}, []
-    for r in range(seed_tp):
-        p = ctx.Process(target=_seed, args=(None if cpu else seed_gpu + r, sizes[r], info, done))
-        p.start()
-        procs.append(p)
-        seeds_at[r] = info.get(timeout=300)
-    barrier = ctx.Barrier(client_tp)
-    clients = []
-    for c in range(client_tp):
-        args = (
-            None if cpu else client_gpu + c,
-            c,
-            scenario,
-            model_dir,
-            seeds_at,
-            variants,
-            reference,
-            barrier,
-            results,
-        )
-        clients.append(ctx.Process(target=_client, args=args))
-        clients[-1].start()
-    for p in clients:
-        p.join(900)
-    done.set()
-    for p in procs:
-        p.join(60)
-    if len(results) < client_tp:
+
+    def client_args(c, seeds_at, barrier, results):
+        gpu = None if cpu else client_gpu + c
+        return (gpu, c, scenario, model_dir, seeds_at, variants, reference, barrier, results)
+
+    seed_gpus = [None if cpu else seed_gpu + r for r in range(seed_tp)]
+    results = run_bare(seed_gpus, [sizes[r] for r in range(seed_tp)], _client, client_tp, client_args)
+    if results is None:
         return {"error": "a client rank did not finish"}
     out = {}
-    out["first_block_sums_ms"] = {c: results[c]["first_block_sums_ms"] for c in range(client_tp)}
+    out["kernel_compile_ms"] = {c: results[c]["kernel_compile_ms"] for c in range(client_tp)}
     out["block_sums"] = {c: results[c]["block_sums"] for c in range(client_tp)}
     for name in variants:
         per_pass = [max(results[c][name]["passes_ms"][i] for c in range(client_tp)) for i in range(PASSES)]

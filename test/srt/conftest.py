@@ -26,3 +26,13 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory):
         return str(cache[key])
 
     return build
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_server():
+    """A server with default flags on the tiny Llama, for a module that only sends it requests."""
+    from sglang.test.test_utils import kill_process_tree, popen_launch_server, tiny_model
+
+    proc = popen_launch_server(tiny_model("llama"))
+    yield proc
+    kill_process_tree(proc.pid)

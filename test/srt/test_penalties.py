@@ -11,7 +11,7 @@ import requests
 import torch
 from transformers import AutoModelForCausalLM, RepetitionPenaltyLogitsProcessor
 
-from sglang.test.test_utils import kill_process_tree, popen_launch_server, tiny_model
+from sglang.test.test_utils import tiny_model
 
 PROMPTS = [[7, 8, 7, 9], [3, 141, 59, 26, 5, 141], list(range(100, 120)), [271, 82, 81, 8, 28, 18, 28, 4]]
 NEW_TOKENS = 24
@@ -23,10 +23,8 @@ def model_path() -> str:
 
 
 @pytest.fixture(scope="module")
-def server(model_path: str):
-    proc = popen_launch_server(model_path)
-    yield proc
-    kill_process_tree(proc.pid)
+def server(tiny_llama_server):
+    return tiny_llama_server
 
 
 def hf_penalised_greedy(model_path: str, prompt: list[int], params: dict) -> list[int]:

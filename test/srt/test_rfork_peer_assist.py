@@ -13,11 +13,10 @@ from pathlib import Path
 import pytest
 import requests
 
-from sglang.srt.remote_instance.bootstrap_server import start_bootstrap_server
 from sglang.srt.remote_instance.mooncake_guard import mooncake_available
 from sglang.srt.remote_instance.peer_registry import PeerRegistry
 from sglang.srt.server_args import ServerArgs, ServerArgsError
-from sglang.test.rfork_utils import greedy_ids, rank_checksums, te_client_args, weights_by_name
+from sglang.test.rfork_utils import bootstrap_server, greedy_ids, rank_checksums, te_client_args, weights_by_name
 from sglang.test.test_utils import config_only_copy, find_free_port, kill_process_tree, popen_launch_server
 
 KEY = "peer-test-key"
@@ -37,10 +36,8 @@ def announcement(peer_id: str = "p1", **extra: object) -> dict:
 
 @pytest.fixture
 def bootstrap():
-    server = start_bootstrap_server("127.0.0.1", 0, api_key=KEY)
-    yield f"http://127.0.0.1:{server.server_address[1]}{PEERS}", server
-    server.shutdown()
-    server.server_close()
+    with bootstrap_server(KEY) as (url, server):
+        yield f"{url}{PEERS}", server
 
 
 def test_registry_announce_refresh_and_list(bootstrap):

@@ -13,6 +13,7 @@ import sglang
 from sglang.srt.remote_instance.bootstrap_server import start_bootstrap_server
 from sglang.srt.remote_instance.mooncake_guard import mooncake_available
 from sglang.srt.server_args import ServerArgs, ServerArgsError
+from sglang.test.rfork_utils import bootstrap_server
 from sglang.test.test_utils import config_only_copy, find_free_port, kill_process_tree, popen_launch_server
 
 KEY = "rfork-test-key"
@@ -30,10 +31,8 @@ needs_mooncake = pytest.mark.skipif(not mooncake_available(), reason="mooncake-t
 
 @pytest.fixture
 def bootstrap():
-    server = start_bootstrap_server("127.0.0.1", 0, api_key=KEY)
-    yield f"http://127.0.0.1:{server.server_address[1]}", server
-    server.shutdown()
-    server.server_close()
+    with bootstrap_server(KEY) as served:
+        yield served
 
 
 def _register(url: str, body: object, headers: dict | None = None) -> requests.Response:

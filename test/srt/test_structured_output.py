@@ -39,10 +39,8 @@ def model_path() -> str:
 
 
 @pytest.fixture(scope="module")
-def server(model_path: str):
-    proc = popen_launch_server(model_path)
-    yield proc
-    kill_process_tree(proc.pid)
+def server(tiny_llama_server):
+    return tiny_llama_server
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
 import requests
 
 # More rows than any tiny model's weight has: /get_weights_by_name returns upstream's 100 rows without it.
@@ -42,3 +46,16 @@ def greedy_ids(url: str, prompt: str, params: dict) -> list[int]:
     r = requests.post(f"{url}/generate", json={"text": prompt, "sampling_params": params}, timeout=60)
     r.raise_for_status()
     return r.json()["output_ids"]
+
+
+@contextmanager
+def bootstrap_server(api_key: str) -> Iterator[tuple[str, Any]]:
+    """A TransferEngine bootstrap server on a free loopback port: (its base URL, the server), shut down after."""
+    from sglang.srt.remote_instance.bootstrap_server import start_bootstrap_server
+
+    server = start_bootstrap_server("127.0.0.1", 0, api_key=api_key)
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", server
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -31,8 +31,7 @@ from sglang.srt.model_loader.transfer_engine_reshard import (
     plan_all,
     zero_padding,
 )
-from sglang.srt.model_loader.transfer_engine_reshard_read import RankResult, pipelined, read_rank, round_bytes
-from sglang.srt.remote_instance import block_checksum_gpu
+from sglang.srt.model_loader.transfer_engine_reshard_read import RankResult, read_rank
 from sglang.srt.remote_instance.addresses import local_ip_towards
 from sglang.srt.remote_instance.manifest import weight_tensors
 from sglang.srt.remote_instance.mooncake_guard import (
@@ -71,8 +70,6 @@ class ReshardFork:
     @classmethod
     def fetch(cls, ctx: ForkContext, seed_tp: int) -> ReshardFork:
         """GET every seed rank's info; RemoteInstanceError if one publishes no shard layout."""
-        if ctx.device.type == "cuda" and pipelined():
-            block_checksum_gpu.warm_up(ctx.device)  # (started at device init already; this is a no-op then)
         ranks: dict[int, SeedRank] = {}
         for rank in range(seed_tp):
             payload = ctx.seed.request(
@@ -232,8 +229,8 @@ class ReshardFork:
                 location = f"cuda:{gpu}" if gpu is not None else "*"
                 engine.register([(b.data_ptr(), b.numel()) for b in buffers], location)
 
-        scratch = round_bytes(plan, ctx.device, len(self.ranks)) if pipelined() else None
-        result = read_rank(plan, seed.shards, ptrs, tensors, read, ctx.load_config.verify, scratch, prepare)
+        verify = ctx.load_config.verify
+        result = read_rank(plan, seed.shards, ptrs, tensors, read, verify, prepare=prepare, seed_ranks=len(self.ranks))
         with self.lock:
             self.results.append(result)
         return result.moved

@@ -101,106 +101,110 @@ def read_rank(
     prepare: Callable[[list[torch.Tensor]], None] | None = None,
     trace: Trace | None = None,
     pipeline: bool | None = None,
+    seed_ranks: int = 1,
 ) -> RankResult:
-    """Run one seed rank's plan, the way `pipeline` says (None: as SGLANG_RFORK_RESHARD_PIPELINE says). prepare
-    gets the scratch buffers before any read into them (a transport that must register local memory); trace, if
-    given, collects (step, host start, host end) spans for benchmark/rfork/profile_reshard.py."""
-    way = _read_pipelined if (pipelined() if pipeline is None else pipeline) else _read_sequential
-    return way(plan, shards, ptrs, tensors, read, verify, scratch_bytes, prepare, _Spans(trace))
+    """Run one seed rank's plan, the way `pipeline` says (None: as SGLANG_RFORK_RESHARD_PIPELINE says).
+    scratch_bytes: bytes per staged round (None: SCRATCH_BYTES, or round_bytes for the pipelined way, which shares
+    free memory among the `seed_ranks` read at once). prepare gets the scratch buffers before any read into them
+    (a transport that must register local memory); trace, if given, collects (step, host start, host end) spans
+    for benchmark/rfork/profile_reshard.py."""
+    job = _Job(plan, shards, ptrs, tensors, read, verify, prepare, _Spans(trace))
+    if (pipelined() if pipeline is None else pipeline) and plan.staged:
+        size = scratch_bytes or round_bytes(plan, job.device, seed_ranks)
+        return _read_pipelined(job, size)
+    return _read_sequential(job, scratch_bytes or SCRATCH_BYTES)
 
 
-def _read_sequential(plan, shards, ptrs, tensors, read, verify, scratch_bytes, prepare, span) -> RankResult:
-    out = RankResult()
-    raw = {name: t.reshape(-1).view(torch.uint8) for name, t in tensors.items()}
-    entries = [
-        ReadEntry(d.name, raw[d.name].data_ptr() + d.local, ptrs[d.name] + d.lo, d.hi - d.lo) for d in plan.direct
-    ]
-    with span("direct read"):
-        out.moved = read(entries, tensors) if entries else 0
-    if verify:
-        out.in_place = [(raw[d.name], d.local + b.lo - d.lo, b, d.name) for d in plan.direct for b in d.blocks]
-    if not plan.staged:
+class _Job:
+    """One seed rank's plan and what both ways derive from it: flat byte views, in-place entries, the result."""
+
+    def __init__(self, plan, shards, ptrs, tensors, read, verify, prepare, span) -> None:
+        self.plan, self.shards, self.ptrs, self.tensors = plan, shards, ptrs, tensors
+        self.read, self.verify, self.prepare, self.span = read, verify, prepare, span
+        self.device = next(iter(tensors.values())).device
+        self.raw = {name: t.reshape(-1).view(torch.uint8) for name, t in tensors.items()}
+        self.direct = [
+            ReadEntry(d.name, self.raw[d.name].data_ptr() + d.local, ptrs[d.name] + d.lo, d.hi - d.lo)
+            for d in plan.direct
+        ]
+        self.out = RankResult()
+        if verify:
+            self.out.in_place = [
+                (self.raw[d.name], d.local + b.lo - d.lo, b, d.name) for d in plan.direct for b in d.blocks
+            ]
+
+    def scratch(self, round_size: int, count: int) -> tuple[list[list[tuple[StagedRead, int]]], list[torch.Tensor]]:
+        """The staged rounds and up to `count` scratch buffers for them (prepared for the transport)."""
+        largest = max(b.hi - b.lo for s in self.plan.staged for b in s.blocks)
+        groups = rounds(self.plan.staged, max(round_size, largest))
+        size = max(at + s.hi - s.lo for g in groups for s, at in g)
+        buffers = [torch.empty(size, dtype=torch.uint8, device=self.device) for _ in range(min(count, len(groups)))]
+        if self.prepare is not None:
+            self.prepare(buffers)
+        return groups, buffers
+
+    def round_entries(self, group: list[tuple[StagedRead, int]], scratch: torch.Tensor) -> list[ReadEntry]:
+        """Reads of one staged round into scratch."""
+        base = scratch.data_ptr()
+        return [ReadEntry(s.name, base + at, self.ptrs[s.name] + s.lo, s.hi - s.lo) for s, at in group]
+
+    def check_and_scatter(self, group: list[tuple[StagedRead, int]], scratch: torch.Tensor, wide: bool) -> None:
+        """Launch the sums of a landed round's blocks (compared in `verify`) and copy its pieces into place."""
+        if self.verify:
+            with self.span("sums"):
+                blocks = [(b, s.name) for s, _ in group for b in s.blocks]
+                spans = [(scratch, at + b.lo - s.lo, at + b.hi - s.lo) for s, at in group for b in s.blocks]
+                self.out.staged_checks += [(sums, b, name) for sums, (b, name) in zip(range_sums(spans), blocks)]
+        with self.span("scatter"):
+            for s, at in group:
+                shard = self.shards[s.name]
+                buf = scratch[at : at + s.hi - s.lo]
+                scatter(s, buf, shard.layout, shard.element_size, self.raw[s.name], wide=wide)
+
+
+def _read_sequential(job: _Job, round_size: int) -> RankResult:
+    out = job.out
+    with job.span("direct read"):
+        out.moved = job.read(job.direct, job.tensors) if job.direct else 0
+    if not job.plan.staged:
         return out
-    largest = max(b.hi - b.lo for s in plan.staged for b in s.blocks)
-    groups = rounds(plan.staged, max(scratch_bytes or SCRATCH_BYTES, largest))
-    device = next(iter(tensors.values())).device
-    size = max(at + s.hi - s.lo for g in groups for s, at in g)
-    buffers = [torch.empty(size, dtype=torch.uint8, device=device) for _ in range(min(2, len(groups)))]
+    groups, buffers = job.scratch(round_size, 2)
     done: list[torch.cuda.Event | None] = [None] * len(buffers)
-    if prepare is not None:
-        prepare(buffers)
-    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+    cuda = job.device.type == "cuda"
+    with torch.cuda.device(job.device) if cuda else contextlib.nullcontext():
         for i, group in enumerate(groups):
             turn = i % len(buffers)
-            scratch = buffers[turn]
             if done[turn] is not None:
-                with span("wait scratch"):
+                with job.span("wait scratch"):
                     done[turn].synchronize()  # the kernels reading this buffer two rounds ago have finished
-            base = scratch.data_ptr()
-            staged = [ReadEntry(s.name, base + at, ptrs[s.name] + s.lo, s.hi - s.lo) for s, at in group]
-            with span("staged read"):
-                out.moved += read(staged, (tensors, buffers))
-            if verify:
-                with span("sums"):
-                    blocks = [(b, s.name) for s, _ in group for b in s.blocks]
-                    spans = [(scratch, at + b.lo - s.lo, at + b.hi - s.lo) for s, at in group for b in s.blocks]
-                    out.staged_checks += [(sums, b, name) for sums, (b, name) in zip(range_sums(spans), blocks)]
-            with span("scatter"):
-                for s, at in group:
-                    shard = shards[s.name]
-                    scatter(s, scratch[at : at + s.hi - s.lo], shard.layout, shard.element_size, raw[s.name])
-            if device.type == "cuda":
+            with job.span("staged read"):
+                out.moved += job.read(job.round_entries(group, buffers[turn]), (job.tensors, buffers))
+            job.check_and_scatter(group, buffers[turn], wide=False)
+            if cuda:
                 done[turn] = torch.cuda.Event()
                 done[turn].record()
     return out
 
 
-def _read_pipelined(plan, shards, ptrs, tensors, read, verify, scratch_bytes, prepare, span) -> RankResult:
-    out = RankResult()
-    raw = {name: t.reshape(-1).view(torch.uint8) for name, t in tensors.items()}
-    direct = [
-        ReadEntry(d.name, raw[d.name].data_ptr() + d.local, ptrs[d.name] + d.lo, d.hi - d.lo) for d in plan.direct
-    ]
-    if verify:
-        out.in_place = [(raw[d.name], d.local + b.lo - d.lo, b, d.name) for d in plan.direct for b in d.blocks]
-    if not plan.staged:
-        with span("direct read"):
-            out.moved = read(direct, tensors) if direct else 0
-        return out
-    with span("setup"):
-        largest = max(b.hi - b.lo for s in plan.staged for b in s.blocks)
-        groups = rounds(plan.staged, max(scratch_bytes or ROUND_BYTES, largest))
-        device = next(iter(tensors.values())).device
-        size = max(at + s.hi - s.lo for g in groups for s, at in g)
-        buffers = [torch.empty(size, dtype=torch.uint8, device=device) for _ in range(min(BUFFERS, len(groups)))]
-        if prepare is not None:
-            prepare(buffers)
-        reader = _Reader(read, direct, groups, buffers, ptrs, (tensors, buffers), span)
+def _read_pipelined(job: _Job, round_size: int) -> RankResult:
+    with job.span("setup"):
+        groups, buffers = job.scratch(round_size, BUFFERS)
+        reader = _Reader(job, groups, buffers)
         # Checks and scatter run on a stream of their own: on the default stream they would wait for (and hold
         # up) the transport's copies, which Mooncake issues on a stream that synchronises with it.
-        side = torch.cuda.Stream(device) if device.type == "cuda" else None
+        side = torch.cuda.Stream(job.device) if job.device.type == "cuda" else None
     try:
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
             for turn, group in reader.landed():
-                scratch = buffers[turn]
-                if verify:
-                    with span("sums"):
-                        blocks = [(b, s.name) for s, _ in group for b in s.blocks]
-                        spans = [(scratch, at + b.lo - s.lo, at + b.hi - s.lo) for s, at in group for b in s.blocks]
-                        out.staged_checks += [(sums, b, name) for sums, (b, name) in zip(range_sums(spans), blocks)]
-                with span("scatter"):
-                    for s, at in group:
-                        shard = shards[s.name]
-                        buf = scratch[at : at + s.hi - s.lo]
-                        scatter(s, buf, shard.layout, shard.element_size, raw[s.name], wide=True)
+                job.check_and_scatter(group, buffers[turn], wide=True)
                 reader.release(turn, _recorded(side))
     finally:
         reader.stop()
         if side is not None:
             # Later work (the verify step, the allocator reusing scratch) runs on the default stream.
-            torch.cuda.current_stream(device).wait_stream(side)
-    out.moved = reader.moved
-    return out
+            torch.cuda.current_stream(job.device).wait_stream(side)
+    job.out.moved = reader.moved
+    return job.out
 
 
 def _recorded(stream: torch.cuda.Stream | None) -> torch.cuda.Event | None:
@@ -214,18 +218,8 @@ def _recorded(stream: torch.cuda.Stream | None) -> torch.cuda.Event | None:
 class _Reader:
     """The thread that issues one seed rank's reads: staged rounds into free buffers, then the in-place reads."""
 
-    def __init__(
-        self,
-        read: ReadFn,
-        direct: list[ReadEntry],
-        groups: list[list[tuple[StagedRead, int]]],
-        buffers: list[torch.Tensor],
-        ptrs: dict[str, int],
-        owner: Any,
-        span: _Spans,
-    ) -> None:
-        self.read, self.direct, self.groups, self.buffers = read, direct, groups, buffers
-        self.ptrs, self.owner, self.span = ptrs, owner, span
+    def __init__(self, job: _Job, groups: list[list[tuple[StagedRead, int]]], buffers: list[torch.Tensor]) -> None:
+        self.job, self.groups, self.buffers, self.span = job, groups, buffers, job.span
         self.moved = 0
         self._free: queue.Queue = queue.Queue()
         for turn in range(len(buffers)):
@@ -247,14 +241,13 @@ class _Reader:
                 if done is not None:
                     with self.span("wait scratch"):
                         done.synchronize()  # the checks and scatter of this buffer's last round have run
-                base = self.buffers[turn].data_ptr()
-                entries = [ReadEntry(s.name, base + at, self.ptrs[s.name] + s.lo, s.hi - s.lo) for s, at in group]
                 with self.span("staged read"):
-                    self.moved += self.read(entries, self.owner)
+                    entries = self.job.round_entries(group, self.buffers[turn])
+                    self.moved += self.job.read(entries, (self.job.tensors, self.buffers))
                 self._landed.put((turn, group))
-            if self.direct and not self._stopped.is_set():
+            if self.job.direct and not self._stopped.is_set():
                 with self.span("direct read"):
-                    self.moved += self.read(self.direct, self.owner)
+                    self.moved += self.job.read(self.job.direct, (self.job.tensors, self.buffers))
             self._landed.put(None)
         except BaseException as e:  # handed to the consuming thread
             self._landed.put(e)

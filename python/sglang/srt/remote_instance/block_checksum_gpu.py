@@ -41,21 +41,23 @@ _lock = threading.Lock()
 def available(device: torch.device) -> bool:
     """Whether blocks on this device can be summed here now: only once warm_up has compiled the kernel (nothing
     compiles on demand: a compile in the middle of a fork would stall it)."""
-    if not HAVE_TRITON or device.type != "cuda" or not _ready:
-        return False
-    return (torch.cuda.current_device() if device.index is None else device.index) in _ready
+    return HAVE_TRITON and device.type == "cuda" and bool(_ready) and _index(device) in _ready
 
 
 def warm_up(device: torch.device) -> threading.Thread | None:
     """Compile and load the kernel for this GPU on a background thread (once); the thread, to wait on."""
     if not HAVE_TRITON or device.type != "cuda":
         return None
-    index = torch.cuda.current_device() if device.index is None else device.index
+    index = _index(device)
     with _lock:
         if index not in _warming:
             _warming[index] = threading.Thread(target=_compile, args=(index,), name="block-sums-compile", daemon=True)
             _warming[index].start()
         return _warming[index]
+
+
+def _index(device: torch.device) -> int:
+    return torch.cuda.current_device() if device.index is None else device.index
 
 
 def _compile(index: int) -> None:
