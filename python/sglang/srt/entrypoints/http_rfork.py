@@ -14,7 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from sglang.srt.remote_instance.addresses import check_master_address
+from sglang.srt.remote_instance.addresses import check_master_address, parse_ports
 
 if TYPE_CHECKING:
     from sglang.srt.managers.tokenizer_manager import TokenizerManager
@@ -122,18 +122,6 @@ def busy_ports(ports: list[int]) -> list[int]:
             except OSError:
                 busy.append(port)
     return busy
-
-
-def parse_ports(text: str) -> list[int]:
-    """The comma-separated group ports; ValueError naming what is wrong."""
-    try:
-        ports = [int(p) for p in str(text).split(",") if p.strip()]
-    except ValueError:
-        raise ValueError(f"ports must be comma-separated integers, got {text!r}") from None
-    bad = [p for p in ports if not 0 < p < 65536]
-    if bad:
-        raise ValueError(f"ports {bad} are out of range: each must be in 1..65535")
-    return ports
 
 
 def _fail(message: str, status: int = 400) -> JSONResponse:

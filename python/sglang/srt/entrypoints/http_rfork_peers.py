@@ -3,19 +3,16 @@ bootstrap server that keeps the registry (clients know the seed's HTTP port, not
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 import requests
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from sglang.srt.entrypoints.http_rfork_te import NOT_PUBLISHING, bootstrap_base_url
+from sglang.srt.entrypoints.http_rfork_te import NOT_PUBLISHING, ask_bootstrap, bootstrap_url
 from sglang.srt.remote_instance.peer_registry import MAX_BODY_BYTES, PATH
 
 logger = logging.getLogger(__name__)
-
-BOOTSTRAP_TIMEOUT = 5.0
 
 
 def add_peer_routes(app: FastAPI) -> None:
@@ -45,15 +42,9 @@ async def _proxy(request: Request, method: str, params: dict[str, str], body: by
     args = request.app.state.tokenizer_manager.server_args
     if not args.remote_instance_weight_loader_start_seed_via_transfer_engine:
         return _error(400, NOT_PUBLISHING)
-    url = f"{bootstrap_base_url(args.host, args.engine_info_bootstrap_port)}{PATH}"
-    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    if body is not None:
-        headers["Content-Type"] = "application/json"
+    url = bootstrap_url(args, PATH)
     try:
-        # In a worker thread: the event loop keeps streaming generations meanwhile.
-        resp = await asyncio.to_thread(
-            requests.request, method, url, params=params, data=body, headers=headers, timeout=BOOTSTRAP_TIMEOUT
-        )
+        resp = await ask_bootstrap(args, method, url, params, body)
     except requests.RequestException as e:
         logger.warning("swarm registry: bootstrap server at %s unreachable: %s", url, e)
         return _error(503, "The swarm registry (bootstrap server) is unreachable")

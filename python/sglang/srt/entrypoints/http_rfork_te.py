@@ -43,6 +43,21 @@ def _error(message: str) -> JSONResponse:
     return JSONResponse({"error": {"message": message}}, status_code=400)
 
 
+async def ask_bootstrap(args, method: str, url: str, params: dict, body: bytes | None = None) -> requests.Response:
+    """This instance's bootstrap server's answer at url (bootstrap_url), asked with our API key from a worker
+    thread so the event loop keeps streaming generations meanwhile; requests.RequestException if unreachable."""
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    if body is not None:
+        headers["Content-Type"] = "application/json"
+    kwargs = {"params": params, "data": body, "headers": headers, "timeout": BOOTSTRAP_TIMEOUT}
+    return await asyncio.to_thread(requests.request, method, url, **kwargs)
+
+
+def bootstrap_url(args, path: str) -> str:
+    """URL of `path` on this instance's bootstrap server."""
+    return f"{bootstrap_base_url(args.host, args.engine_info_bootstrap_port)}{path}"
+
+
 async def _proxy(request: Request, rank_text: str | None) -> Response:
     try:
         rank = int(rank_text) if rank_text is not None else -1
@@ -53,13 +68,9 @@ async def _proxy(request: Request, rank_text: str | None) -> Response:
     args = request.app.state.tokenizer_manager.server_args
     if not args.remote_instance_weight_loader_start_seed_via_transfer_engine:
         return _error(NOT_PUBLISHING)
-    url = f"{bootstrap_base_url(args.host, args.engine_info_bootstrap_port)}/get_transfer_engine_info"
-    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    url = bootstrap_url(args, "/get_transfer_engine_info")
     try:
-        # requests in a worker thread: the event loop keeps streaming generations meanwhile.
-        resp = await asyncio.to_thread(
-            requests.get, url, params={"rank": rank}, headers=headers, timeout=BOOTSTRAP_TIMEOUT
-        )
+        resp = await ask_bootstrap(args, "GET", url, {"rank": rank})
     except requests.RequestException as e:
         logger.warning("transfer engine info for rank %d: bootstrap server at %s unreachable: %s", rank, url, e)
         return _error(f"Failed to get transfer engine info for rank {rank}")

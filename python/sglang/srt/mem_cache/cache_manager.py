@@ -28,7 +28,8 @@ class ReqCacheManager:
         # req_to_token's contents, kept on the host as they are written (build_forward_batch writes each step's): a
         # request's release reads its slots from here, since reading the device table would wait for every step in
         # flight (a stall per finished request).
-        self.host_slots = torch.zeros(self.req_to_token_pool.req_to_token.shape, dtype=torch.int32)
+        # Only what was written is ever read (a request reads back its own slots), so nothing needs zeroing.
+        self.host_slots = torch.empty(self.req_to_token_pool.req_to_token.shape, dtype=torch.int32)
 
     def place(self, req: Req) -> bool:
         """Give req a KV row and reuse its longest cached prefix; False (nothing taken) if no row is free."""

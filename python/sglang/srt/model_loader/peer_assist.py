@@ -19,22 +19,21 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import requests
-import torch
 from torch import nn
 
 from sglang.srt.model_loader.peer_reader import SourceReader
 from sglang.srt.model_loader.peer_sources import BATCH_LIMITS, Item, Source, WorkBoard
 from sglang.srt.model_loader.remote_instance_weight_loader_utils import RemoteInstanceError
-from sglang.srt.remote_instance.addresses import local_ip_towards
 from sglang.srt.remote_instance.manifest import weight_tensors
 from sglang.srt.remote_instance.mooncake_guard import (
     GuardedEngine,
     MooncakeError,
     auto_nic_protocol,
-    nic_device_for_gpu,
+    memory_location,
+    rank_engine,
 )
 from sglang.srt.remote_instance.peer_registry import PATH
-from sglang.srt.remote_instance.transfer_engine_memory import host_identity, merged_regions, segment_regions
+from sglang.srt.remote_instance.transfer_engine_memory import host_identity, merged_regions, pretouch, segment_regions
 
 if TYPE_CHECKING:
     from sglang.srt.model_loader.remote_instance_loader import ForkContext
@@ -156,14 +155,10 @@ class Swarm:
 
     def _engine(self) -> GuardedEngine:
         device = self.ctx.device
-        gpu = device.index if device.type == "cuda" else None
-        nic = "" if self.protocol == "nvlink_intra" else nic_device_for_gpu(gpu)
-        engine = GuardedEngine(local_ip_towards(self.ctx.seed.ip), self.protocol, nic)
-        if self.protocol == "rdma":  # RDMA writes into the destination, which must be registered with the NIC
-            engine.register(
-                merged_regions(weight_tensors(self.model), device), f"cuda:{gpu}" if gpu is not None else "*"
-            )
-        return engine
+        destination = merged_regions(weight_tensors(self.model), device) if self.protocol == "rdma" else None
+        return rank_engine(
+            self.ctx.seed.ip, self.protocol, device.index if device.type == "cuda" else None, destination
+        )
 
     def refresh(self, registry: Registry) -> None:
         """Learn what the peers hold now; their addresses are fetched only when a new peer shows up."""
@@ -237,11 +232,7 @@ def transfer_with_peers(info: SeedRankInfo, endpoint: Endpoint, model: nn.Module
         items.append(
             Item(len(items), name, t, t.numel() * t.element_size(), int(entry[0]), str(meta[name]["checksum"]))
         )
-    if ctx.device.type == "cpu":
-        # Untouched pages would fault inside Mooncake's single IO thread and cut throughput by ~4x.
-        with torch.no_grad():
-            for item in items:
-                item.tensor.zero_()
+    pretouch((item.tensor for item in items), ctx.device)
     protocol = endpoint.protocol or auto_nic_protocol()
     ctx.details["transport"] = protocol
     start = time.perf_counter()
@@ -331,11 +322,9 @@ def _join(
     gpu = device.index if device.type == "cuda" else None
     engine: GuardedEngine | None = None
     try:
-        engine = GuardedEngine(
-            local_ip_towards(ctx.seed.ip), protocol, "" if protocol == "nvlink_intra" else nic_device_for_gpu(gpu)
-        )
+        engine = rank_engine(ctx.seed.ip, protocol, gpu)
         spans = segment_regions(tensors, device) if protocol == "nvlink_intra" else merged_regions(tensors, device)
-        engine.register(spans, f"cuda:{gpu}" if gpu is not None else "*")
+        engine.register(spans, memory_location(gpu))
     except MooncakeError as e:
         logger.warning("TP%d: peer assist: this rank cannot serve its weights to other clients: %s", ctx.tp_rank, e)
         if engine is not None:

@@ -18,7 +18,6 @@ from sglang.srt.model_loader.remote_instance_loader import (
     seed_tp_size,
 )
 from sglang.srt.model_loader.remote_instance_weight_loader_utils import RemoteInstanceError
-from sglang.srt.remote_instance.addresses import local_ip_towards
 from sglang.srt.remote_instance.manifest import TensorSpec, weight_tensors
 from sglang.srt.remote_instance.mooncake_guard import (
     GuardedEngine,
@@ -27,12 +26,13 @@ from sglang.srt.remote_instance.mooncake_guard import (
     ReadPlan,
     auto_nic_protocol,
     forced_protocol,
+    memory_location,
     mooncake_module,
-    nic_device_for_gpu,
+    rank_engine,
     rdma_devices,
     supports_intra_nvlink,
 )
-from sglang.srt.remote_instance.transfer_engine_memory import host_identity, merged_regions
+from sglang.srt.remote_instance.transfer_engine_memory import host_identity, merged_regions, pretouch
 
 logger = logging.getLogger(__name__)
 
@@ -180,19 +180,13 @@ class TransferEngineBackend(RemoteWeightBackend):
             logger.warning(
                 "TP%d: peer assist needs a seed that publishes checksums; reading from the seed alone", ctx.tp_rank
             )
-        if ctx.device.type == "cpu":
-            # Untouched pages would fault inside Mooncake's single IO thread and cut throughput by ~4x.
-            with torch.no_grad():
-                for _, t in tensors:
-                    t.zero_()
+        pretouch((t for _, t in tensors), ctx.device)
         protocol = endpoint.protocol or auto_nic_protocol()
         ctx.details["transport"] = protocol
         gpu = ctx.device.index if ctx.device.type == "cuda" else None
         start = time.perf_counter()
         try:
-            engine = GuardedEngine(
-                local_ip_towards(ctx.seed.ip), protocol, "" if protocol == "nvlink_intra" else nic_device_for_gpu(gpu)
-            )
+            engine = rank_engine(ctx.seed.ip, protocol, gpu)
         except MooncakeError as e:
             raise RemoteInstanceError(ctx.seed.name, "transfer", str(e)) from None
         logger.info(
@@ -204,8 +198,7 @@ class TransferEngineBackend(RemoteWeightBackend):
         )
         try:
             if protocol == "rdma":  # RDMA writes into the destination, which must be registered with the NIC
-                location = f"cuda:{gpu}" if gpu is not None else "*"
-                engine.register(merged_regions(tensors, ctx.device), location)
+                engine.register(merged_regions(tensors, ctx.device), memory_location(gpu))
             plan = READ_PLANS[protocol]
             if plan.touch_first:
                 _open_peer_memory(engine, endpoint.session_id, entries, ctx, plan)

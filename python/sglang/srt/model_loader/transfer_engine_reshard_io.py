@@ -32,17 +32,17 @@ from sglang.srt.model_loader.transfer_engine_reshard import (
     zero_padding,
 )
 from sglang.srt.model_loader.transfer_engine_reshard_read import RankResult, read_rank
-from sglang.srt.remote_instance.addresses import local_ip_towards
 from sglang.srt.remote_instance.manifest import weight_tensors
 from sglang.srt.remote_instance.mooncake_guard import (
     GuardedEngine,
     MooncakeError,
     ReadEntry,
     auto_nic_protocol,
-    nic_device_for_gpu,
+    memory_location,
+    rank_engine,
 )
 from sglang.srt.remote_instance.shard_layout import ShardLayout, model_layouts
-from sglang.srt.remote_instance.transfer_engine_memory import host_identity, merged_regions
+from sglang.srt.remote_instance.transfer_engine_memory import host_identity, merged_regions, pretouch
 
 logger = logging.getLogger(__name__)
 
@@ -111,10 +111,7 @@ class ReshardFork:
         layouts = model_layouts(model)
         plans = self._plan(ctx, tensors, layouts)
         self.padding_bytes += zero_padding(tensors, layouts)
-        if ctx.device.type == "cpu":
-            with torch.no_grad():
-                for t in tensors.values():
-                    t.zero_()  # pre-touch: page faults inside Mooncake's IO thread cut throughput ~4x
+        pretouch(tensors.values(), ctx.device)
         start = time.perf_counter()
         engines: dict[int, GuardedEngine] = {}
         try:
@@ -183,11 +180,8 @@ class ReshardFork:
         endpoint = choose_endpoint(self.ranks[rank].info.endpoints, ctx.device)
         protocol = endpoint.protocol or auto_nic_protocol()
         gpu = ctx.device.index if ctx.device.type == "cuda" else None
-        nic = "" if protocol == "nvlink_intra" else nic_device_for_gpu(gpu)
-        engine = engines[rank] = GuardedEngine(local_ip_towards(ctx.seed.ip), protocol, nic)
-        if protocol == "rdma":  # RDMA writes into the destination, which must be registered with the NIC
-            location = f"cuda:{gpu}" if gpu is not None else "*"
-            engine.register(merged_regions(list(tensors.items()), ctx.device), location)
+        destination = merged_regions(list(tensors.items()), ctx.device) if protocol == "rdma" else None
+        engine = engines[rank] = rank_engine(ctx.seed.ip, protocol, gpu, destination)
         ctx.details["transport"] = protocol
         return engine, endpoint.session_id
 
@@ -226,8 +220,7 @@ class ReshardFork:
 
         def prepare(buffers: list[torch.Tensor]) -> None:
             if engine.protocol == "rdma":  # the NIC writes into scratch too
-                location = f"cuda:{gpu}" if gpu is not None else "*"
-                engine.register([(b.data_ptr(), b.numel()) for b in buffers], location)
+                engine.register([(b.data_ptr(), b.numel()) for b in buffers], memory_location(gpu))
 
         verify = ctx.load_config.verify
         result = read_rank(plan, seed.shards, ptrs, tensors, read, verify, prepare=prepare, seed_ranks=len(self.ranks))

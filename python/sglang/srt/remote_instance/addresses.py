@@ -47,3 +47,15 @@ async def check_master_address(master_address: str, served_at: str | None, confi
             f"{', '.join(sorted(ours)) or 'an unknown address'}); send the seed's address as you reach it "
             "(--remote-instance-weight-loader-seed-instance-ip)"
         )
+
+
+def parse_ports(text: str) -> list[int]:
+    """The comma-separated group ports; ValueError naming what is wrong."""
+    try:
+        ports = [int(p) for p in str(text).split(",") if p.strip()]
+    except ValueError:
+        raise ValueError(f"ports must be comma-separated integers, got {text!r}") from None
+    bad = [p for p in ports if not 0 < p < 65536]
+    if bad:
+        raise ValueError(f"ports {bad} are out of range: each must be in 1..65535")
+    return ports

@@ -152,6 +152,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(200, body, "application/json")
 
     def _read_json(self, limit: int) -> Any:
+        """The request's JSON body of at most `limit` bytes; PeerRequestError (411, 413, 400) says what is wrong."""
         try:
             length = int(self.headers.get("Content-Length", ""))
         except ValueError:
@@ -174,17 +175,9 @@ class _Handler(BaseHTTPRequestHandler):
         if not self._authorized():
             return
         try:
-            length = int(self.headers.get("Content-Length", ""))
-        except ValueError:
-            self._send(411, "Content-Length is required")
-            return
-        if not 0 < length <= MAX_BODY_BYTES:
-            self._send(413, f"Body of {length} bytes is out of range (1..{MAX_BODY_BYTES})")
-            return
-        try:
-            body = json.loads(self.rfile.read(length))
-        except ValueError as e:
-            self._send(400, f"Body is not JSON: {e}")
+            body = self._read_json(MAX_BODY_BYTES)
+        except PeerRequestError as e:
+            self._send(e.status, str(e))
             return
         problem = _registration_problem(body)
         if problem:

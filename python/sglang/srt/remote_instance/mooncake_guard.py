@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sglang.srt.metrics import rfork_progress
+from sglang.srt.remote_instance.addresses import local_ip_towards
 
 logger = logging.getLogger(__name__)
 
@@ -150,6 +151,29 @@ def _transport_env(protocol: str) -> Iterator[None]:
                     os.environ.pop(key, None)
                 else:
                     os.environ[key] = value
+
+
+def memory_location(gpu: int | None) -> str:
+    """How Mooncake is told where registered memory lives: a GPU, or anywhere (host memory)."""
+    return f"cuda:{gpu}" if gpu is not None else "*"
+
+
+def rank_engine(
+    seed_ip: str, protocol: str, gpu: int | None, destination: list[tuple[int, int]] | None = None
+) -> GuardedEngine:
+    """A client rank's engine for `protocol` towards the seed's host, on the NIC nearest its GPU. `destination`
+    (address, length) regions are registered when the transport writes into them (RDMA); the engine is closed
+    again if that fails."""
+    engine = GuardedEngine(
+        local_ip_towards(seed_ip), protocol, "" if protocol == "nvlink_intra" else nic_device_for_gpu(gpu)
+    )
+    if protocol == "rdma" and destination:
+        try:
+            engine.register(destination, memory_location(gpu))
+        except BaseException:
+            engine.close()
+            raise
+    return engine
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TYPE_CHECKING
 
 from sglang.srt.managers.rpc_registry import Deferred, in_background, register_rpc
+from sglang.srt.remote_instance.addresses import parse_ports
 from sglang.srt.remote_instance.manifest import weight_tensors
 from sglang.srt.remote_instance.pair_group import PairGroup, open_seed_group
 
@@ -35,7 +36,7 @@ def _take(key: str) -> PairGroup | None:
 
 
 def _key(scheduler: Scheduler, group_name: str, ports: str) -> tuple[str, int]:
-    port_list = [int(p) for p in str(ports).split(",") if p.strip()]
+    port_list = parse_ports(ports)
     rank, size = scheduler.tp_rank, scheduler.server_args.tp_size
     if len(port_list) != size:
         raise ValueError(f"got {len(port_list)} group port(s) for a seed with --tp-size {size}; send one per TP rank")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import bisect
 import socket
+from collections.abc import Iterable
 
 import torch
 
@@ -76,3 +77,13 @@ def host_identity(device: torch.device) -> dict[str, str]:
         if uuid is not None:
             ident["gpu_uuid"] = str(uuid)
     return ident
+
+
+def pretouch(tensors: Iterable[torch.Tensor], device: torch.device) -> None:
+    """Write every page of host-memory read destinations before Mooncake does: untouched pages would fault inside
+    its single IO thread and cut throughput by ~4x. Nothing to do on a GPU."""
+    if device.type != "cpu":
+        return
+    with torch.no_grad():
+        for t in tensors:
+            t.zero_()

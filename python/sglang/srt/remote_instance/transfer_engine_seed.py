@@ -19,6 +19,7 @@ from sglang.srt.remote_instance.mooncake_guard import (
     MooncakeError,
     auto_nic_protocol,
     forced_protocol,
+    memory_location,
     nic_device_for_gpu,
     rdma_devices,
     supports_intra_nvlink,
@@ -126,7 +127,7 @@ def create_seed(
     engines: list[GuardedEngine] = []
     endpoints: list[dict[str, Any]] = []
     regions: dict[str, int] = {}
-    location = f"cuda:{device.index}" if device.type == "cuda" else "*"
+    location = memory_location(device.index if device.type == "cuda" else None)
     try:
         for protocol in seed_protocols(device):
             gpu = device.index if device.type == "cuda" else None
