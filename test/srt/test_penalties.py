@@ -9,8 +9,9 @@ import openai
 import pytest
 import requests
 import torch
-from transformers import AutoModelForCausalLM, RepetitionPenaltyLogitsProcessor
+from transformers import RepetitionPenaltyLogitsProcessor
 
+from sglang.test.hf_reference import hf_model
 from sglang.test.test_utils import tiny_model
 
 PROMPTS = [[7, 8, 7, 9], [3, 141, 59, 26, 5, 141], list(range(100, 120)), [271, 82, 81, 8, 28, 18, 28, 4]]
@@ -29,7 +30,7 @@ def server(tiny_llama_server):
 
 def hf_penalised_greedy(model_path: str, prompt: list[int], params: dict) -> list[int]:
     """Greedy decoding with HF's model and the penalties params names, stopping at a stop token once allowed."""
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    model = hf_model(model_path)
     repetition = RepetitionPenaltyLogitsProcessor(params.get("repetition_penalty", 1.0))
     stop = set(params.get("stop_token_ids", []))
     ids = torch.tensor([prompt])

@@ -14,6 +14,12 @@ def _load(model_path: str) -> Any:
     return AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
 
 
+@functools.lru_cache(maxsize=4)
+def hf_model(model_path: str) -> Any:
+    """The HF model of a checkpoint in float32, loaded once per test process (only read, never changed)."""
+    return _load(model_path)
+
+
 def _greedy(model: Any, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
     outs = []
     with torch.inference_mode():

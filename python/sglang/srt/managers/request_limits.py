@@ -72,7 +72,8 @@ class RequestLimits:
             )
 
     def check_sampling(self, params: SamplingParams) -> None:
-        """The sampling checks that depend on this server: stop strings and stop token ids."""
+        """The sampling checks that depend on this server: token ids in the vocabulary, stop strings."""
+        self._check_in_vocab("logit_bias", [int(t) for t in params.logit_bias or {}])
         if len(params.stop) > self.max_stop_strings:
             raise SamplingParamsError(
                 "stop", f"at most {self.max_stop_strings} stop strings (--max-stop-strings), got {len(params.stop)}"
@@ -84,8 +85,9 @@ class RequestLimits:
                 f"a stop string has {longest} characters, more than {self.max_stop_string_length} "
                 "(--max-stop-string-length)",
             )
-        bad = [t for t in params.stop_token_ids if not 0 <= t < self.vocab_size]
+        self._check_in_vocab("stop_token_ids", params.stop_token_ids)
+
+    def _check_in_vocab(self, field: str, ids: list[int]) -> None:
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
         if bad:
-            raise SamplingParamsError(
-                "stop_token_ids", f"token id {bad[0]} is not in the vocabulary [0, {self.vocab_size})"
-            )
+            raise SamplingParamsError(field, f"token id {bad[0]} is not in the vocabulary [0, {self.vocab_size})")

@@ -167,7 +167,6 @@ class TokenizerManager:
 
     async def _tokenize(self, obj: GenerateReqInput) -> TokenizedGenerateReqInput:
         params = SamplingParams.from_dict(obj.sampling_params, self.sampling_defaults)
-        params.check_vocab(self.model_config.vocab_size)
         self.limits.check_sampling(params)
         if obj.return_logprob:
             self.limits.check_top_logprobs_num(obj.top_logprobs_num)

@@ -92,12 +92,6 @@ class SamplingParams:
             if not -100 <= bias <= 100:
                 raise SamplingParamsError("logit_bias", f"values must be in [-100, 100], got {bias!r} for {token}")
 
-    def check_vocab(self, vocab_size: int) -> None:
-        """Raise SamplingParamsError if logit_bias names a token outside the vocabulary."""
-        bad = [t for t in self.logit_bias or {} if int(t) >= vocab_size]
-        if bad:
-            raise SamplingParamsError("logit_bias", f"token id {bad[0]} is not in the vocabulary [0, {vocab_size})")
-
     @property
     def is_greedy(self) -> bool:
         return self.temperature < 1e-5 or self.top_k == 1
