@@ -276,6 +276,8 @@ def fork(name: str, scenario: tuple[int, int, int, int], model_dir: Path, logs: 
         "gbps": round(sum(r["bytes"] for r in ranks.values()) / slowest / 1e9, 1),
         "transfer_s": slowest,
         "verified": [line for line in text.splitlines() if "per-block checksums" in line][-client_tp:],
+        # With SGLANG_RFORK_RESHARD_TRACE=1 in the environment: where each rank's read step spent its time.
+        "trace": [line.split("TP", 1)[-1] for line in text.splitlines() if "reshard trace" in line],
     }
 
 

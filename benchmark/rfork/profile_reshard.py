@@ -1,25 +1,24 @@
 """Where a topology-changing fork's transfer time goes, without servers: the read step alone, in bare processes.
 
     python benchmark/rfork/profile_reshard.py [--model-dir /tmp/llama8b] [--scenarios tp1_to_tp2,tp2_to_tp1]
-        [--variants raw,fork,pipelined] [--reference PATH_TO_OLD_transfer_engine_reshard.py] [--cpu]
+        [--variants raw,fork,fork_verified] [--reference PATH_TO_OLD_transfer_engine_reshard.py] [--cpu]
 
-(--reference: the module before this script existed, e.g. `git show bf0cc89:python/sglang/srt/model_loader/
+(--reference: an older module that held read_rank, e.g. `git show bf0cc89:python/sglang/srt/model_loader/
 transfer_engine_reshard.py > /tmp/reshard_before.py`.)
 
 Seed ranks are bare processes holding an 8B-shaped rank's bytes in one registered allocation (as in
-bench_topology.py); each client rank is a process with its real tensors that runs the fork's own plan and
-`read_rank` over Mooncake nvlink_intra, one thread per seed rank, exactly as the server does. Variants, each
-timed for PASSES passes (the first is warm-up), all client ranks at once:
-  raw            the plan's byte ranges, one blocking batch per seed rank, into a flat buffer (the link's rate);
-  fork           read_rank the default (sequential) way with checks, as the server's "transfer" step runs it
-                 (the staged blocks summed with torch as they pass through scratch);
-  fork_verified  fork plus the server's "verify" step (the in-place blocks summed, every digest on the host);
-  pipelined, pipelined_verified, pipelined_noverify
-                 the same the experimental pipelined way (SGLANG_RFORK_RESHARD_PIPELINE=1; fused GPU block sums),
-                 and without checks;
-  direct_only    pipelined, only the in-place reads of the plan; staged_only: only the staged (scratch) reads;
-  reference      read_rank of an older transfer_engine_reshard.py (--reference; with torch block sums, as it
-                 had), and reference_verified, for an A/B in one run.
+bench_topology.py); each client rank is a process with its real tensors that runs the fork's own plan,
+`prepare_rank` untimed and `RankRead.run` timed over Mooncake nvlink_intra, one thread per seed rank, as the
+server's "engine setup" and "transfer" steps do. Variants, each timed for PASSES passes (the first is warm-up),
+all client ranks at once:
+  raw              the plan's byte ranges, one blocking batch per seed rank, into a flat buffer (the link's rate);
+  fork             the read step with its checks of the staged blocks, as the server's "transfer" step runs it;
+  fork_verified    fork plus the server's "verify" step (the in-place blocks summed, digests compared);
+  fork_noverify    without any checks;
+  fork_torch_sums  fork_verified with block sums through torch (a server whose fused kernel was not ready);
+  direct_only      only the in-place reads of the plan, unchecked; staged_only: only the staged (scratch) ones;
+  reference        read_rank of an older transfer_engine_reshard.py (--reference; with torch block sums, as it
+                   had), and reference_verified, for an A/B in one run.
 Per variant: the slowest rank's best time, GB/s over all ranks' bytes, and per rank and seed rank the host
 time spent in each step of read_rank (direct read, staged read, sums, scatter, wait scratch).
 """
@@ -42,7 +41,7 @@ from bench_topology import SCENARIOS, client_plans, model_config, run_bare, seed
 from common import stamp, write_result  # noqa: E402
 
 PASSES = 4
-VARIANTS = ("raw", "fork", "fork_verified", "pipelined", "pipelined_verified", "pipelined_noverify")
+VARIANTS = ("raw", "fork", "fork_verified", "fork_noverify", "fork_torch_sums")
 
 
 @contextlib.contextmanager
@@ -116,7 +115,7 @@ def _sums_bench(plans: dict, tensors: dict, device: str) -> dict:
 def _client(gpu, rank, scenario, model_dir, seeds_at, variants, reference, barrier, results) -> None:
     from sglang.srt.model_loader import transfer_engine_reshard_read as current
     from sglang.srt.model_loader.transfer_engine_client import READ_PLANS
-    from sglang.srt.model_loader.transfer_engine_reshard import RankPlan
+    from sglang.srt.model_loader.transfer_engine_reshard import RankPlan, bad_blocks
     from sglang.srt.remote_instance.block_checksum import digests
     from sglang.srt.remote_instance.mooncake_guard import GuardedEngine, ReadEntry, ReadPlan
 
@@ -145,60 +144,76 @@ def _client(gpu, rank, scenario, model_dir, seeds_at, variants, reference, barri
     flat = {r: torch.zeros(p.nbytes, dtype=torch.uint8, device=device) for r, p in plans.items()}  # raw's
 
     def run_raw(traces):
-        def one(r):
-            entries, at = [], flat[r].data_ptr()
+        entries = {}
+        for r in plans:
+            at = flat[r].data_ptr()
+            entries[r] = []
             for d in [*plans[r].direct, *plans[r].staged]:
-                entries.append(ReadEntry(d.name, at, ptrs[r][d.name] + d.lo, d.hi - d.lo))
+                entries[r].append(ReadEntry(d.name, at, ptrs[r][d.name] + d.lo, d.hi - d.lo))
                 at += d.hi - d.lo
+
+        def one(r):
             start = time.perf_counter()
-            moved = engines[r].read(
-                seeds_at[r][0],
-                entries,
-                deadline,
-                ReadPlan(len(entries), batched=plan.batched),
-                owner=flat,
-                cuda_device=gpu,
-            )
+            batch = ReadPlan(len(entries[r]), batched=plan.batched)
+            moved = engines[r].read(seeds_at[r][0], entries[r], deadline, batch, owner=flat, cuda_device=gpu)
             traces[r].append(("raw read", start, time.perf_counter()))
             return moved
 
-        with ThreadPoolExecutor(len(plans)) as pool:
-            return sum(pool.map(one, plans))
+        def timed():
+            with ThreadPoolExecutor(len(plans)) as pool:
+                return sum(pool.map(one, plans))
 
-    def run_fork(module, verify, pick, traces, full_check=False, pipeline=False):
+        return timed
+
+    def run_fork(module, verify, pick, traces, full_check=False, torch_sums=False):
+        """Prepared untimed (as in the server's "engine setup"), run timed (its "transfer")."""
+        if module is current:
+            with _torch_sums() if torch_sums else contextlib.nullcontext():
+                jobs = {
+                    r: current.prepare_rank(
+                        pick(plans[r]),
+                        seeds[r],
+                        ptrs[r],
+                        tensors,
+                        reader(r),
+                        verify,
+                        trace=traces[r],
+                        seed_ranks=len(plans),
+                    )
+                    for r in plans
+                }
+
         def one(r):
             if gpu is not None:
                 torch.cuda.set_device(gpu)
-            p = pick(plans[r])
             if module is current:
-                args = (p, seeds[r], ptrs[r], tensors, reader(r), verify)
-                result = current.read_rank(*args, trace=traces[r], pipeline=pipeline, seed_ranks=len(plans))
+                result = jobs[r].run()
             else:
-                result = module.read_rank(p, seeds[r], ptrs[r], tensors, reader(r), verify)
+                result = module.read_rank(pick(plans[r]), seeds[r], ptrs[r], tensors, reader(r), verify)
             if full_check:
                 start = time.perf_counter()
-                digests([sums for sums, _, _ in result.checks()])  # the verify step: in-place sums, to the host
+                if module is current:
+                    bad_blocks(result.checks())  # the verify step: in-place sums, digests on the host
+                else:
+                    digests([sums for sums, _, _ in result.checks()])
                 traces[r].append(("verify step", start, time.perf_counter()))
             return result.moved
 
-        if pipeline:
-            with ThreadPoolExecutor(len(plans)) as pool:
+        def timed():
+            sums = _torch_sums() if module is not current else contextlib.nullcontext()
+            with sums, ThreadPoolExecutor(len(plans)) as pool:
                 return sum(pool.map(one, plans))
-        with _torch_sums(), ThreadPoolExecutor(len(plans)) as pool:  # the default way sums with torch
-            return sum(pool.map(one, plans))
 
-    def pipelined(**kw):
-        return lambda t: run_fork(current, kw.get("verify", True), kw.get("pick", lambda p: p), t, kw.get("full"), True)
+        return timed
 
     runs = {
         "raw": run_raw,
         "fork": lambda t: run_fork(current, True, lambda p: p, t),
         "fork_verified": lambda t: run_fork(current, True, lambda p: p, t, full_check=True),
-        "pipelined": pipelined(),
-        "pipelined_verified": pipelined(full=True),
-        "pipelined_noverify": pipelined(verify=False),
-        "direct_only": pipelined(verify=False, pick=lambda p: RankPlan(direct=p.direct)),
-        "staged_only": pipelined(verify=False, pick=lambda p: RankPlan(staged=p.staged)),
+        "fork_noverify": lambda t: run_fork(current, False, lambda p: p, t),
+        "fork_torch_sums": lambda t: run_fork(current, True, lambda p: p, t, full_check=True, torch_sums=True),
+        "direct_only": lambda t: run_fork(current, False, lambda p: RankPlan(direct=p.direct), t),
+        "staged_only": lambda t: run_fork(current, False, lambda p: RankPlan(staged=p.staged), t),
     }
     if reference:
         old = _reference(reference)
@@ -209,10 +224,11 @@ def _client(gpu, rank, scenario, model_dir, seeds_at, variants, reference, barri
         times, moved, kept = [], 0, None
         for _ in range(PASSES):
             traces = defaultdict(list)
+            timed = runs[name](traces)
             barrier.wait(300)
             sync()
             start = time.perf_counter()
-            moved = runs[name](traces)
+            moved = timed()
             sync()
             times.append(time.perf_counter() - start)
             if len(times) > 1 and times[-1] == min(times[1:]):

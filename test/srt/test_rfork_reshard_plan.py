@@ -59,7 +59,6 @@ def fork(
     client_tp: int,
     rank: int,
     scratch_bytes: int = 1 << 20,
-    pipeline: bool = False,
     read=memmove,
 ):
     """Client rank `rank` of TP client_tp built from the seed models; returns (model, plans, bad tensor names)."""
@@ -82,7 +81,7 @@ def fork(
     bad: set[str] = set()
     for r, plan in plans.items():
         ptrs = {n: w[0] for n, w in weights[r].items()}
-        result = read_rank(plan, shards[r], ptrs, tensors, read, True, scratch_bytes, pipeline=pipeline)
+        result = read_rank(plan, shards[r], ptrs, tensors, read, True, scratch_bytes=scratch_bytes)
         assert result.moved == plan.nbytes
         bad |= set(bad_blocks(result.checks()))
     zero_padding(tensors, layouts)  # the fork's own padding step
@@ -101,15 +100,14 @@ def models(tiny_model_dir):
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "qwen3_moe"])
 @pytest.mark.parametrize("seed_tp,client_tp", [(2, 1), (1, 2), (1, 4), (4, 1), (4, 2), (2, 4)])
 @pytest.mark.parametrize("block_bytes", ["1", None])
-@pytest.mark.parametrize("pipeline", [False, True], ids=["sequential", "pipelined"])
-def test_fork_rebuilds_disk_loaded_target_layout(models, arch, seed_tp, client_tp, block_bytes, pipeline, monkeypatch):
+def test_fork_rebuilds_disk_loaded_target_layout(models, arch, seed_tp, client_tp, block_bytes, monkeypatch):
     if block_bytes:
         monkeypatch.setenv("SGLANG_RFORK_MIN_BLOCK_BYTES", block_bytes)  # many blocks: in-place reads happen
     path = models[arch]
     seeds = [disk_model(path, seed_tp, r) for r in range(seed_tp)]
     direct = staged = 0
     for rank in range(client_tp):
-        model, plans, bad = fork(path, seeds, client_tp, rank, pipeline=pipeline)
+        model, plans, bad = fork(path, seeds, client_tp, rank)
         assert not bad
         target = dict(weight_tensors(disk_model(path, client_tp, rank)))
         got = dict(weight_tensors(model))
@@ -123,18 +121,17 @@ def test_fork_rebuilds_disk_loaded_target_layout(models, arch, seed_tp, client_t
         assert direct > 0
 
 
-@pytest.mark.parametrize("pipeline", [False, True], ids=["sequential", "pipelined"])
-def test_one_block_per_round_still_rebuilds_the_target(models, pipeline):
-    """Scratch smaller than any block: every staged block is a round of its own (both ways' buffer turns)."""
+def test_one_block_per_round_still_rebuilds_the_target(models):
+    """Scratch smaller than any block: every staged block is a round of its own (the scratch buffers take turns)."""
     path = models["qwen3"]
     seeds = [disk_model(path, 1, 0)]
-    model, plans, bad = fork(path, seeds, 2, 1, scratch_bytes=1, pipeline=pipeline)
+    model, plans, bad = fork(path, seeds, 2, 1, scratch_bytes=1)
     assert not bad and sum(len(p.staged) for p in plans.values()) > 2
     target = dict(weight_tensors(disk_model(path, 2, 1)))
     assert all(torch.equal(t, target[n]) for n, t in weight_tensors(model))
 
 
-def test_pipelined_read_that_fails_midway_raises_and_leaves_no_thread(models):
+def test_read_that_fails_midway_raises_and_leaves_no_thread(models):
     path = models["qwen3"]
     seeds = [disk_model(path, 1, 0)]
     calls = []
@@ -146,7 +143,7 @@ def test_pipelined_read_that_fails_midway_raises_and_leaves_no_thread(models):
         return memmove(entries, owner)
 
     with pytest.raises(RuntimeError, match="link went down"):
-        fork(path, seeds, 2, 1, scratch_bytes=1, pipeline=True, read=failing)
+        fork(path, seeds, 2, 1, scratch_bytes=1, read=failing)
     assert len(calls) == 3  # nothing read after the failure
     assert not [t for t in threading.enumerate() if t.name == "reshard-reader"]
 

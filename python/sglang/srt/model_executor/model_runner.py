@@ -19,7 +19,7 @@ from sglang.srt.mem_cache.allocator import TokenToKVPoolAllocator
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
 from sglang.srt.model_executor.cuda_graph_runner import maybe_create_cuda_graph_runner
 from sglang.srt.model_executor.forward_batch_info import ForwardBatch
-from sglang.srt.server_args import ServerArgs
+from sglang.srt.server_args import ServerArgs, uses_block_checksums
 
 logger = logging.getLogger(__name__)
 
@@ -42,16 +42,6 @@ def load_config_from_server_args(server_args: ServerArgs) -> LoadConfig:
         refuse_unverified=server_args.remote_instance_weight_loader_refuse_unverified,
         peer_assist=server_args.remote_instance_weight_loader_peer_assist,
     )
-
-
-def _uses_block_checksums(server_args: ServerArgs) -> bool:
-    """Whether this instance may sum weight blocks: a TransferEngine client (its seed may run another TP size) or
-    a TransferEngine seed (it publishes the block checksums such clients check)."""
-    client = (
-        server_args.load_format == "remote_instance"
-        and server_args.remote_instance_weight_loader_backend == "transfer_engine"
-    )
-    return client or server_args.remote_instance_weight_loader_start_seed_via_transfer_engine
 
 
 class ModelRunner:
@@ -80,7 +70,7 @@ class ModelRunner:
                 torch.cuda.set_stream(torch.cuda.Stream(self.device))
             else:
                 self.device = torch.device("cpu")
-        if self.device.type == "cuda" and _uses_block_checksums(server_args):
+        if self.device.type == "cuda" and uses_block_checksums(server_args):
             # The fused block-checksum kernel (forks into another TP size, seeds publishing for them) compiles on
             # a fresh node while the rest of startup runs; until it is ready checksums use torch.
             from sglang.srt.remote_instance import block_checksum_gpu

@@ -11,12 +11,14 @@ Running a plan is transfer_engine_reshard_read's job.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
-from sglang.srt.remote_instance.block_checksum import digests
+from sglang.srt.remote_instance.block_checksum import digest_values
 from sglang.srt.remote_instance.shard_layout import ShardLayout
 
 # Staged reads are placed in scratch at multiples of this, so that scatter can copy in wide words.
@@ -220,13 +222,15 @@ def _split(read: StagedRead, limit: int) -> list[StagedRead]:
     return parts
 
 
-def scatter(
+def scatter_pairs(
     read: StagedRead, buf: torch.Tensor, seed: ShardLayout, element_size: int, dest: torch.Tensor, wide: bool = False
-) -> None:
-    """Copy the pieces held by buf (seed bytes [read.lo, read.hi)) into dest, a flat uint8 view of this rank's
-    tensor laid out as `mine`. wide: copy a strided shard's pieces in the widest word their edges allow (a
-    byte-wise strided copy keeps one GPU thread per byte)."""
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(destination view, scratch view) pairs that copy the pieces held by buf (seed bytes [read.lo, read.hi)) into
+    dest, a flat uint8 view of this rank's tensor laid out as `mine`. Views only: a fork builds them before its
+    first read and copies when the bytes have landed. wide: view a strided shard's pieces in the widest word their
+    edges allow (a byte-wise strided copy keeps one GPU thread per byte)."""
     row = seed.inner * element_size
+    pairs = []
     if seed.outer > 1:
         # Each outer slice is one row of a 2-D byte array; a piece is a column range of it.
         slice_bytes = seed.rows * row
@@ -238,14 +242,15 @@ def scatter(
             w = word.itemsize
             src = buf.view(word).view(last - first, slice_bytes // w)
             out = dest.view(word).view(seed.outer, local_slice // w)[first:last]
-            out[:, at // w : (at + n) // w].copy_(src[:, a // w : (a + n) // w])
-        return
+            pairs.append((out[:, at // w : (at + n) // w], src[:, a // w : (a + n) // w]))
+        return pairs
     for p in read.pieces:
         a = max(p.seed_at * row, read.lo)
         b = min((p.seed_at + p.count) * row, read.hi)
         if b > a:
             at = p.local_at * row + a - p.seed_at * row
-            dest[at : at + b - a].copy_(buf[a - read.lo : b - read.lo])
+            pairs.append((dest[at : at + b - a], buf[a - read.lo : b - read.lo]))
+    return pairs
 
 
 def _word(*values: int) -> torch.dtype:
@@ -256,10 +261,39 @@ def _word(*values: int) -> torch.dtype:
     return torch.uint8
 
 
-def bad_blocks(checks: list[tuple[torch.Tensor, Block, str]]) -> list[str]:
-    """Names of the tensors whose blocks' sums (block_sums of the bytes that arrived) differ from the seed's."""
-    got = digests([sums for sums, _, _ in checks])
-    return sorted({name for (_, b, name), digest in zip(checks, got) if digest != b.digest})
+@dataclass
+class Checks:
+    """Block sums launched on a device ([n, 5] block_sums rows) and the blocks (with the seed's digests) and tensor
+    names they check, row by row."""
+
+    sums: torch.Tensor
+    blocks: tuple[Block, ...]
+    names: tuple[str, ...]
+
+
+def bad_blocks(checks: list[Checks]) -> list[str]:
+    """Names of the tensors whose blocks' sums (of the bytes that arrived) differ from the seed's digests; one copy
+    to the host per device."""
+    by_device: dict[torch.device, list[Checks]] = {}
+    for c in checks:
+        if c.blocks:
+            by_device.setdefault(c.sums.device, []).append(c)
+    bad = set()
+    for group in by_device.values():
+        got = digest_values(torch.cat([c.sums for c in group]))
+        want = np.array([_digest_value(b.digest) for c in group for b in c.blocks], dtype=np.uint64)
+        names = [n for c in group for n in c.names]
+        bad.update(names[i] for i in np.flatnonzero(got != want))
+        bad.update(n for c in group for b, n in zip(c.blocks, c.names) if not _DIGEST.fullmatch(b.digest))
+    return sorted(bad)
+
+
+_DIGEST = re.compile(r"[0-9a-f]{16}")
+
+
+def _digest_value(digest: str) -> int:
+    """A published digest as a number (a malformed one, refused by parse_shards, as 0: bad_blocks flags it)."""
+    return int(digest, 16) if _DIGEST.fullmatch(digest) else 0
 
 
 def parse_shards(published: dict[str, Any], weights: dict[str, list[Any]]) -> dict[str, SeedShard]:
@@ -270,6 +304,8 @@ def parse_shards(published: dict[str, Any], weights: dict[str, list[Any]]) -> di
         try:
             layout = ShardLayout.from_json(d)
             blocks = tuple(Block(int(lo), int(hi), str(digest)) for lo, hi, digest in d["blocks"])
+            if not all(_DIGEST.fullmatch(b.digest) for b in blocks):
+                raise ValueError("a block digest is not 16 lowercase hex digits")
         except (KeyError, TypeError, ValueError) as e:
             raise ReshardError(f"malformed shard layout of {name}: {e!r}") from None
         nbytes = None if entry is None else int(entry[1]) * int(entry[2])

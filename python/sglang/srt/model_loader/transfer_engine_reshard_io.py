@@ -31,7 +31,14 @@ from sglang.srt.model_loader.transfer_engine_reshard import (
     plan_all,
     zero_padding,
 )
-from sglang.srt.model_loader.transfer_engine_reshard_read import RankResult, read_rank
+from sglang.srt.model_loader.transfer_engine_reshard_read import (
+    RankRead,
+    RankResult,
+    Trace,
+    prepare_rank,
+    trace_summary,
+    tracing,
+)
 from sglang.srt.remote_instance.manifest import weight_tensors
 from sglang.srt.remote_instance.mooncake_guard import (
     GuardedEngine,
@@ -119,15 +126,24 @@ class ReshardFork:
             for r, (engine, session) in routes.items():
                 if READ_PLANS[engine.protocol].touch_first:
                     self._touch(ctx, r, engine, session, tensors)
+            traces: dict[int, Trace | None] = {r: [] if tracing() else None for r in plans}
+            # Entries, scratch, scatter views and block-sum tables, before the first read (as a raw read of the
+            # same bytes builds its entry lists before it starts).
+            reads = {r: self._prepare_rank(ctx, r, plans[r], routes[r], tensors, traces[r]) for r in plans}
             if ctx.device.type == "cuda":
                 torch.cuda.synchronize(ctx.device)  # the padding zeros, so that "transfer" times the reads alone
+            if tracing():
+                self._log_context(ctx)
             ctx.timings["engine setup"] = time.perf_counter() - start
             start = time.perf_counter()
             with ThreadPoolExecutor(max(1, len(plans)), thread_name_prefix="reshard") as pool:
-                moved = sum(pool.map(lambda r: self._read_rank(ctx, r, plans[r], routes[r], tensors), plans))
+                moved = sum(pool.map(lambda r: self._run(ctx, reads[r]), plans))
             if ctx.device.type == "cuda":
                 torch.cuda.synchronize(ctx.device)  # the last rounds' sums and scatters are part of the transfer
             ctx.timings["transfer"] = time.perf_counter() - start
+            for r, trace in traces.items():
+                if trace is not None:
+                    logger.info("TP%d: reshard trace, seed rank %d: %s", ctx.tp_rank, r, trace_summary(trace, start))
         except MooncakeError as e:
             raise RemoteInstanceError(ctx.seed.name, "transfer", str(e)) from None
         finally:
@@ -155,8 +171,8 @@ class ReshardFork:
             "TP%d: verified %d blocks, %.1f MB read from the TP%d seed, against its per-block checksums (every "
             "byte read, in place and staged); %.1f KB of vocabulary padding was zero-filled here, not read",
             self.tp_rank,
-            len(checks),
-            sum(b.hi - b.lo for _, b, _ in checks) / 1e6,
+            sum(len(c.blocks) for c in checks),
+            sum(b.hi - b.lo for c in checks for b in c.blocks) / 1e6,
             self.seed_tp,
             self.padding_bytes / 1e3,
         )
@@ -185,6 +201,17 @@ class ReshardFork:
         ctx.details["transport"] = protocol
         return engine, endpoint.session_id
 
+    def _log_context(self, ctx: ForkContext) -> None:
+        """What else runs in this process as the reads start (threads holding the GIL slow the read step)."""
+        from sglang.srt.remote_instance import block_checksum_gpu
+
+        logger.info(
+            "TP%d: reshard trace: fused block sums %s; threads: %s",
+            ctx.tp_rank,
+            "ready" if block_checksum_gpu.available(ctx.device) else "not ready",
+            ", ".join(sorted(t.name for t in threading.enumerate())),
+        )
+
     def _touch(
         self, ctx: ForkContext, rank: int, engine: GuardedEngine, session: str, tensors: dict[str, torch.Tensor]
     ) -> None:
@@ -197,21 +224,18 @@ class ReshardFork:
         ]
         _open_peer_memory(engine, session, touch, ctx, READ_PLANS[engine.protocol])
 
-    def _read_rank(
+    def _prepare_rank(
         self,
         ctx: ForkContext,
         rank: int,
         plan: RankPlan,
         route: tuple[GuardedEngine, str],
         tensors: dict[str, torch.Tensor],
-    ) -> int:
+        trace: Trace | None,
+    ) -> RankRead:
         engine, session = route
         read_plan = READ_PLANS[engine.protocol]
         gpu = ctx.device.index if ctx.device.type == "cuda" else None
-        if gpu is not None:
-            # A pool thread starts on device 0: a CUDA call from it would open a second context (~0.1 s, and
-            # memory) on another rank's GPU.
-            torch.cuda.set_device(gpu)
         seed = self.ranks[rank]
         ptrs = {name: int(seed.info.weights[name][0]) for name in tensors}
 
@@ -223,7 +247,16 @@ class ReshardFork:
                 engine.register([(b.data_ptr(), b.numel()) for b in buffers], memory_location(gpu))
 
         verify = ctx.load_config.verify
-        result = read_rank(plan, seed.shards, ptrs, tensors, read, verify, prepare=prepare, seed_ranks=len(self.ranks))
+        return prepare_rank(
+            plan, seed.shards, ptrs, tensors, read, verify, prepare=prepare, trace=trace, seed_ranks=len(self.ranks)
+        )
+
+    def _run(self, ctx: ForkContext, job: RankRead) -> int:
+        if ctx.device.type == "cuda":
+            # A pool thread starts on device 0: a CUDA call from it would open a second context (~0.1 s, and
+            # memory) on another rank's GPU.
+            torch.cuda.set_device(ctx.device)
+        result = job.run()
         with self.lock:
             self.results.append(result)
         return result.moved

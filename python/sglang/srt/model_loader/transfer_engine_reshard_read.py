@@ -1,16 +1,16 @@
 """Running one seed rank's reshard plan: read every byte, check the staged ones in scratch, scatter them.
 
-Two ways, chosen by SGLANG_RFORK_RESHARD_PIPELINE:
-- sequential (default): the in-place reads in one go, then staged rounds one after another (read a round into
-  scratch, sum its blocks, scatter it) on the default stream, two scratch buffers taking turns.
-- pipelined (=1, experimental): a reader thread issues the reads back to back (staged rounds first, then the
-  in-place ones) while this thread launches each landed round's checks and scatter on a CUDA stream of its own;
-  with enough free memory there is a single staged round, so they run beside the in-place reads. Block sums use
-  the fused GPU kernel (block_checksum_gpu) once it is compiled, and the scatter copies in wide words. Measured on
-  2xH200 with benchmark/rfork/profile_reshard.py (the read step alone, 8B-shaped): 0.78x / 0.60x of the raw link
-  for TP1 -> TP2 / TP2 -> TP1 against 0.56x / 0.47x for the sequential way; but inside a server (bench_topology.py)
-  the fork's transfer took 0.18-0.21 s against 0.08-0.09 s, for a reason not found before the GPU time ran out.
-  Hence not the default.
+Two steps, so that the link is kept busy from the first read to the last:
+- prepare_rank, before any read (the fork's "engine setup" step), derives everything that depends only on the plan
+  and this rank's memory: the read entries, the scratch buffers and staged rounds, the scatter views, and the
+  block-sum tables of every round and of the in-place blocks.
+- RankRead.run: a reader thread issues the reads back to back (staged rounds first, then the in-place reads) while
+  the calling thread launches each landed round's checks and scatter on a CUDA stream of its own, behind the reads
+  that follow. With enough free memory there is one staged round, so the in-place reads hide all of it.
+
+Block sums take the fused GPU kernel (block_checksum_gpu) if it is ready when the rank is prepared: rank processes
+of TransferEngine instances load it while they start (scheduler_process). Otherwise they go through torch, a
+dozen kernels per run of blocks, which the trace (SGLANG_RFORK_RESHARD_TRACE=1) shows as long "sums" spans.
 """
 
 from __future__ import annotations
@@ -29,19 +29,17 @@ import torch
 from sglang.srt.model_loader.transfer_engine_reshard import (
     ALIGN,
     Block,
+    Checks,
     RankPlan,
     SeedShard,
-    StagedRead,
     rounds,
-    scatter,
+    scatter_pairs,
 )
-from sglang.srt.remote_instance.block_checksum import range_sums
+from sglang.srt.remote_instance.block_checksum import RangeSums
 from sglang.srt.remote_instance.mooncake_guard import ReadEntry
 
-# Sequential: staged reads of one round share one scratch buffer of this size (or the largest block, if bigger).
-SCRATCH_BYTES = 256 << 20
-# Pipelined: rounds of this size on the CPU; on a GPU round_bytes sizes them from free memory. BUFFERS scratch
-# buffers take turns when there is more than one round.
+# Rounds of this size on the CPU; on a GPU round_bytes sizes them from free memory. BUFFERS scratch buffers take
+# turns when there is more than one round.
 ROUND_BYTES = 512 << 20
 MIN_ROUND_BYTES = 64 << 20
 BUFFERS = 3
@@ -55,18 +53,39 @@ Trace = list[tuple[str, float, float]]
 
 
 @dataclass
+class _BlockChecks:
+    """Block sums planned over fixed ranges, with the blocks and tensor names they check."""
+
+    sums: RangeSums
+    blocks: tuple[Block, ...]
+    names: tuple[str, ...]
+
+    def launch(self) -> Checks:
+        return Checks(self.sums(), self.blocks, self.names)
+
+
+@dataclass
+class _Round:
+    """One staged round: reads into scratch buffer `turn`, its block checks there, and the copies into place."""
+
+    turn: int
+    entries: list[ReadEntry]
+    copies: list[tuple[torch.Tensor, torch.Tensor]]
+    checks: _BlockChecks | None
+
+
+@dataclass
 class RankResult:
-    """What reading from one seed rank did: bytes moved and the blocks to check (sums of the staged ones were
-    taken as they passed through scratch; the in-place ones are summed where they landed, in `verify`)."""
+    """What reading from one seed rank did: bytes moved and the checks of every block read (the staged ones
+    launched as they passed through scratch; the in-place ones are launched where they landed, by `checks`)."""
 
     moved: int = 0
-    staged_checks: list[tuple[torch.Tensor, Block, str]] = field(default_factory=list)
-    in_place: list[tuple[torch.Tensor, int, Block, str]] = field(default_factory=list)
+    staged: list[Checks] = field(default_factory=list)
+    in_place: _BlockChecks | None = None
 
-    def checks(self) -> list[tuple[torch.Tensor, Block, str]]:
-        """(sums, block, tensor name) of every block read."""
-        sums = range_sums([(raw, at, at + b.hi - b.lo) for raw, at, b, _ in self.in_place])
-        return self.staged_checks + [(s, b, name) for s, (_, _, b, name) in zip(sums, self.in_place)]
+    def checks(self) -> list[Checks]:
+        """Checks of every block read; to be compared by transfer_engine_reshard.bad_blocks."""
+        return self.staged + ([self.in_place.launch()] if self.in_place is not None else [])
 
 
 def round_bytes(plan: RankPlan, device: torch.device, seed_ranks: int = 1) -> int:
@@ -85,12 +104,27 @@ def round_bytes(plan: RankPlan, device: torch.device, seed_ranks: int = 1) -> in
     return max(MIN_ROUND_BYTES, budget // BUFFERS, largest)
 
 
-def pipelined() -> bool:
-    """Whether SGLANG_RFORK_RESHARD_PIPELINE asks for the pipelined way (see the module's docstring)."""
-    return os.environ.get("SGLANG_RFORK_RESHARD_PIPELINE", "0") not in ("", "0", "false")
+def tracing() -> bool:
+    """Whether SGLANG_RFORK_RESHARD_TRACE asks the server to log where each seed rank's read step spent its time."""
+    return os.environ.get("SGLANG_RFORK_RESHARD_TRACE", "0") not in ("", "0", "false")
 
 
-def read_rank(
+def trace_summary(trace: Trace, origin: float) -> str:
+    """One line of a read step's spans: per step its total ms, calls, and first start / last end in ms after
+    origin (the transfer's start)."""
+    steps: dict[str, list[float]] = {}
+    for step, a, b in trace:
+        s = steps.setdefault(step, [0.0, 0, a, b])
+        s[0] += b - a
+        s[1] += 1
+        s[2], s[3] = min(s[2], a), max(s[3], b)
+    return "; ".join(
+        f"{k} {v[0] * 1e3:.1f} ms x{v[1]} [{(v[2] - origin) * 1e3:.1f}..{(v[3] - origin) * 1e3:.1f}]"
+        for k, v in steps.items()
+    )
+
+
+def prepare_rank(
     plan: RankPlan,
     shards: dict[str, SeedShard],
     ptrs: dict[str, int],
@@ -100,111 +134,102 @@ def read_rank(
     scratch_bytes: int | None = None,
     prepare: Callable[[list[torch.Tensor]], None] | None = None,
     trace: Trace | None = None,
-    pipeline: bool | None = None,
     seed_ranks: int = 1,
-) -> RankResult:
-    """Run one seed rank's plan, the way `pipeline` says (None: as SGLANG_RFORK_RESHARD_PIPELINE says).
-    scratch_bytes: bytes per staged round (None: SCRATCH_BYTES, or round_bytes for the pipelined way, which shares
-    free memory among the `seed_ranks` read at once). prepare gets the scratch buffers before any read into them
-    (a transport that must register local memory); trace, if given, collects (step, host start, host end) spans
-    for benchmark/rfork/profile_reshard.py."""
-    job = _Job(plan, shards, ptrs, tensors, read, verify, prepare, _Spans(trace))
-    if (pipelined() if pipeline is None else pipeline) and plan.staged:
-        size = scratch_bytes or round_bytes(plan, job.device, seed_ranks)
-        return _read_pipelined(job, size)
-    return _read_sequential(job, scratch_bytes or SCRATCH_BYTES)
+) -> RankRead:
+    """Everything one seed rank's plan needs before its first read (see the module's docstring).
+    scratch_bytes: bytes per staged round (None: round_bytes, which shares free memory among the `seed_ranks`
+    read at once). prepare gets the scratch buffers before any read into them (a transport that must register
+    local memory); trace, if given, collects (step, host start, host end) spans."""
+    spans = _Spans(trace)
+    with spans("prepare"):
+        return RankRead(plan, shards, ptrs, tensors, read, verify, scratch_bytes, prepare, spans, seed_ranks)
 
 
-class _Job:
-    """One seed rank's plan and what both ways derive from it: flat byte views, in-place entries, the result."""
+def read_rank(plan: RankPlan, shards, ptrs, tensors, read: ReadFn, verify: bool, **options: Any) -> RankResult:
+    """prepare_rank, then run: one seed rank's plan in one call (tests, benchmarks)."""
+    return prepare_rank(plan, shards, ptrs, tensors, read, verify, **options).run()
 
-    def __init__(self, plan, shards, ptrs, tensors, read, verify, prepare, span) -> None:
-        self.plan, self.shards, self.ptrs, self.tensors = plan, shards, ptrs, tensors
-        self.read, self.verify, self.prepare, self.span = read, verify, prepare, span
+
+class RankRead:
+    """One seed rank's plan, prepared: in-place entries, staged rounds in scratch, and the checks of both."""
+
+    def __init__(self, plan, shards, ptrs, tensors, read, verify, scratch_bytes, prepare, spans, seed_ranks) -> None:
+        self.read, self.span = read, spans
+        self.tensors = tensors
         self.device = next(iter(tensors.values())).device
-        self.raw = {name: t.reshape(-1).view(torch.uint8) for name, t in tensors.items()}
+        names = {r.name for r in plan.direct} | {r.name for r in plan.staged}
+        raw = {name: tensors[name].reshape(-1).view(torch.uint8) for name in names}
         self.direct = [
-            ReadEntry(d.name, self.raw[d.name].data_ptr() + d.local, ptrs[d.name] + d.lo, d.hi - d.lo)
-            for d in plan.direct
+            ReadEntry(d.name, raw[d.name].data_ptr() + d.local, ptrs[d.name] + d.lo, d.hi - d.lo) for d in plan.direct
         ]
-        self.out = RankResult()
-        if verify:
-            self.out.in_place = [
-                (self.raw[d.name], d.local + b.lo - d.lo, b, d.name) for d in plan.direct for b in d.blocks
+        self.in_place = None
+        if verify and plan.direct:
+            blocks = [(d, b) for d in plan.direct for b in d.blocks]
+            self.in_place = _BlockChecks(
+                RangeSums([(raw[d.name], d.local + b.lo - d.lo, d.local + b.hi - d.lo) for d, b in blocks]),
+                tuple(b for _, b in blocks),
+                tuple(d.name for d, _ in blocks),
+            )
+        self.buffers: list[torch.Tensor] = []
+        self.rounds: list[_Round] = []
+        if plan.staged:
+            size = scratch_bytes or round_bytes(plan, self.device, seed_ranks)
+            largest = max(b.hi - b.lo for s in plan.staged for b in s.blocks)
+            groups = rounds(plan.staged, max(size, largest))
+            nbytes = max(at + s.hi - s.lo for g in groups for s, at in g)
+            self.buffers = [
+                torch.empty(nbytes, dtype=torch.uint8, device=self.device) for _ in range(min(BUFFERS, len(groups)))
             ]
+            if prepare is not None:
+                prepare(self.buffers)
+            for i, group in enumerate(groups):
+                turn = i % len(self.buffers)
+                self.rounds.append(self._round(turn, group, shards, ptrs, raw, verify))
 
-    def scratch(self, round_size: int, count: int) -> tuple[list[list[tuple[StagedRead, int]]], list[torch.Tensor]]:
-        """The staged rounds and up to `count` scratch buffers for them (prepared for the transport)."""
-        largest = max(b.hi - b.lo for s in self.plan.staged for b in s.blocks)
-        groups = rounds(self.plan.staged, max(round_size, largest))
-        size = max(at + s.hi - s.lo for g in groups for s, at in g)
-        buffers = [torch.empty(size, dtype=torch.uint8, device=self.device) for _ in range(min(count, len(groups)))]
-        if self.prepare is not None:
-            self.prepare(buffers)
-        return groups, buffers
-
-    def round_entries(self, group: list[tuple[StagedRead, int]], scratch: torch.Tensor) -> list[ReadEntry]:
-        """Reads of one staged round into scratch."""
+    def _round(self, turn, group, shards, ptrs, raw, verify) -> _Round:
+        scratch = self.buffers[turn]
         base = scratch.data_ptr()
-        return [ReadEntry(s.name, base + at, self.ptrs[s.name] + s.lo, s.hi - s.lo) for s, at in group]
+        entries = [ReadEntry(s.name, base + at, ptrs[s.name] + s.lo, s.hi - s.lo) for s, at in group]
+        copies = []
+        for s, at in group:
+            shard = shards[s.name]
+            piece = scratch[at : at + s.hi - s.lo]
+            copies += scatter_pairs(s, piece, shard.layout, shard.element_size, raw[s.name], wide=True)
+        checks = None
+        if verify:
+            blocks = [(s, at, b) for s, at in group for b in s.blocks]
+            checks = _BlockChecks(
+                RangeSums([(scratch, at + b.lo - s.lo, at + b.hi - s.lo) for s, at, b in blocks]),
+                tuple(b for _, _, b in blocks),
+                tuple(s.name for s, _, _ in blocks),
+            )
+        return _Round(turn, entries, copies, checks)
 
-    def check_and_scatter(self, group: list[tuple[StagedRead, int]], scratch: torch.Tensor, wide: bool) -> None:
-        """Launch the sums of a landed round's blocks (compared in `verify`) and copy its pieces into place."""
-        if self.verify:
-            with self.span("sums"):
-                blocks = [(b, s.name) for s, _ in group for b in s.blocks]
-                spans = [(scratch, at + b.lo - s.lo, at + b.hi - s.lo) for s, at in group for b in s.blocks]
-                self.out.staged_checks += [(sums, b, name) for sums, (b, name) in zip(range_sums(spans), blocks)]
-        with self.span("scatter"):
-            for s, at in group:
-                shard = self.shards[s.name]
-                buf = scratch[at : at + s.hi - s.lo]
-                scatter(s, buf, shard.layout, shard.element_size, self.raw[s.name], wide=wide)
-
-
-def _read_sequential(job: _Job, round_size: int) -> RankResult:
-    out = job.out
-    with job.span("direct read"):
-        out.moved = job.read(job.direct, job.tensors) if job.direct else 0
-    if not job.plan.staged:
-        return out
-    groups, buffers = job.scratch(round_size, 2)
-    done: list[torch.cuda.Event | None] = [None] * len(buffers)
-    cuda = job.device.type == "cuda"
-    with torch.cuda.device(job.device) if cuda else contextlib.nullcontext():
-        for i, group in enumerate(groups):
-            turn = i % len(buffers)
-            if done[turn] is not None:
-                with job.span("wait scratch"):
-                    done[turn].synchronize()  # the kernels reading this buffer two rounds ago have finished
-            with job.span("staged read"):
-                out.moved += job.read(job.round_entries(group, buffers[turn]), (job.tensors, buffers))
-            job.check_and_scatter(group, buffers[turn], wide=False)
-            if cuda:
-                done[turn] = torch.cuda.Event()
-                done[turn].record()
-    return out
-
-
-def _read_pipelined(job: _Job, round_size: int) -> RankResult:
-    with job.span("setup"):
-        groups, buffers = job.scratch(round_size, BUFFERS)
-        reader = _Reader(job, groups, buffers)
+    def run(self) -> RankResult:
+        """Read, check and scatter; returns once every byte has landed and the checks and copies of the staged
+        ones are queued on this device (a caller that needs them done synchronises)."""
+        out = RankResult(in_place=self.in_place)
+        reader = _Reader(self)
         # Checks and scatter run on a stream of their own: on the default stream they would wait for (and hold
         # up) the transport's copies, which Mooncake issues on a stream that synchronises with it.
-        side = torch.cuda.Stream(job.device) if job.device.type == "cuda" else None
-    try:
-        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-            for turn, group in reader.landed():
-                job.check_and_scatter(group, buffers[turn], wide=True)
-                reader.release(turn, _recorded(side))
-    finally:
-        reader.stop()
-        if side is not None:
-            # Later work (the verify step, the allocator reusing scratch) runs on the default stream.
-            torch.cuda.current_stream(job.device).wait_stream(side)
-    job.out.moved = reader.moved
-    return job.out
+        side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        try:
+            with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+                for rnd in reader.landed():
+                    if rnd.checks is not None:
+                        with self.span("sums"):
+                            out.staged.append(rnd.checks.launch())
+                    with self.span("scatter"):
+                        for dest, src in rnd.copies:
+                            dest.copy_(src)
+                    reader.release(rnd.turn, _recorded(side))
+        finally:
+            reader.stop()
+            if side is not None:
+                # Later work (the verify step, the allocator reusing scratch) runs on the default stream.
+                torch.cuda.current_stream(self.device).wait_stream(side)
+        out.moved = reader.moved
+        return out
 
 
 def _recorded(stream: torch.cuda.Stream | None) -> torch.cuda.Event | None:
@@ -216,45 +241,48 @@ def _recorded(stream: torch.cuda.Stream | None) -> torch.cuda.Event | None:
 
 
 class _Reader:
-    """The thread that issues one seed rank's reads: staged rounds into free buffers, then the in-place reads."""
+    """The thread that issues one seed rank's reads: staged rounds into their buffers as each comes free, then
+    the in-place reads."""
 
-    def __init__(self, job: _Job, groups: list[list[tuple[StagedRead, int]]], buffers: list[torch.Tensor]) -> None:
-        self.job, self.groups, self.buffers, self.span = job, groups, buffers, job.span
+    def __init__(self, job: RankRead) -> None:
+        self.job, self.span = job, job.span
         self.moved = 0
-        self._free: queue.Queue = queue.Queue()
-        for turn in range(len(buffers)):
-            self._free.put((turn, None))
+        # Per buffer, the event after which its last round's checks and scatter have run (None: free now).
+        self._free: list[queue.Queue] = [queue.Queue() for _ in job.buffers]
+        for q in self._free:
+            q.put(None)
         self._landed: queue.Queue = queue.Queue()
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="reshard-reader", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
+        job = self.job
+        owner = (job.tensors, job.buffers)
         try:
-            if self.buffers[0].is_cuda:
+            if job.device.type == "cuda":
                 # A new thread starts on device 0; any CUDA call from it would open a context there.
-                torch.cuda.set_device(self.buffers[0].device)
-            for group in self.groups:
-                turn, done = self._free.get()
+                torch.cuda.set_device(job.device)
+            for rnd in job.rounds:
+                done = self._free[rnd.turn].get()
                 if self._stopped.is_set():
                     return
                 if done is not None:
                     with self.span("wait scratch"):
-                        done.synchronize()  # the checks and scatter of this buffer's last round have run
+                        done.synchronize()
                 with self.span("staged read"):
-                    entries = self.job.round_entries(group, self.buffers[turn])
-                    self.moved += self.job.read(entries, (self.job.tensors, self.buffers))
-                self._landed.put((turn, group))
-            if self.job.direct and not self._stopped.is_set():
+                    self.moved += job.read(rnd.entries, owner)
+                self._landed.put(rnd)
+            if job.direct and not self._stopped.is_set():
                 with self.span("direct read"):
-                    self.moved += self.job.read(self.job.direct, (self.job.tensors, self.buffers))
+                    self.moved += job.read(job.direct, owner)
             self._landed.put(None)
         except BaseException as e:  # handed to the consuming thread
             self._landed.put(e)
 
-    def landed(self) -> Iterator[tuple[int, list[tuple[StagedRead, int]]]]:
-        """(buffer, round) as each round lands; returns after the in-place reads too have landed. Every read is
-        bounded by its transport's deadline, so this always ends."""
+    def landed(self) -> Iterator[_Round]:
+        """Each staged round as it lands; returns after the in-place reads too have landed. Every read is bounded
+        by its transport's deadline, so this always ends."""
         while True:
             with self.span("wait read"):
                 item = self._landed.get()
@@ -266,13 +294,14 @@ class _Reader:
 
     def release(self, turn: int, done: torch.cuda.Event | None) -> None:
         """Hand a buffer back once `done` (the kernels reading it) has passed."""
-        self._free.put((turn, done))
+        self._free[turn].put(done)
 
     def stop(self) -> None:
         """Let the thread end without issuing more reads (after an error here) and wait for it."""
         if self._thread.is_alive():
             self._stopped.set()
-            self._free.put((None, None))
+            for q in self._free:
+                q.put(None)
             self._thread.join()
 
 

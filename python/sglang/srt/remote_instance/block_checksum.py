@@ -9,13 +9,15 @@ and a GPU client agree on equal bytes; any single changed word, swapped rows or 
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from sglang.srt.remote_instance import block_checksum_gpu
 from sglang.srt.remote_instance.manifest import host_values
 
 ROW_WORDS = 1024
-_MASK = (1 << 64) - 1
+# How a digest weighs block_sums' five values (modulo 2**64).
+_W_ROWS, _W_COLS, _W_REST, _W_TAIL = (np.uint64(w) for w in (1_000_003, 999_983, 7_919, 31))
 
 
 @torch.inference_mode()
@@ -45,36 +47,57 @@ def block_sums(raw: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def digest_values(sums: torch.Tensor) -> np.ndarray:
+    """The 64-bit digests of block_sums rows ([n, 5] on any device), with one copy to the host."""
+    rows, cols, rest, tail, size = sums.cpu().numpy().astype(np.uint64).T  # wraps modulo 2**64, as the sums do
+    return rows * _W_ROWS + cols * _W_COLS + rest * _W_REST + tail * _W_TAIL + size
+
+
 def digests(sums: list[torch.Tensor]) -> list[str]:
     """Hex digests of block_sums results, with one copy to the host per device."""
-    out = []
-    for rows, cols, rest, tail, size in host_values(sums):
-        out.append(f"{(rows * 1_000_003 + cols * 999_983 + rest * 7_919 + tail * 31 + size) & _MASK:016x}")
-    return out
+    return [f"{int(v):016x}" for v in digest_values(torch.tensor(host_values(sums), dtype=torch.int64).view(-1, 5))]
 
 
-@torch.inference_mode()
+class RangeSums:
+    """block_sums of fixed byte ranges of flat uint8 tensors on one device, planned once and taken when wanted (a
+    fork plans them before its first read). On a GPU whose fused kernel is ready every range of whole words goes
+    through one launch (block_checksum_gpu.FusedSums); the rest, and everything elsewhere, through torch."""
+
+    def __init__(self, ranges: list[tuple[torch.Tensor, int, int]]) -> None:
+        self.ranges = ranges
+        fused = [
+            i
+            for i, (raw, lo, hi) in enumerate(ranges)
+            if block_checksum_gpu.available(raw.device)
+            and raw.data_ptr() % 8 == 0
+            and block_checksum_gpu.whole_words(lo, hi)
+        ]
+        self.fused = block_checksum_gpu.FusedSums([ranges[i] for i in fused], ROW_WORDS) if fused else None
+        taken = set(fused)
+        self.rest = [i for i in range(len(ranges)) if i not in taken]
+        self.order = None  # where each part's rows go, when both parts are there
+        if fused and self.rest:
+            device = ranges[0][0].device
+            self.order = (torch.tensor(fused, device=device), torch.tensor(self.rest, device=device))
+
+    @torch.inference_mode()
+    def __call__(self) -> torch.Tensor:
+        """[len(ranges), 5] int64 rows, launched on the current stream; no host sync."""
+        if self.fused is not None and not self.rest:
+            return self.fused()
+        rest = _torch_range_sums([self.ranges[i] for i in self.rest])
+        rest = torch.stack(rest) if rest else torch.zeros(0, 5, dtype=torch.int64)
+        if self.fused is None:
+            return rest
+        out = torch.empty(len(self.ranges), 5, dtype=torch.int64, device=rest.device)
+        out[self.order[0]] = self.fused()
+        out[self.order[1]] = rest
+        return out
+
+
 def range_sums(ranges: list[tuple[torch.Tensor, int, int]]) -> list[torch.Tensor]:
-    """block_sums of bytes [lo, hi) of each flat uint8 tensor, in order. On a GPU with Triton every block of whole
-    words goes through one fused launch per device (block_checksum_gpu); the rest through torch."""
-    out: list[torch.Tensor | None] = [None] * len(ranges)
-    by_device: dict[torch.device, list[int]] = {}
-    fused: dict[int, torch.device | None] = {}  # per tensor: its device if the fused path takes it (asked once)
-    for i, (raw, lo, hi) in enumerate(ranges):
-        if id(raw) not in fused:
-            device = raw.device
-            fused[id(raw)] = device if block_checksum_gpu.available(device) and raw.data_ptr() % 8 == 0 else None
-        device = fused[id(raw)]
-        if device is not None and block_checksum_gpu.whole_words(lo, hi):
-            by_device.setdefault(device, []).append(i)
-    for picked in by_device.values():
-        sums = block_checksum_gpu.many_block_sums([ranges[i] for i in picked], ROW_WORDS)
-        for i, s in zip(picked, sums):
-            out[i] = s
-    rest = [i for i, s in enumerate(out) if s is None]
-    for i, s in zip(rest, _torch_range_sums([ranges[i] for i in rest])):
-        out[i] = s
-    return out  # type: ignore[return-value]
+    """block_sums of bytes [lo, hi) of each flat uint8 tensor, in order (see RangeSums)."""
+    return list(RangeSums(ranges)().unbind(0)) if ranges else []
 
 
 def _torch_range_sums(ranges: list[tuple[torch.Tensor, int, int]]) -> list[torch.Tensor]:

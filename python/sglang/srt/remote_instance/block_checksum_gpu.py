@@ -78,41 +78,67 @@ def whole_words(lo: int, hi: int) -> bool:
     return lo % 8 == 0 and (hi - lo) % 8 == 0 and hi > lo
 
 
-def many_block_sums(ranges: list[tuple[torch.Tensor, int, int]], row_words: int) -> list[torch.Tensor]:
-    """block_sums of bytes [lo, hi) of each flat uint8 tensor (each starting on a word boundary, all ranges
-    whole_words, all on one CUDA device), launched
-    on the current stream; no host sync. Offsets are taken from the lowest tensor's address, so one launch covers
-    blocks of many tensors."""
-    assert CHUNK_WORDS % row_words == 0, "chunks must start on a grid row"
-    device = ranges[0][0].device
-    base = min(ranges, key=lambda r: r[0].data_ptr())[0]
-    origin = base.data_ptr()
-    starts = np.array([(raw.data_ptr() + lo - origin) // 8 for raw, lo, _ in ranges], dtype=np.int64)
-    words = np.array([(hi - lo) // 8 for _, lo, hi in ranges], dtype=np.int64)
-    counts = -(-words // CHUNK_WORDS)
-    owner = np.repeat(np.arange(len(ranges)), counts)
-    first = np.concatenate(([0], np.cumsum(counts)))
-    k0 = (np.arange(first[-1]) - first[owner]) * CHUNK_WORDS
-    table = np.concatenate(
-        (starts[owner] + k0, k0, np.minimum(CHUNK_WORDS, words[owner] - k0), words[owner] // row_words * row_words)
-    )
-    chunks = int(first[-1])
-    host = torch.from_numpy(np.concatenate((table, owner, words * 8)))
-    if device.type == "cuda":
-        # One upload, from pinned memory: a pageable copy would block this thread until the stream drains.
-        host = host.pin_memory()
-    tables = host.to(device, non_blocking=True)
-    table, chunk_block, nbytes = tables[: 4 * chunks], tables[4 * chunks : 5 * chunks], tables[5 * chunks :]
-    partial = torch.empty(chunks, 3, dtype=torch.int64, device=device)
-    origin_words = base[: base.numel() // 8 * 8].view(torch.int64)
-    from sglang.srt.remote_instance.block_checksum_kernel import chunk_sums
+class FusedSums:
+    """The block sums of fixed byte ranges, taken as often as wanted with one launch each: the chunk table is built
+    and uploaded here, once, so that a call costs the host a launch and two small torch ops (a fork builds its
+    tables before its first read). Ranges: bytes [lo, hi) of flat uint8 tensors on one CUDA device, each tensor
+    starting on a word boundary, every range whole_words. Offsets are taken from the lowest tensor's address, so
+    one launch covers blocks of many tensors; the tensors must stay where they are while this object is used."""
 
-    # (not a CUDA device only under TRITON_INTERPRET=1, in tests)
-    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-        chunk_sums[(chunks,)](origin_words, table, partial, chunks, CHUNK=CHUNK_WORDS, ROW=row_words, num_warps=8)
-    out = torch.zeros(len(ranges), 5, dtype=torch.int64, device=device)
-    # Each block's chunks added up (integer sums wrap modulo 2**64 in any order, as block_sums' do). Not a
-    # cumulative sum over chunks: torch scans a [chunks, 3] tensor down its columns one thread per column.
-    out[:, :3].index_add_(0, chunk_block, partial)
-    out[:, 4] = nbytes
-    return list(out.unbind(0))
+    def __init__(self, ranges: list[tuple[torch.Tensor, int, int]], row_words: int) -> None:
+        assert CHUNK_WORDS % row_words == 0, "chunks must start on a grid row"
+        self.device = ranges[0][0].device
+        self.row_words = row_words
+        base = min(ranges, key=lambda r: r[0].data_ptr())[0]
+        origin = base.data_ptr()
+        starts = np.array([(raw.data_ptr() + lo - origin) // 8 for raw, lo, _ in ranges], dtype=np.int64)
+        words = np.array([(hi - lo) // 8 for _, lo, hi in ranges], dtype=np.int64)
+        counts = -(-words // CHUNK_WORDS)
+        owner = np.repeat(np.arange(len(ranges)), counts)
+        first = np.concatenate(([0], np.cumsum(counts)))
+        k0 = (np.arange(first[-1]) - first[owner]) * CHUNK_WORDS
+        table = np.concatenate(
+            (starts[owner] + k0, k0, np.minimum(CHUNK_WORDS, words[owner] - k0), words[owner] // row_words * row_words)
+        )
+        self.blocks, self.chunks = len(ranges), int(first[-1])
+        host = torch.from_numpy(np.concatenate((table, owner, words * 8)))
+        self.uploaded = None
+        if self.device.type == "cuda":
+            # One upload, from pinned memory (a pageable copy would block this thread until the stream drains);
+            # calls on other streams wait for it.
+            tables = host.pin_memory().to(self.device, non_blocking=True)
+            self.uploaded = torch.cuda.Event()
+            self.uploaded.record()
+        else:  # only under TRITON_INTERPRET=1, in tests
+            tables = host
+        chunks = self.chunks
+        self.table, self.chunk_block, self.nbytes = (
+            tables[: 4 * chunks],
+            tables[4 * chunks : 5 * chunks],
+            tables[5 * chunks :],
+        )
+        self.origin_words = base[: base.numel() // 8 * 8].view(torch.int64)
+
+    def __call__(self) -> torch.Tensor:
+        """[blocks, 5] int64 block_sums rows, launched on the current stream; no host sync."""
+        from sglang.srt.remote_instance.block_checksum_kernel import chunk_sums
+
+        cuda = self.device.type == "cuda"
+        if self.uploaded is not None:
+            torch.cuda.current_stream(self.device).wait_event(self.uploaded)
+        partial = torch.empty(self.chunks, 3, dtype=torch.int64, device=self.device)
+        with torch.cuda.device(self.device) if cuda else contextlib.nullcontext():
+            chunk_sums[(self.chunks,)](
+                self.origin_words, self.table, partial, self.chunks, CHUNK=CHUNK_WORDS, ROW=self.row_words, num_warps=8
+            )
+        out = torch.zeros(self.blocks, 5, dtype=torch.int64, device=self.device)
+        # Each block's chunks added up (integer sums wrap modulo 2**64 in any order, as block_sums' do). Not a
+        # cumulative sum over chunks: torch scans a [chunks, 3] tensor down its columns one thread per column.
+        out[:, :3].index_add_(0, self.chunk_block, partial)
+        out[:, 4] = self.nbytes
+        return out
+
+
+def many_block_sums(ranges: list[tuple[torch.Tensor, int, int]], row_words: int) -> torch.Tensor:
+    """block_sums of bytes [lo, hi) of each range (see FusedSums), as [len(ranges), 5] rows, in one launch."""
+    return FusedSums(ranges, row_words)()
