@@ -12,7 +12,7 @@ import time
 from typing import Any, NoReturn
 
 from sglang.srt import startup_timeline
-from sglang.srt.server_args import ServerArgs, ServerArgsError, parse_cli, rank_gpu_hints, uses_block_checksums
+from sglang.srt.server_args import ServerArgs, ServerArgsError, parse_cli, rank_gpu_hints
 from sglang.srt.utils import configure_logging
 
 logger = logging.getLogger("sglang.launch_server")
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # The ranks start importing torch and the model stack now, while this process resolves the arguments.
     spawned = time.time()
-    ranks = RankProcesses.start(rank_gpu_hints(cli), uses_block_checksums(cli))
+    ranks = RankProcesses.start(rank_gpu_hints(cli))
     timeline.add("start rank processes", spawned, time.time(), log=False)
     resolving = time.time()
     try:

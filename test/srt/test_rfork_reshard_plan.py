@@ -22,7 +22,7 @@ from sglang.srt.model_loader.transfer_engine_reshard import (
     plan_all,
     zero_padding,
 )
-from sglang.srt.model_loader.transfer_engine_reshard_read import read_rank
+from sglang.srt.model_loader.transfer_engine_reshard_read import all_checks, read_rank
 from sglang.srt.remote_instance.block_checksum import ROW_WORDS, block_sums, digests, range_digests
 from sglang.srt.remote_instance.manifest import weight_tensors
 from sglang.srt.remote_instance.shard_layout import model_layouts, published_layout
@@ -60,6 +60,7 @@ def fork(
     rank: int,
     scratch_bytes: int = 1 << 20,
     read=memmove,
+    after_publish=None,
 ):
     """Client rank `rank` of TP client_tp built from the seed models; returns (model, plans, bad tensor names)."""
     seed_tp = len(seeds)
@@ -67,6 +68,8 @@ def fork(
         json.loads(json.dumps(_as_rank(seed_tp, r, lambda m=m, r=r: published_layout(m, r, seed_tp))))
         for r, m in enumerate(seeds)
     ]
+    if after_publish is not None:
+        after_publish(seeds)  # e.g. a seed's byte changes after its checksums were published
     weights = [{n: [t.data_ptr(), t.numel(), t.element_size()] for n, t in weight_tensors(m)} for m in seeds]
     shards = {r: parse_shards(p["tensors"], weights[r]) for r, p in enumerate(published)}
     dtypes = {r: {n: str(t.dtype).removeprefix("torch.") for n, t in weight_tensors(m)} for r, m in enumerate(seeds)}
@@ -78,12 +81,12 @@ def fork(
     layouts = _as_rank(client_tp, rank, lambda: model_layouts(model))
     prefer = [(rank + k) % seed_tp for k in range(seed_tp)]
     plans = plan_all(tensors, layouts, shards, dtypes, prefer)
-    bad: set[str] = set()
+    results = []
     for r, plan in plans.items():
         ptrs = {n: w[0] for n, w in weights[r].items()}
-        result = read_rank(plan, shards[r], ptrs, tensors, read, True, scratch_bytes=scratch_bytes)
-        assert result.moved == plan.nbytes
-        bad |= set(bad_blocks(result.checks()))
+        results.append(read_rank(plan, shards[r], ptrs, tensors, read, True, scratch_bytes=scratch_bytes))
+        assert results[-1].moved == plan.nbytes
+    bad = set(bad_blocks(all_checks(results)))  # in-place blocks of all seed ranks summed together, as verify does
     zero_padding(tensors, layouts)  # the fork's own padding step
     return model, plans, bad
 
@@ -163,6 +166,23 @@ def test_corrupted_seed_byte_is_caught(models):
     plans = plan_all(tensors, _as_rank(2, 1, lambda: model_layouts(model)), shards, dtypes, [0])
     result = read_rank(plans[0], shards[0], {n: w[0] for n, w in weights.items()}, tensors, memmove, True)
     assert bad_blocks(result.checks()) == [name]
+
+
+@pytest.mark.parametrize("name", ["model.layers.0.self_attn.qkv_proj.weight", "model.layers.1.mlp.down_proj.weight"])
+def test_corrupted_byte_of_one_seed_rank_is_caught_in_place_and_staged(models, name, monkeypatch):
+    """TP2 seed -> TP1 client with many small blocks: qkv is read in place (its blocks from both seed ranks summed
+    together), down_proj through scratch; a byte of seed rank 1 changed after publishing is caught either way."""
+    monkeypatch.setenv("SGLANG_RFORK_MIN_BLOCK_BYTES", "1")
+    path = models["qwen3"]
+    seeds = [disk_model(path, 2, r) for r in range(2)]
+
+    def corrupt(models_):
+        with torch.no_grad():
+            dict(weight_tensors(models_[1]))[name].view(-1)[3] += 1.0
+
+    _, plans, bad = fork(path, seeds, 1, 0, after_publish=corrupt)
+    assert bad == {name}
+    assert any(d.name == name for p in plans.values() for d in p.direct) == ("qkv" in name)
 
 
 def test_other_model_is_refused_by_name(models, tiny_model_dir):

@@ -386,14 +386,6 @@ def prepare_server_args(argv: list[str]) -> ServerArgs:
     return ServerArgs.from_cli_args(parse_cli(argv))
 
 
-def uses_block_checksums(args: ServerArgs | argparse.Namespace) -> bool:
-    """Whether an instance with these flags (resolved, or a parsed command line) may sum weight blocks: a
-    TransferEngine client (its seed may run another TP size) or a TransferEngine seed (it publishes the block
-    checksums such clients check)."""
-    client = args.load_format == "remote_instance" and args.remote_instance_weight_loader_backend == "transfer_engine"
-    return bool(client or args.remote_instance_weight_loader_start_seed_via_transfer_engine)
-
-
 def rank_gpu_hints(args: argparse.Namespace) -> list[int | None]:
     """Per local TP rank of an unresolved command line, the GPU it will most likely use (None when --device cpu)."""
     nnodes = max(1, args.nnodes or 1)

@@ -17,7 +17,7 @@ from sglang.srt.entrypoints.rank_processes import RankProcesses, stop_processes
 from sglang.srt.managers.io_struct import GenerateReqInput
 from sglang.srt.managers.tokenizer_manager import last_output
 from sglang.srt.model_executor.weights_by_name import join_rank_answers
-from sglang.srt.server_args import PortArgs, ServerArgs, uses_block_checksums
+from sglang.srt.server_args import PortArgs, ServerArgs
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ def launch_engine(
     if ranks is None:
         with timeline.phase("start rank processes"):
             hints = [server_args.base_gpu_id + i if server_args.device == "cuda" else None for i in range(per_node)]
-            ranks = RankProcesses.start(hints, uses_block_checksums(server_args))
+            ranks = RankProcesses.start(hints)
     try:
         if len(ranks.procs) != per_node:
             raise RuntimeError(f"{len(ranks.procs)} rank processes were started for {per_node} TP ranks on this node")

@@ -18,9 +18,9 @@ class RankProcesses:
     pipes: list[Any]
 
     @staticmethod
-    def start(gpu_hints: list[int | None], warm_block_sums: bool = False) -> RankProcesses:
+    def start(gpu_hints: list[int | None]) -> RankProcesses:
         """Spawn one rank process per GPU hint (spawn, not fork: CUDA cannot survive a fork); they wait for
-        RankOrders. warm_block_sums: see run_scheduler_process."""
+        RankOrders."""
         from sglang.srt.managers.scheduler_process import run_scheduler_process
 
         ctx = mp.get_context("spawn")
@@ -29,7 +29,7 @@ class RankProcesses:
             ours, theirs = ctx.Pipe(duplex=True)
             proc = ctx.Process(
                 target=run_scheduler_process,
-                args=(theirs, gpu_hint, warm_block_sums),
+                args=(theirs, gpu_hint),
                 name=f"sglang-scheduler-{local_rank}",
                 daemon=True,
             )

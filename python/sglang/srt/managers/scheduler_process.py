@@ -34,19 +34,17 @@ class RankOrders:
     launch_time: float
 
 
-def run_scheduler_process(pipe: Connection, gpu_hint: int | None, warm_block_sums: bool = False) -> None:
+def run_scheduler_process(pipe: Connection, gpu_hint: int | None) -> None:
     """Target of each rank process; answers ("ok", info) or ("error", message) on pipe once it has started.
 
     gpu_hint is the GPU this rank will most likely get; its CUDA context is created while the launcher still
-    resolves the arguments (None: the launcher was told --device cpu). warm_block_sums: the command line makes a
-    TransferEngine seed or client, whose fused block-checksum kernel then loads (or compiles) from here on, long
-    before a fork's first read needs it.
+    resolves the arguments (None: the launcher was told --device cpu).
     """
     faulthandler.enable()
     watch_parent(os.getppid())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher decides when we stop
     began = startup_timeline.process_start_time()
-    _import_stack(gpu_hint, warm_block_sums)
+    _import_stack(gpu_hint)
     imported = time.time()
     if not pipe.poll(ORDERS_TIMEOUT_S):
         return
@@ -93,16 +91,14 @@ def run_scheduler_process(pipe: Connection, gpu_hint: int | None, warm_block_sum
         os._exit(1)
 
 
-def _import_stack(gpu_hint: int | None, warm_block_sums: bool) -> None:
+def _import_stack(gpu_hint: int | None) -> None:
     # Everything a rank needs before its first phase, done while the launcher is still resolving the arguments.
     import torch
 
     context = None
     if gpu_hint is not None and torch.version.cuda is not None and os.environ.get("SGLANG_FORCE_CPU") != "1":
         # The CUDA context (a second or more) is made on a thread while this one goes on importing.
-        context = threading.Thread(
-            target=_make_cuda_context, args=(gpu_hint, warm_block_sums), daemon=True, name="cuda-context"
-        )
+        context = threading.Thread(target=_make_cuda_context, args=(gpu_hint,), daemon=True, name="cuda-context")
         context.start()
         try:
             import flashinfer  # noqa: F401
@@ -118,19 +114,12 @@ def _import_stack(gpu_hint: int | None, warm_block_sums: bool) -> None:
         context.join()
 
 
-def _make_cuda_context(gpu: int, warm_block_sums: bool) -> None:
+def _make_cuda_context(gpu: int) -> None:
     import torch
 
     try:
         if gpu < torch.cuda.device_count():
             torch.cuda.set_device(gpu)
             torch.zeros(1, device=f"cuda:{gpu}")
-            if warm_block_sums:
-                # Started in the ModelRunner instead, the kernel was still loading (import triton, the JIT cache)
-                # when a fork's reads began, and the fork summed its blocks with torch kernels: 40-65 ms more
-                # (measured on 2xH200 with benchmark/rfork/bench_topology.py and SGLANG_RFORK_RESHARD_TRACE=1).
-                from sglang.srt.remote_instance import block_checksum_gpu
-
-                block_checksum_gpu.warm_up(torch.device("cuda", gpu))
     except RuntimeError:
         pass  # no usable GPU: the launcher resolves --device to cpu

@@ -19,7 +19,7 @@ from sglang.srt.mem_cache.allocator import TokenToKVPoolAllocator
 from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
 from sglang.srt.model_executor.cuda_graph_runner import maybe_create_cuda_graph_runner
 from sglang.srt.model_executor.forward_batch_info import ForwardBatch
-from sglang.srt.server_args import ServerArgs, uses_block_checksums
+from sglang.srt.server_args import ServerArgs
 
 logger = logging.getLogger(__name__)
 
@@ -70,9 +70,12 @@ class ModelRunner:
                 torch.cuda.set_stream(torch.cuda.Stream(self.device))
             else:
                 self.device = torch.device("cpu")
-        if self.device.type == "cuda" and uses_block_checksums(server_args):
-            # The fused block-checksum kernel (forks into another TP size, seeds publishing for them) compiles on
-            # a fresh node while the rest of startup runs; until it is ready checksums use torch.
+        if self.device.type == "cuda" and server_args.remote_instance_weight_loader_start_seed_via_transfer_engine:
+            # A TransferEngine seed publishes block checksums of all its weights once it is up: the fused kernel
+            # (see block_checksum_gpu) compiles or loads meanwhile. Not on clients: loading it took 2.3-2.6 s beside
+            # the rest of start-up, so a fork's reads began before it was ready, and loading it while the rank
+            # process imports (so that it would be) made those imports 0.55-0.65 s slower (2xH200). A client sums
+            # with torch instead (staged rounds laid out for that: transfer_engine_reshard.rounds).
             from sglang.srt.remote_instance import block_checksum_gpu
 
             block_checksum_gpu.warm_up(self.device)

@@ -200,7 +200,10 @@ def rounds(staged: list[StagedRead], scratch_bytes: int) -> list[list[tuple[Stag
     edges into reads of its own."""
     out: list[list[tuple[StagedRead, int]]] = [[]]
     used = 0
-    for read in (part for r in staged for part in _split(r, scratch_bytes)):
+    # Reads cut into the same blocks side by side (every layer's o_proj, then every down_proj...): their blocks
+    # then lie back to back in scratch, and block sums through torch take each such run in a few kernels.
+    parts = sorted((part for r in staged for part in _split(r, scratch_bytes)), key=_blocking)
+    for read in parts:
         size = read.hi - read.lo
         if used + size > scratch_bytes and out[-1]:
             out.append([])
@@ -208,6 +211,10 @@ def rounds(staged: list[StagedRead], scratch_bytes: int) -> list[list[tuple[Stag
         out[-1].append((read, used))
         used = -(-(used + size) // ALIGN) * ALIGN
     return [r for r in out if r]
+
+
+def _blocking(read: StagedRead) -> tuple[int, ...]:
+    return (read.hi - read.lo, *(b.hi - b.lo for b in read.blocks))
 
 
 def _split(read: StagedRead, limit: int) -> list[StagedRead]:

@@ -35,9 +35,11 @@ from sglang.srt.model_loader.transfer_engine_reshard_read import (
     RankRead,
     RankResult,
     Trace,
+    all_checks,
     prepare_rank,
     trace_summary,
     tracing,
+    warm_kernels,
 )
 from sglang.srt.remote_instance.manifest import weight_tensors
 from sglang.srt.remote_instance.mooncake_guard import (
@@ -73,6 +75,7 @@ class ReshardFork:
     padding_bytes: int = 0
     tp_rank: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)  # seed ranks are read from parallel threads
+    warming: threading.Thread | None = None  # warm_kernels, from fetch until the reads
 
     @classmethod
     def fetch(cls, ctx: ForkContext, seed_tp: int) -> ReshardFork:
@@ -104,7 +107,7 @@ class ReshardFork:
             except ReshardError as e:
                 raise RemoteInstanceError(ctx.seed.name, "manifest", f"seed rank {rank}: {e}") from None
             ranks[rank] = SeedRank(rank, info, shards)
-        return cls(seed_tp, ranks)
+        return cls(seed_tp, ranks, warming=warm_kernels(ctx.device))
 
     def manifest(self) -> RemoteManifest:
         """No per-tensor specs to compare (shapes differ by design): layouts are checked in transfer, and the
@@ -132,18 +135,28 @@ class ReshardFork:
             reads = {r: self._prepare_rank(ctx, r, plans[r], routes[r], tensors, traces[r]) for r in plans}
             if ctx.device.type == "cuda":
                 torch.cuda.synchronize(ctx.device)  # the padding zeros, so that "transfer" times the reads alone
+            if self.warming is not None:
+                self.warming.join(max(0.0, min(ctx.remaining(), 30.0)))
             if tracing():
                 self._log_context(ctx)
             ctx.timings["engine setup"] = time.perf_counter() - start
             start = time.perf_counter()
             with ThreadPoolExecutor(max(1, len(plans)), thread_name_prefix="reshard") as pool:
                 moved = sum(pool.map(lambda r: self._run(ctx, reads[r]), plans))
+            joined = time.perf_counter()
             if ctx.device.type == "cuda":
                 torch.cuda.synchronize(ctx.device)  # the last rounds' sums and scatters are part of the transfer
             ctx.timings["transfer"] = time.perf_counter() - start
             for r, trace in traces.items():
                 if trace is not None:
                     logger.info("TP%d: reshard trace, seed rank %d: %s", ctx.tp_rank, r, trace_summary(trace, start))
+            if tracing():
+                logger.info(
+                    "TP%d: reshard trace: reads joined at %.1f ms, device synchronised at %.1f ms",
+                    ctx.tp_rank,
+                    (joined - start) * 1e3,
+                    ctx.timings["transfer"] * 1e3,
+                )
         except MooncakeError as e:
             raise RemoteInstanceError(ctx.seed.name, "transfer", str(e)) from None
         finally:
@@ -165,7 +178,7 @@ class ReshardFork:
     def verify(self, model: nn.Module) -> list[str]:
         """Tensors whose bytes differ from the seed's block checksums: staged blocks as they passed through
         scratch, in-place blocks where they landed."""
-        checks = [c for result in self.results for c in result.checks()]
+        checks = all_checks(self.results)
         bad = bad_blocks(checks)
         logger.info(
             "TP%d: verified %d blocks, %.1f MB read from the TP%d seed, against its per-block checksums (every "
@@ -208,7 +221,11 @@ class ReshardFork:
         logger.info(
             "TP%d: reshard trace: fused block sums %s; threads: %s",
             ctx.tp_rank,
-            "ready" if block_checksum_gpu.available(ctx.device) else "not ready",
+            (
+                f"ready (loaded in {block_checksum_gpu.load_seconds.get(ctx.device.index, 0.0):.2f} s)"
+                if block_checksum_gpu.available(ctx.device)
+                else "not ready"
+            ),
             ", ".join(sorted(t.name for t in threading.enumerate())),
         )
 

@@ -8,14 +8,17 @@ Two steps, so that the link is kept busy from the first read to the last:
   the calling thread launches each landed round's checks and scatter on a CUDA stream of its own, behind the reads
   that follow. With enough free memory there is one staged round, so the in-place reads hide all of it.
 
-Block sums take the fused GPU kernel (block_checksum_gpu) if it is ready when the rank is prepared: rank processes
-of TransferEngine instances load it while they start (scheduler_process). Otherwise they go through torch, a
-dozen kernels per run of blocks, which the trace (SGLANG_RFORK_RESHARD_TRACE=1) shows as long "sums" spans.
+Block sums take the fused GPU kernel (block_checksum_gpu) if it is ready when the rank is prepared (in a
+TransferEngine seed, which loads it as it starts); a client sums with torch (loading the kernel costs its start-up
+more than it saves, see ModelRunner), about ten kernels per run of equal blocks: staged rounds are laid out so that
+equal blocks lie back to back (transfer_engine_reshard.rounds), and the in-place blocks of all seed ranks are
+summed together (all_checks). SGLANG_RFORK_RESHARD_TRACE=1 logs where the time went.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import queue
 import threading
@@ -35,8 +38,10 @@ from sglang.srt.model_loader.transfer_engine_reshard import (
     rounds,
     scatter_pairs,
 )
-from sglang.srt.remote_instance.block_checksum import RangeSums
+from sglang.srt.remote_instance.block_checksum import ROW_WORDS, RangeSums
 from sglang.srt.remote_instance.mooncake_guard import ReadEntry
+
+logger = logging.getLogger(__name__)
 
 # Rounds of this size on the CPU; on a GPU round_bytes sizes them from free memory. BUFFERS scratch buffers take
 # turns when there is more than one round.
@@ -88,6 +93,26 @@ class RankResult:
         return self.staged + ([self.in_place.launch()] if self.in_place is not None else [])
 
 
+def all_checks(results: list[RankResult]) -> list[Checks]:
+    """Checks of every block that several seed ranks' reads brought: the staged ones as launched; the in-place ones
+    of all seed ranks summed together in memory order, so that pieces of one tensor from different seed ranks
+    (q from rank 0 beside q from rank 1) join into one run of blocks for torch."""
+    if len(results) == 1:
+        return results[0].checks()
+    staged = [c for r in results for c in r.staged]
+    placed = [
+        (span, block, name)
+        for r in results
+        if r.in_place is not None
+        for span, block, name in zip(r.in_place.sums.ranges, r.in_place.blocks, r.in_place.names)
+    ]
+    if not placed:
+        return staged
+    placed.sort(key=lambda p: (p[0][0].data_ptr(), p[0][1]))
+    merged = _BlockChecks(RangeSums([p[0] for p in placed]), tuple(p[1] for p in placed), tuple(p[2] for p in placed))
+    return [*staged, merged.launch()]
+
+
 def round_bytes(plan: RankPlan, device: torch.device, seed_ranks: int = 1) -> int:
     """Scratch per round for this plan. On a GPU whose free memory holds every staged byte in FREE_SHARE of it
     (shared by the seed ranks read at once), one round: two calls into the transport in all, the checks and
@@ -122,6 +147,38 @@ def trace_summary(trace: Trace, origin: float) -> str:
         f"{k} {v[0] * 1e3:.1f} ms x{v[1]} [{(v[2] - origin) * 1e3:.1f}..{(v[3] - origin) * 1e3:.1f}]"
         for k, v in steps.items()
     )
+
+
+def warm_kernels(device: torch.device) -> threading.Thread | None:
+    """Launch, once each, on a background thread, the kernels the read step will launch: block sums through torch
+    (runs of blocks, a lone block with a byte tail) and the scatter's strided copies in each word size. CUDA loads
+    a kernel on its first launch, and a fork pays that inside its transfer otherwise: the first pass of the read
+    step took 271 ms against 52 ms for the next (2xH200, benchmark/rfork/profile_reshard.py). A fork starts this
+    when it learns the seed's TP size and joins it before its reads."""
+    if device.type != "cuda":
+        return None
+
+    def run() -> None:
+        try:
+            torch.cuda.set_device(device)
+            with torch.cuda.stream(torch.cuda.Stream(device)):
+                block = 8 * 8 * ROW_WORDS  # 8 rows of words
+                raw = torch.zeros(4 * block + 64, dtype=torch.uint8, device=device)
+                spans = [(raw, 0, block), (raw, block, 2 * block), (raw, 2 * block, 4 * block + 61)]
+                RangeSums(spans)()
+                grid = raw[: 2 * block].view(256, -1)
+                for word in (torch.int64, torch.int32, torch.int16, torch.uint8):
+                    rows = grid.view(word)
+                    half = rows.shape[1] // 2
+                    rows[:128, :half].copy_(rows[128:, half:])
+                raw[:block].copy_(raw[block : 2 * block])
+                torch.cuda.current_stream(device).synchronize()
+        except Exception as e:  # the read step then loads them itself
+            logger.warning("warming the reshard kernels on %s failed: %r", device, e)
+
+    thread = threading.Thread(target=run, name="reshard-kernels", daemon=True)
+    thread.start()
+    return thread
 
 
 def prepare_rank(
@@ -165,11 +222,12 @@ class RankRead:
         self.in_place = None
         if verify and plan.direct:
             blocks = [(d, b) for d in plan.direct for b in d.blocks]
-            self.in_place = _BlockChecks(
-                RangeSums([(raw[d.name], d.local + b.lo - d.lo, d.local + b.hi - d.lo) for d, b in blocks]),
-                tuple(b for _, b in blocks),
-                tuple(d.name for d, _ in blocks),
-            )
+            with spans("prepare: in-place sums"):
+                self.in_place = _BlockChecks(
+                    RangeSums([(raw[d.name], d.local + b.lo - d.lo, d.local + b.hi - d.lo) for d, b in blocks]),
+                    tuple(b for _, b in blocks),
+                    tuple(d.name for d, _ in blocks),
+                )
         self.buffers: list[torch.Tensor] = []
         self.rounds: list[_Round] = []
         if plan.staged:
@@ -177,14 +235,15 @@ class RankRead:
             largest = max(b.hi - b.lo for s in plan.staged for b in s.blocks)
             groups = rounds(plan.staged, max(size, largest))
             nbytes = max(at + s.hi - s.lo for g in groups for s, at in g)
-            self.buffers = [
-                torch.empty(nbytes, dtype=torch.uint8, device=self.device) for _ in range(min(BUFFERS, len(groups)))
-            ]
-            if prepare is not None:
-                prepare(self.buffers)
-            for i, group in enumerate(groups):
-                turn = i % len(self.buffers)
-                self.rounds.append(self._round(turn, group, shards, ptrs, raw, verify))
+            with spans("prepare: scratch"):
+                count = min(BUFFERS, len(groups))
+                self.buffers = [torch.empty(nbytes, dtype=torch.uint8, device=self.device) for _ in range(count)]
+                if prepare is not None:
+                    prepare(self.buffers)
+            with spans("prepare: rounds"):
+                for i, group in enumerate(groups):
+                    turn = i % len(self.buffers)
+                    self.rounds.append(self._round(turn, group, shards, ptrs, raw, verify))
 
     def _round(self, turn, group, shards, ptrs, raw, verify) -> _Round:
         scratch = self.buffers[turn]
@@ -209,10 +268,11 @@ class RankRead:
         """Read, check and scatter; returns once every byte has landed and the checks and copies of the staged
         ones are queued on this device (a caller that needs them done synchronises)."""
         out = RankResult(in_place=self.in_place)
-        reader = _Reader(self)
-        # Checks and scatter run on a stream of their own: on the default stream they would wait for (and hold
-        # up) the transport's copies, which Mooncake issues on a stream that synchronises with it.
-        side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        with self.span("start"):
+            reader = _Reader(self)
+            # Checks and scatter run on a stream of their own: on the default stream they would wait for (and hold
+            # up) the transport's copies, which Mooncake issues on a stream that synchronises with it.
+            side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         try:
             with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
                 for rnd in reader.landed():
@@ -224,10 +284,11 @@ class RankRead:
                             dest.copy_(src)
                     reader.release(rnd.turn, _recorded(side))
         finally:
-            reader.stop()
-            if side is not None:
-                # Later work (the verify step, the allocator reusing scratch) runs on the default stream.
-                torch.cuda.current_stream(self.device).wait_stream(side)
+            with self.span("end"):
+                reader.stop()
+                if side is not None:
+                    # Later work (the verify step, the allocator reusing scratch) runs on the default stream.
+                    torch.cuda.current_stream(self.device).wait_stream(side)
         out.moved = reader.moved
         return out
 

@@ -85,8 +85,7 @@ class RangeSums:
         """[len(ranges), 5] int64 rows, launched on the current stream; no host sync."""
         if self.fused is not None and not self.rest:
             return self.fused()
-        rest = _torch_range_sums([self.ranges[i] for i in self.rest])
-        rest = torch.stack(rest) if rest else torch.zeros(0, 5, dtype=torch.int64)
+        rest = _torch_sums_table([self.ranges[i] for i in self.rest])
         if self.fused is None:
             return rest
         out = torch.empty(len(self.ranges), 5, dtype=torch.int64, device=rest.device)
@@ -101,38 +100,67 @@ def range_sums(ranges: list[tuple[torch.Tensor, int, int]]) -> list[torch.Tensor
 
 
 def _torch_range_sums(ranges: list[tuple[torch.Tensor, int, int]]) -> list[torch.Tensor]:
-    """range_sums with torch ops. Runs of back-to-back blocks of one size in one tensor (a part cut into equal
-    blocks) are summed together, a few kernels for the run instead of per block."""
-    out: list[torch.Tensor] = []
+    """range_sums with torch ops, one row per range."""
+    return list(_torch_sums_table(ranges).unbind(0)) if ranges else []
+
+
+def _torch_sums_table(ranges: list[tuple[torch.Tensor, int, int]]) -> torch.Tensor:
+    """[len(ranges), 5] block_sums rows with torch ops, for ranges on one device. Runs of back-to-back blocks of
+    one size in one tensor (a part cut into equal blocks; views of one tensor count as one) are summed together,
+    about ten kernels for the run instead of a dozen per block."""
+    parts: list[torch.Tensor] = []
     i = 0
     while i < len(ranges):
         raw, lo, hi = ranges[i]
         size, j = hi - lo, i + 1
         while (
             j < len(ranges)
-            and ranges[j][0] is raw
+            and _same_bytes(ranges[j][0], raw)
             and ranges[j][1] == ranges[j - 1][2]
             and ranges[j][2] - ranges[j][1] == size
         ):
             j += 1
-        if j - i > 1 and size % (8 * ROW_WORDS) == 0 and (raw.storage_offset() + lo) % 8 == 0:
-            out += _run_sums(raw[lo : lo + (j - i) * size], j - i)
+        if size % (8 * ROW_WORDS) == 0 and (raw.storage_offset() + lo) % 8 == 0:
+            parts.append(_run_sums(raw[lo : lo + (j - i) * size], j - i))
         else:
-            out += [block_sums(r[a:b]) for r, a, b in ranges[i:j]]
+            parts += [block_sums(r[a:b]).view(1, 5) for r, a, b in ranges[i:j]]
         i = j
-    return out
+    return torch.cat(parts) if parts else torch.zeros(0, 5, dtype=torch.int64)
 
 
-def _run_sums(raw: torch.Tensor, count: int) -> list[torch.Tensor]:
-    """block_sums of count equal blocks filling raw, each a whole number of rows (so no leftover words or tail)."""
+def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a is b or (a.data_ptr() == b.data_ptr() and a.numel() == b.numel() and a.device == b.device)
+
+
+# Position weights 1..n per (device, n), made once (two fewer kernels per run of blocks), with the event after
+# which they are there: sums run on several threads' streams.
+_weights: dict[tuple[torch.device, int], tuple[torch.Tensor, torch.cuda.Event | None]] = {}
+
+
+def _positions(n: int, device: torch.device) -> torch.Tensor:
+    key = (device, n)
+    if key not in _weights:
+        made = torch.arange(1, n + 1, device=device)
+        event = None
+        if device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+        _weights[key] = (made, event)
+    made, event = _weights[key]
+    if event is not None:
+        torch.cuda.current_stream(device).wait_event(event)
+    return made
+
+
+def _run_sums(raw: torch.Tensor, count: int) -> torch.Tensor:
+    """[count, 5] block_sums rows of count equal blocks filling raw, each a whole number of rows (so no leftover
+    words or tail)."""
     grid = raw.view(torch.int64).view(count, -1, ROW_WORDS)
-    rows, cols = grid.sum(2), grid.sum(1)
-    device = raw.device
-    out = torch.zeros(count, 5, dtype=torch.int64, device=device)
-    out[:, 0] = (rows * torch.arange(1, rows.shape[1] + 1, device=device)).sum(1)
-    out[:, 1] = (cols * torch.arange(1, ROW_WORDS + 1, device=device)).sum(1)
+    out = torch.zeros(count, 5, dtype=torch.int64, device=raw.device)
+    out[:, 0] = (grid.sum(2) * _positions(grid.shape[1], raw.device)).sum(1)
+    out[:, 1] = (grid.sum(1) * _positions(ROW_WORDS, raw.device)).sum(1)
     out[:, 4] = raw.numel() // count
-    return list(out.unbind(0))
+    return out
 
 
 def range_digests(ranges: list[tuple[torch.Tensor, int, int]]) -> list[str]:

@@ -19,6 +19,7 @@ import contextlib
 import importlib.util
 import logging
 import threading
+import time
 
 import numpy as np
 import torch
@@ -36,6 +37,8 @@ HAVE_TRITON = importlib.util.find_spec("triton") is not None
 _ready: set[int] = set()
 _warming: dict[int, threading.Thread] = {}
 _lock = threading.Lock()
+# Seconds each device's warm-up took (import, compile or cache load, first launch), for logs.
+load_seconds: dict[int, float] = {}
 
 
 def available(device: torch.device) -> bool:
@@ -61,12 +64,14 @@ def _index(device: torch.device) -> int:
 
 
 def _compile(index: int) -> None:
+    start = time.perf_counter()
     from sglang.srt.remote_instance.block_checksum import ROW_WORDS  # (that module imports this one)
 
     try:
         with torch.cuda.device(index):
             probe = torch.zeros(2 * CHUNK_WORDS * 8, dtype=torch.uint8, device=f"cuda:{index}")
             many_block_sums([(probe, 0, probe.numel())], ROW_WORDS)[0].cpu()
+        load_seconds[index] = time.perf_counter() - start
         _ready.add(index)
     except Exception as e:  # torch stays in use
         logger.warning("GPU block checksums unavailable on cuda:%d (%r); summing with torch", index, e)
@@ -104,9 +109,9 @@ class FusedSums:
         host = torch.from_numpy(np.concatenate((table, owner, words * 8)))
         self.uploaded = None
         if self.device.type == "cuda":
-            # One upload, from pinned memory (a pageable copy would block this thread until the stream drains);
-            # calls on other streams wait for it.
-            tables = host.pin_memory().to(self.device, non_blocking=True)
+            # A plain upload: built before a fork's reads (little queued on the stream), and pinning a fresh
+            # buffer (cudaHostAlloc) cost 10-20 ms there. Calls on other streams wait for it.
+            tables = host.to(self.device)
             self.uploaded = torch.cuda.Event()
             self.uploaded.record()
         else:  # only under TRITON_INTERPRET=1, in tests
