@@ -23,6 +23,7 @@ from sglang.srt.model_loader.transfer_engine_reshard import (
     zero_padding,
 )
 from sglang.srt.model_loader.transfer_engine_reshard_read import all_checks, read_rank
+from sglang.srt.remote_instance import block_checksum
 from sglang.srt.remote_instance.block_checksum import ROW_WORDS, block_sums, digests, range_digests
 from sglang.srt.remote_instance.manifest import weight_tensors
 from sglang.srt.remote_instance.shard_layout import model_layouts, published_layout
@@ -206,3 +207,21 @@ def test_block_digests_batched_equal_single_and_catch_swaps():
         changed = words.clone()
         changed[r1, c1], changed[r2, c2] = words[r2, c2], words[r1, c1]
         assert range_digests([(changed.view(-1).view(torch.uint8), 0, size)]) != base
+
+
+@pytest.mark.parametrize("gather_bytes", [1, 3 * 8 * ROW_WORDS * 2, 1 << 30])
+def test_torch_block_sums_of_runs_from_many_tensors_keep_their_order(gather_bytes, monkeypatch):
+    """Runs of one block size in several tensors are copied side by side and summed together (in batches of at
+    most GATHER_BYTES); rows come back in the order asked, beside blocks summed one by one."""
+    monkeypatch.setattr(block_checksum, "GATHER_BYTES", gather_bytes)
+    gen = torch.Generator().manual_seed(1)
+    block = 8 * ROW_WORDS * 2  # 2 rows of words
+    ranges = []
+    for _ in range(4):
+        t = torch.randint(0, 256, (8 * block + 77,), dtype=torch.uint8, generator=gen)
+        ranges += [(t, 0, 2 * block), (t, 2 * block, 4 * block), (t, 4 * block, 5 * block), (t, 5 * block, 8 * block)]
+        ranges += [(t, 8 * block, 8 * block + 77), (t, 3, 8003)]
+    got = block_checksum.RangeSums(ranges)()
+    assert got.shape == (len(ranges), 5)
+    for (raw, lo, hi), row in zip(ranges, got):
+        assert torch.equal(row, block_sums(raw[lo:hi])), (lo, hi)

@@ -164,7 +164,9 @@ def warm_kernels(device: torch.device) -> threading.Thread | None:
             with torch.cuda.stream(torch.cuda.Stream(device)):
                 block = 8 * 8 * ROW_WORDS  # 8 rows of words
                 raw = torch.zeros(4 * block + 64, dtype=torch.uint8, device=device)
-                spans = [(raw, 0, block), (raw, block, 2 * block), (raw, 2 * block, 4 * block + 61)]
+                other = torch.zeros(block, dtype=torch.uint8, device=device)
+                # a run, a lone block with a tail, and a run in another tensor (gathered with the first)
+                spans = [(raw, 0, block), (raw, block, 2 * block), (raw, 2 * block, 4 * block + 61), (other, 0, block)]
                 RangeSums(spans)()
                 grid = raw[: 2 * block].view(256, -1)
                 for word in (torch.int64, torch.int32, torch.int16, torch.uint8):

@@ -104,11 +104,17 @@ def _torch_range_sums(ranges: list[tuple[torch.Tensor, int, int]]) -> list[torch
     return list(_torch_sums_table(ranges).unbind(0)) if ranges else []
 
 
+# Runs of one block size in different tensors are copied side by side, up to this many bytes at a time, and
+# summed as one: the copy is one kernel, each run summed on its own about ten (launches, not bytes, bound it).
+GATHER_BYTES = 512 << 20
+
+
 def _torch_sums_table(ranges: list[tuple[torch.Tensor, int, int]]) -> torch.Tensor:
-    """[len(ranges), 5] block_sums rows with torch ops, for ranges on one device. Runs of back-to-back blocks of
-    one size in one tensor (a part cut into equal blocks; views of one tensor count as one) are summed together,
-    about ten kernels for the run instead of a dozen per block."""
-    parts: list[torch.Tensor] = []
+    """[len(ranges), 5] block_sums rows with torch ops, for ranges on one device. Back-to-back blocks of one size
+    in one tensor (a part cut into equal blocks; views of one tensor count as one) form a run; runs of one block
+    size, from any tensors, are summed together (_run_sums); other blocks one by one."""
+    runs: dict[int, list[tuple[int, torch.Tensor]]] = {}  # block size: [(index of the run's first block, bytes)]
+    singles: list[tuple[int, torch.Tensor]] = []
     i = 0
     while i < len(ranges):
         raw, lo, hi = ranges[i]
@@ -121,11 +127,40 @@ def _torch_sums_table(ranges: list[tuple[torch.Tensor, int, int]]) -> torch.Tens
         ):
             j += 1
         if size % (8 * ROW_WORDS) == 0 and (raw.storage_offset() + lo) % 8 == 0:
-            parts.append(_run_sums(raw[lo : lo + (j - i) * size], j - i))
+            runs.setdefault(size, []).append((i, raw[lo : lo + (j - i) * size]))
         else:
-            parts += [block_sums(r[a:b]).view(1, 5) for r, a, b in ranges[i:j]]
+            singles += [(k, block_sums(r[a:b]).view(1, 5)) for k, (r, a, b) in enumerate(ranges[i:j], i)]
         i = j
-    return torch.cat(parts) if parts else torch.zeros(0, 5, dtype=torch.int64)
+    parts: list[torch.Tensor] = []
+    order: list[int] = []
+    for size, group in runs.items():
+        for batch in _batches(group):
+            data = batch[0][1] if len(batch) == 1 else torch.cat([run for _, run in batch])
+            parts.append(_run_sums(data, data.numel() // size))
+            order += [first + k for first, run in batch for k in range(run.numel() // size)]
+    for k, sums in singles:
+        parts.append(sums)
+        order.append(k)
+    if not parts:
+        return torch.zeros(0, 5, dtype=torch.int64)
+    table = torch.cat(parts)
+    if order == list(range(len(ranges))):
+        return table
+    out = torch.empty_like(table)
+    out[torch.tensor(order, device=table.device)] = table  # rows back into the order of `ranges`
+    return out
+
+
+def _batches(group: list[tuple[int, torch.Tensor]]) -> list[list[tuple[int, torch.Tensor]]]:
+    out: list[list[tuple[int, torch.Tensor]]] = [[]]
+    held = 0
+    for item in group:
+        if out[-1] and held + item[1].numel() > GATHER_BYTES:
+            out.append([])
+            held = 0
+        out[-1].append(item)
+        held += item[1].numel()
+    return out
 
 
 def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
