@@ -147,16 +147,8 @@ class ReshardFork:
             if ctx.device.type == "cuda":
                 torch.cuda.synchronize(ctx.device)  # the last rounds' sums and scatters are part of the transfer
             ctx.timings["transfer"] = time.perf_counter() - start
-            for r, trace in traces.items():
-                if trace is not None:
-                    logger.info("TP%d: reshard trace, seed rank %d: %s", ctx.tp_rank, r, trace_summary(trace, start))
             if tracing():
-                logger.info(
-                    "TP%d: reshard trace: reads joined at %.1f ms, device synchronised at %.1f ms",
-                    ctx.tp_rank,
-                    (joined - start) * 1e3,
-                    ctx.timings["transfer"] * 1e3,
-                )
+                self._log_trace(ctx, traces, start, joined)
         except MooncakeError as e:
             raise RemoteInstanceError(ctx.seed.name, "transfer", str(e)) from None
         finally:
@@ -227,6 +219,17 @@ class ReshardFork:
                 else "not ready"
             ),
             ", ".join(sorted(t.name for t in threading.enumerate())),
+        )
+
+    def _log_trace(self, ctx: ForkContext, traces: dict[int, Trace | None], start: float, joined: float) -> None:
+        """Each seed rank's read-step spans, and when its threads joined and the device was done."""
+        for r, trace in traces.items():
+            logger.info("TP%d: reshard trace, seed rank %d: %s", ctx.tp_rank, r, trace_summary(trace or [], start))
+        logger.info(
+            "TP%d: reshard trace: reads joined at %.1f ms, device synchronised at %.1f ms",
+            ctx.tp_rank,
+            (joined - start) * 1e3,
+            ctx.timings["transfer"] * 1e3,
         )
 
     def _touch(
