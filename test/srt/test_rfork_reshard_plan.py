@@ -22,7 +22,7 @@ from sglang.srt.model_loader.transfer_engine_reshard import (
     plan_all,
     zero_padding,
 )
-from sglang.srt.model_loader.transfer_engine_reshard_read import all_checks, read_rank
+from sglang.srt.model_loader.transfer_engine_reshard_read import all_checks, read_rank, warm_kernels
 from sglang.srt.remote_instance import block_checksum
 from sglang.srt.remote_instance.block_checksum import ROW_WORDS, block_sums, digests, range_digests
 from sglang.srt.remote_instance.manifest import weight_tensors
@@ -62,6 +62,7 @@ def fork(
     scratch_bytes: int = 1 << 20,
     read=memmove,
     after_publish=None,
+    device: torch.device | None = None,
 ):
     """Client rank `rank` of TP client_tp built from the seed models; returns (model, plans, bad tensor names)."""
     seed_tp = len(seeds)
@@ -75,6 +76,8 @@ def fork(
     shards = {r: parse_shards(p["tensors"], weights[r]) for r, p in enumerate(published)}
     dtypes = {r: {n: str(t.dtype).removeprefix("torch.") for n, t in weight_tensors(m)} for r, m in enumerate(seeds)}
     model = skeleton(path, client_tp, rank)
+    if device is not None:
+        model.to(device)
     tensors = dict(weight_tensors(model))
     with torch.no_grad():
         for t in tensors.values():
@@ -225,3 +228,54 @@ def test_torch_block_sums_of_runs_from_many_tensors_keep_their_order(gather_byte
     assert got.shape == (len(ranges), 5)
     for (raw, lo, hi), row in zip(ranges, got):
         assert torch.equal(row, block_sums(raw[lo:hi])), (lo, hi)
+
+
+def device_reader(seeds: list):
+    """A read over one GPU's memory: the seeds' tensors are the remote side; the client's tensors and scratch
+    buffers (the read's owner) the local one. Returns once the bytes have landed, as Mooncake's reads do."""
+    remote = [t.reshape(-1).view(torch.uint8) for m in seeds for _, t in weight_tensors(m) if t.numel()]
+
+    def at(views: list[torch.Tensor], addr: int, n: int) -> torch.Tensor:
+        for v in views:
+            if v.data_ptr() <= addr and addr + n <= v.data_ptr() + v.numel():
+                return v[addr - v.data_ptr() : addr - v.data_ptr() + n]
+        raise AssertionError(f"no tensor holds {n} bytes at {addr:#x}")
+
+    def read(entries, owner) -> int:
+        tensors, buffers = owner
+        local = [t.reshape(-1).view(torch.uint8) for t in tensors.values() if t.numel()] + list(buffers)
+        for e in entries:
+            at(local, e.local_addr, e.length).copy_(at(remote, e.remote_addr, e.length))
+        torch.cuda.current_stream().synchronize()
+        return sum(e.length for e in entries)
+
+    return read
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("seed_tp,client_tp", [(2, 1), (1, 2)])
+def test_fork_on_a_gpu_rebuilds_the_target_and_catches_a_changed_byte(models, seed_tp, client_tp, monkeypatch):
+    """The read step on a GPU (reader thread, side stream, torch block sums with their kernels loaded ahead, in-place
+    checks of all seed ranks gathered) over copies within one GPU: bit-equal to the disk load, and a seed byte
+    changed after publishing is caught."""
+    monkeypatch.setenv("SGLANG_RFORK_MIN_BLOCK_BYTES", "1")  # in-place reads as well as staged ones
+    path = models["qwen3"]
+    device = torch.device("cuda", torch.cuda.current_device())
+    warm_kernels(device).join(120)
+    seeds = [disk_model(path, seed_tp, r).to(device) for r in range(seed_tp)]
+    read = device_reader(seeds)
+    for rank in range(client_tp):
+        model, plans, bad = fork(path, seeds, client_tp, rank, read=read, device=device)
+        assert not bad
+        assert sum(len(p.direct) for p in plans.values()) and sum(len(p.staged) for p in plans.values())
+        target = dict(weight_tensors(disk_model(path, client_tp, rank)))
+        for name, t in weight_tensors(model):
+            assert torch.equal(t.cpu(), target[name]), name
+    name = "model.layers.1.mlp.down_proj.weight"
+
+    def corrupt(models_):
+        with torch.no_grad():
+            dict(weight_tensors(models_[-1]))[name].view(-1)[5] += 1.0
+
+    _, _, bad = fork(path, seeds, client_tp, 0, read=read, device=device, after_publish=corrupt)
+    assert bad == {name}
