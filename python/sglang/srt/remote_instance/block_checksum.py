@@ -104,8 +104,9 @@ def _torch_range_sums(ranges: list[tuple[torch.Tensor, int, int]]) -> list[torch
     return list(_torch_sums_table(ranges).unbind(0)) if ranges else []
 
 
-# Runs of one block size in different tensors are copied side by side, up to this many bytes at a time, and
-# summed as one: the copy is one kernel, each run summed on its own about ten (launches, not bytes, bound it).
+# Runs of one block size in different tensors are copied side by side, up to this many bytes at a time (and a
+# quarter of the device's free memory), and summed as one: the copy is one kernel, each run summed on its own
+# about ten (launches, not bytes, bound it).
 GATHER_BYTES = 512 << 20
 
 
@@ -133,8 +134,11 @@ def _torch_sums_table(ranges: list[tuple[torch.Tensor, int, int]]) -> torch.Tens
         i = j
     parts: list[torch.Tensor] = []
     order: list[int] = []
+    limit = GATHER_BYTES
+    if runs and ranges[0][0].is_cuda:
+        limit = min(limit, torch.cuda.mem_get_info(ranges[0][0].device)[0] // 4)  # a copy must not run it short
     for size, group in runs.items():
-        for batch in _batches(group):
+        for batch in _batches(group, limit):
             data = batch[0][1] if len(batch) == 1 else torch.cat([run for _, run in batch])
             parts.append(_run_sums(data, data.numel() // size))
             order += [first + k for first, run in batch for k in range(run.numel() // size)]
@@ -151,11 +155,11 @@ def _torch_sums_table(ranges: list[tuple[torch.Tensor, int, int]]) -> torch.Tens
     return out
 
 
-def _batches(group: list[tuple[int, torch.Tensor]]) -> list[list[tuple[int, torch.Tensor]]]:
+def _batches(group: list[tuple[int, torch.Tensor]], limit: int) -> list[list[tuple[int, torch.Tensor]]]:
     out: list[list[tuple[int, torch.Tensor]]] = [[]]
     held = 0
     for item in group:
-        if out[-1] and held + item[1].numel() > GATHER_BYTES:
+        if out[-1] and held + item[1].numel() > limit:
             out.append([])
             held = 0
         out[-1].append(item)
