@@ -220,7 +220,7 @@ def hf_generate_latency(
     model_path: str, dtype: str, device: str, bench: BenchArgs, vocab_size: int
 ) -> list[dict[str, float]]:
     """HF transformers `generate` (greedy, random weights of the same shape) on the same batches."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, LogitsProcessorList
 
     config = AutoConfig.from_pretrained(model_path)
     torch_dtype = ModelConfig.from_path(model_path, dtype, None, device).dtype
@@ -234,7 +234,17 @@ def hf_generate_latency(
         torch.set_default_dtype(default_dtype)
     model = model.to(device=device, dtype=torch_dtype).eval()
 
-    def generate(ids: torch.Tensor, n: int) -> float:
+    def generate(ids: torch.Tensor, n: int) -> tuple[float, float]:
+        """(prefill, mean decode step) of one generate call, timed inside it: a logits processor runs after
+        every forward, so the steps are measured directly rather than as the difference of two runs (which
+        a busy host could make zero or negative)."""
+        stamps: list[float] = []
+
+        def stamp(input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+            _sync(scores.device)
+            stamps.append(time.perf_counter())
+            return scores
+
         _sync(ids.device)
         start = time.perf_counter()
         model.generate(
@@ -244,20 +254,19 @@ def hf_generate_latency(
             min_new_tokens=n,
             do_sample=False,
             pad_token_id=0,
+            logits_processor=LogitsProcessorList([stamp]),
         )
-        _sync(ids.device)
-        return time.perf_counter() - start
+        step = (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else float("nan")
+        return stamps[0] - start, step
 
     rows = []
     with torch.inference_mode():
         for bs in bench.batch_size:
             ids = torch.tensor(random_prompts(bs, bench.input_len, vocab_size, bench.seed), device=device)
             generate(ids, min(bench.output_len, 4))
-            # Best of three for the one-token run: a single slow one (a busy host) would eat into the decode steps,
-            # which are what is left of the full run after it.
-            prefill = min(generate(ids, 1) for _ in range(3))
-            total = generate(ids, bench.output_len)
-            step = (total - prefill) / max(bench.output_len - 1, 1)
+            # Best of three of each: a single slow run (a busy host) says little about the model.
+            runs = [generate(ids, max(bench.output_len, 2)) for _ in range(3)]
+            prefill, step = min(r[0] for r in runs), min(r[1] for r in runs)
             rows.append({"prefill_ms": prefill * 1e3, "decode_step_ms": step * 1e3, "decode_tok_per_s": bs / step})
     return rows
 
