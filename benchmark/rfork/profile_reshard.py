@@ -288,7 +288,7 @@ def profile(
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--model-dir", default="/tmp/llama8b")
+    parser.add_argument("--model-dir", help="default: /tmp/llama8b, or with --cpu a tiny Llama made in a temp dir")
     parser.add_argument("--scenarios", default=",".join(SCENARIOS))
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--reference", help="another transfer_engine_reshard.py to time as variant 'reference'")
@@ -296,9 +296,19 @@ def main() -> None:
     parser.add_argument("--result-name", default="profile_reshard_h200x2.json")
     args = parser.parse_args()
     variants = args.variants.split(",") + (["reference", "reference_verified"] if args.reference else [])
+    model_dir = Path(args.model_dir or ("" if args.cpu else "/tmp/llama8b"))
+    if args.cpu and not args.model_dir:
+        # Bare seeds hold every byte of their ranks: an 8B-shaped model would take 16 GB of host memory.
+        import tempfile
+
+        from sglang.tools.make_tiny_model import make_tiny_model
+
+        model_dir = make_tiny_model(
+            "llama", Path(tempfile.mkdtemp(prefix="profile-reshard-")), num_heads=4, num_kv_heads=2
+        )
     results = {}
     for name in args.scenarios.split(","):
-        results[name] = profile(SCENARIOS[name], Path(args.model_dir), variants, args.reference, args.cpu)
+        results[name] = profile(SCENARIOS[name], model_dir, variants, args.reference, args.cpu)
         summary = {v: (r.get("best_ms"), r.get("vs_raw")) for v, r in results[name].items() if isinstance(r, dict)}
         print(name, summary, flush=True)
     write_result(
