@@ -12,10 +12,11 @@ bench_topology.py); each client rank is a process with its real tensors that run
 server's "engine setup" and "transfer" steps do. Variants, each timed for PASSES passes (the first is warm-up),
 all client ranks at once:
   raw              the plan's byte ranges, one blocking batch per seed rank, into a flat buffer (the link's rate);
-  fork             the read step with its checks of the staged blocks, as the server's "transfer" step runs it;
-  fork_verified    fork plus the server's "verify" step (the in-place blocks summed, digests compared);
+  fork             the read step with its checks of the staged blocks, as a client's "transfer" step runs it
+                   (torch block sums, the read step's kernels loaded first: warm_kernels);
+  fork_verified    fork plus the client's "verify" step (the in-place blocks summed, digests compared);
   fork_noverify    without any checks;
-  fork_torch_sums  fork_verified with block sums through torch (a server whose fused kernel was not ready);
+  fork_fused       fork_verified with the fused Triton block sums (what a client that loaded them would do);
   direct_only      only the in-place reads of the plan, unchecked; staged_only: only the staged (scratch) ones;
   reference        read_rank of an older transfer_engine_reshard.py (--reference; with torch block sums, as it
                    had), and reference_verified, for an A/B in one run.
@@ -41,7 +42,7 @@ from bench_topology import SCENARIOS, client_plans, model_config, run_bare, seed
 from common import stamp, write_result  # noqa: E402
 
 PASSES = 4
-VARIANTS = ("raw", "fork", "fork_verified", "fork_noverify", "fork_torch_sums")
+VARIANTS = ("raw", "fork", "fork_verified", "fork_noverify", "fork_fused")
 
 
 @contextlib.contextmanager
@@ -83,8 +84,8 @@ def _compile_ms(device: str) -> float | None:
 
 
 def _sums_bench(plans: dict, tensors: dict, device: str) -> dict:
-    """Host and device time of summing every block of the plans in place (as the verify step does), once the
-    kernel is ready: the fused path and torch's."""
+    """Host and device time of summing every block of the plans in place (as the verify step does): range_sums
+    (the fused kernel if this process loaded it, for fork_fused; else torch, as a client) and torch's alone."""
     from sglang.srt.remote_instance.block_checksum import _torch_range_sums, range_sums
 
     raw = {n: t.reshape(-1).view(torch.uint8) for n, t in tensors.items()}
@@ -95,7 +96,7 @@ def _sums_bench(plans: dict, tensors: dict, device: str) -> dict:
         for b in d.blocks
     ]
     out = {"blocks": len(ranges), "gb": round(sum(hi - lo for _, lo, hi in ranges) / 1e9, 2)}
-    for name, fn in (("fused", range_sums), ("torch", _torch_range_sums)):
+    for name, fn in (("range_sums", range_sums), ("torch", _torch_range_sums)):  # range_sums: fused if loaded
         best = None
         for _ in range(3):
             if device == "cuda":
@@ -120,7 +121,11 @@ def _client(gpu, rank, scenario, model_dir, seeds_at, variants, reference, barri
     from sglang.srt.remote_instance.mooncake_guard import GuardedEngine, ReadEntry, ReadPlan
 
     device, protocol = where(gpu)
-    compile_ms = _compile_ms(device)
+    compile_ms = _compile_ms(device) if "fork_fused" in variants else None
+    if device == "cuda":
+        from sglang.srt.model_loader.transfer_engine_reshard_read import warm_kernels
+
+        warm_kernels(torch.device("cuda", gpu)).join()  # as a client does before its reads
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     cfg = model_config(model_dir)
     seeds, _ = seed_shards(cfg, scenario[0])
@@ -165,7 +170,7 @@ def _client(gpu, rank, scenario, model_dir, seeds_at, variants, reference, barri
 
         return timed
 
-    def run_fork(module, verify, pick, traces, full_check=False, torch_sums=False):
+    def run_fork(module, verify, pick, traces, full_check=False, torch_sums=True):
         """Prepared untimed (as in the server's "engine setup"), run timed (its "transfer")."""
         if module is current:
             with _torch_sums() if torch_sums else contextlib.nullcontext():
@@ -211,7 +216,7 @@ def _client(gpu, rank, scenario, model_dir, seeds_at, variants, reference, barri
         "fork": lambda t: run_fork(current, True, lambda p: p, t),
         "fork_verified": lambda t: run_fork(current, True, lambda p: p, t, full_check=True),
         "fork_noverify": lambda t: run_fork(current, False, lambda p: p, t),
-        "fork_torch_sums": lambda t: run_fork(current, True, lambda p: p, t, full_check=True, torch_sums=True),
+        "fork_fused": lambda t: run_fork(current, True, lambda p: p, t, full_check=True, torch_sums=False),
         "direct_only": lambda t: run_fork(current, False, lambda p: RankPlan(direct=p.direct), t),
         "staged_only": lambda t: run_fork(current, False, lambda p: RankPlan(staged=p.staged), t),
     }
