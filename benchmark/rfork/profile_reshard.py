@@ -192,22 +192,21 @@ def _client(gpu, rank, scenario, model_dir, seeds_at, variants, reference, barri
             if gpu is not None:
                 torch.cuda.set_device(gpu)
             if module is current:
-                result = jobs[r].run()
-            else:
-                result = module.read_rank(pick(plans[r]), seeds[r], ptrs[r], tensors, reader(r), verify)
-            if full_check:
-                start = time.perf_counter()
-                if module is current:
-                    bad_blocks(result.checks())  # the verify step: in-place sums, digests on the host
-                else:
-                    digests([sums for sums, _, _ in result.checks()])
-                traces[r].append(("verify step", start, time.perf_counter()))
-            return result.moved
+                return jobs[r].run()
+            return module.read_rank(pick(plans[r]), seeds[r], ptrs[r], tensors, reader(r), verify)
 
         def timed():
-            sums = _torch_sums() if module is not current else contextlib.nullcontext()
-            with sums, ThreadPoolExecutor(len(plans)) as pool:
-                return sum(pool.map(one, plans))
+            with _torch_sums() if torch_sums or module is not current else contextlib.nullcontext():
+                with ThreadPoolExecutor(len(plans)) as pool:
+                    results = list(pool.map(one, plans))
+                if full_check:  # the verify step: in-place sums of all seed ranks, digests on the host
+                    start = time.perf_counter()
+                    if module is current:
+                        bad_blocks(current.all_checks(results))
+                    else:
+                        digests([sums for result in results for sums, _, _ in result.checks()])
+                    traces["all seed ranks"].append(("verify step", start, time.perf_counter()))
+            return sum(result.moved for result in results)
 
         return timed
 

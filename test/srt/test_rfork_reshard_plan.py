@@ -169,7 +169,7 @@ def test_corrupted_seed_byte_is_caught(models):
     tensors = dict(weight_tensors(model))
     plans = plan_all(tensors, _as_rank(2, 1, lambda: model_layouts(model)), shards, dtypes, [0])
     result = read_rank(plans[0], shards[0], {n: w[0] for n, w in weights.items()}, tensors, memmove, True)
-    assert bad_blocks(result.checks()) == [name]
+    assert bad_blocks(all_checks([result])) == [name]
 
 
 @pytest.mark.parametrize("name", ["model.layers.0.self_attn.qkv_proj.weight", "model.layers.1.mlp.down_proj.weight"])

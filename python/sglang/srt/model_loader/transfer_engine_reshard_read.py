@@ -3,7 +3,7 @@
 Two steps, so that the link is kept busy from the first read to the last:
 - prepare_rank, before any read (the fork's "engine setup" step), derives everything that depends only on the plan
   and this rank's memory: the read entries, the scratch buffers and staged rounds, the scatter views, and the
-  block-sum tables of every round and of the in-place blocks.
+  block-sum plans of every round (the in-place blocks of all seed ranks are summed together afterwards).
 - RankRead.run: a reader thread issues the reads back to back (staged rounds first, then the in-place reads) while
   the calling thread launches each landed round's checks and scatter on a CUDA stream of its own, behind the reads
   that follow. With enough free memory there is one staged round, so the in-place reads hide all of it.
@@ -79,38 +79,31 @@ class _Round:
     checks: _BlockChecks | None
 
 
+# A block read in place: (flat uint8 view of the tensor, start, end) where it landed, the seed's block, the tensor.
+Placed = tuple[tuple[torch.Tensor, int, int], Block, str]
+
+
 @dataclass
 class RankResult:
-    """What reading from one seed rank did: bytes moved and the checks of every block read (the staged ones
-    launched as they passed through scratch; the in-place ones are launched where they landed, by `checks`)."""
+    """What reading from one seed rank did: bytes moved, the checks of the staged blocks (launched as they passed
+    through scratch) and the blocks read in place (summed where they landed, by all_checks)."""
 
     moved: int = 0
     staged: list[Checks] = field(default_factory=list)
-    in_place: _BlockChecks | None = None
-
-    def checks(self) -> list[Checks]:
-        """Checks of every block read; to be compared by transfer_engine_reshard.bad_blocks."""
-        return self.staged + ([self.in_place.launch()] if self.in_place is not None else [])
+    in_place: list[Placed] = field(default_factory=list)
 
 
 def all_checks(results: list[RankResult]) -> list[Checks]:
-    """Checks of every block that several seed ranks' reads brought: the staged ones as launched; the in-place ones
-    of all seed ranks summed together in memory order, so that pieces of one tensor from different seed ranks
-    (q from rank 0 beside q from rank 1) join into one run of blocks for torch."""
-    if len(results) == 1:
-        return results[0].checks()
+    """Checks of every block the seed ranks' reads brought, to be compared by transfer_engine_reshard.bad_blocks:
+    the staged ones as launched; the in-place ones of all seed ranks summed together in memory order, so that
+    pieces of one tensor from different seed ranks (q from rank 0 beside q from rank 1) join into one run of
+    blocks for torch."""
     staged = [c for r in results for c in r.staged]
-    placed = [
-        (span, block, name)
-        for r in results
-        if r.in_place is not None
-        for span, block, name in zip(r.in_place.sums.ranges, r.in_place.blocks, r.in_place.names)
-    ]
+    placed = sorted((p for r in results for p in r.in_place), key=lambda p: (p[0][0].data_ptr(), p[0][1]))
     if not placed:
         return staged
-    placed.sort(key=lambda p: (p[0][0].data_ptr(), p[0][1]))
-    merged = _BlockChecks(RangeSums([p[0] for p in placed]), tuple(p[1] for p in placed), tuple(p[2] for p in placed))
-    return [*staged, merged.launch()]
+    sums = RangeSums([span for span, _, _ in placed])()
+    return [*staged, Checks(sums, tuple(b for _, b, _ in placed), tuple(n for _, _, n in placed))]
 
 
 def round_bytes(plan: RankPlan, device: torch.device, seed_ranks: int = 1) -> int:
@@ -221,15 +214,13 @@ class RankRead:
         self.direct = [
             ReadEntry(d.name, raw[d.name].data_ptr() + d.local, ptrs[d.name] + d.lo, d.hi - d.lo) for d in plan.direct
         ]
-        self.in_place = None
-        if verify and plan.direct:
-            blocks = [(d, b) for d in plan.direct for b in d.blocks]
-            with spans("prepare: in-place sums"):
-                self.in_place = _BlockChecks(
-                    RangeSums([(raw[d.name], d.local + b.lo - d.lo, d.local + b.hi - d.lo) for d, b in blocks]),
-                    tuple(b for _, b in blocks),
-                    tuple(d.name for d, _ in blocks),
-                )
+        self.in_place: list[Placed] = []
+        if verify:
+            self.in_place = [
+                ((raw[d.name], d.local + b.lo - d.lo, d.local + b.hi - d.lo), b, d.name)
+                for d in plan.direct
+                for b in d.blocks
+            ]
         self.buffers: list[torch.Tensor] = []
         self.rounds: list[_Round] = []
         if plan.staged:
