@@ -28,9 +28,10 @@ from pathlib import Path
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import drop_page_cache, ensure_checkpoint, fork_args, log_dir, stamp, write_result  # noqa: E402
+from common import drop_page_cache, ensure_checkpoint, log_dir, stamp, write_result  # noqa: E402
 
 from sglang.srt.server_args import free_port  # noqa: E402
+from sglang.test.rfork_utils import fork_client_args  # noqa: E402
 from sglang.test.test_utils import config_only_copy  # noqa: E402
 
 POLL_S = 0.02
@@ -111,9 +112,7 @@ def client_args(kind: str, gpu: int, seed_port: int) -> list[str]:
     base = ["--base-gpu-id", str(gpu)]
     if kind == "disk":
         return base
-    fork = [
-        *fork_args(seed_port, kind),
-    ]
+    fork = fork_client_args(seed_port, kind, timeout=None)
     if kind == "nccl":
         fork += ["--remote-instance-weight-loader-send-weights-group-ports", f"[{free_port()}]"]
     return base + fork

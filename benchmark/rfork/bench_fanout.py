@@ -35,9 +35,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "serving"))
-from common import fork_args, launch, log_dir, server_info, stamp, write_result  # noqa: E402
+from common import launch, log_dir, server_info, stamp, write_result  # noqa: E402
 
 from sglang.srt.server_args import free_port  # noqa: E402
+from sglang.test.rfork_utils import fork_client_args  # noqa: E402
 from sglang.test.test_utils import kill_process_tree  # noqa: E402
 
 GPU_CLIENT_ARGS = ["--max-total-tokens", "8192", "--attention-backend", "torch_native", "--disable-cuda-graph"]
@@ -75,7 +76,7 @@ def client_args(seed_port: int, gpu: int, peer_assist: bool, cpu: bool) -> list[
     """Flags of one TransferEngine client of the seed on seed_port."""
     return [
         *(CPU_CLIENT_ARGS if cpu else [*GPU_CLIENT_ARGS, "--base-gpu-id", str(gpu)]),
-        *fork_args(seed_port, "transfer_engine"),
+        *fork_client_args(seed_port, "transfer_engine", timeout=None),
         "--remote-instance-weight-loader-timeout", "300",
         *(["--remote-instance-weight-loader-peer-assist"] if peer_assist else []),
     ]  # fmt: skip

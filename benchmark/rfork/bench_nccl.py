@@ -20,7 +20,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     drop_page_cache,
     ensure_checkpoint,
-    fork_args,
     launch,
     log_dir,
     server_info,
@@ -29,6 +28,7 @@ from common import (  # noqa: E402
 )
 
 from sglang.srt.server_args import free_port  # noqa: E402
+from sglang.test.rfork_utils import fork_client_args  # noqa: E402
 from sglang.test.test_utils import config_only_copy  # noqa: E402
 
 
@@ -104,7 +104,7 @@ def main() -> None:
             *common,
             "--base-gpu-id",
             str(args.client_gpu),
-            *fork_args(seed_port, "nccl"),
+            *fork_client_args(seed_port, "nccl", timeout=None),
             "--remote-instance-weight-loader-send-weights-group-ports",
             f"[{free_port()}]",
         ]

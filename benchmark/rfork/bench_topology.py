@@ -29,9 +29,10 @@ import torch
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import fork_args, launch, log_dir, stamp, write_result  # noqa: E402
+from common import launch, log_dir, stamp, write_result  # noqa: E402
 
 from sglang.srt.server_args import free_port  # noqa: E402
+from sglang.test.rfork_utils import fork_client_args  # noqa: E402
 
 PASSES = 4
 SCENARIOS = {  # name: (seed tp, seed base GPU, client tp, client base GPU)
@@ -254,7 +255,7 @@ def fork(name: str, scenario: tuple[int, int, int, int], model_dir: Path, logs: 
             str(client_tp),
             "--base-gpu-id",
             str(client_gpu),
-            *fork_args(seed_port, "transfer_engine"),
+            *fork_client_args(seed_port, "transfer_engine", timeout=None),
         ]
         log = logs / f"topology_client_{name}.log"
         client = launch(model_dir, free_port(), client_args, log, env=env)

@@ -33,10 +33,11 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_nccl import param_shapes  # noqa: E402
-from common import drop_page_cache, ensure_checkpoint, fork_args, launch, log_dir, server_info, stamp, write_result  # noqa: E402
+from common import drop_page_cache, ensure_checkpoint, launch, log_dir, server_info, stamp, write_result  # noqa: E402
 
 from sglang.srt.remote_instance.mooncake_guard import TCP_SLICE_BYTES  # noqa: E402
 from sglang.srt.server_args import free_port  # noqa: E402
+from sglang.test.rfork_utils import fork_client_args  # noqa: E402
 from sglang.test.test_utils import config_only_copy  # noqa: E402
 
 PASSES = {"nvlink_intra": 4, "tcp": 1}  # TCP moves ~1.4 GB/s: one pass of 16 GB is enough
@@ -214,7 +215,7 @@ def fork_during_stream(
         *common,
         "--base-gpu-id",
         str(gpu),
-        *fork_args(seed_port, "transfer_engine"),
+        *fork_client_args(seed_port, "transfer_engine", timeout=None),
     ]
     port = free_port()
     try:

@@ -120,16 +120,6 @@ def launch(
     raise TimeoutError(log.read_text()[-4000:])
 
 
-def fork_args(seed_port: int, backend: str) -> list[str]:
-    """Flags that make a server fork its weights over `backend` from the seed on this host's seed_port."""
-    return [
-        "--load-format", "remote_instance",
-        "--remote-instance-weight-loader-backend", backend,
-        "--remote-instance-weight-loader-seed-instance-ip", "127.0.0.1",
-        "--remote-instance-weight-loader-seed-instance-service-port", str(seed_port),
-    ]  # fmt: skip
-
-
 def server_info(port: int) -> dict:
     return requests.get(f"http://127.0.0.1:{port}/get_server_info", timeout=30).json()
 

@@ -28,9 +28,9 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory):
     return build
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tiny_llama_server():
-    """A server with default flags on the tiny Llama, for a module that only sends it requests."""
+    """A server with default flags on the tiny Llama, started once for every module that only sends it requests."""
     from sglang.test.test_utils import kill_process_tree, popen_launch_server, tiny_model
 
     proc = popen_launch_server(tiny_model("llama"))

@@ -13,7 +13,7 @@ import requests
 import sglang
 from sglang.srt.remote_instance.mooncake_guard import mooncake_available
 from sglang.test.hf_reference import hf_greedy
-from sglang.test.rfork_utils import rank_checksums
+from sglang.test.rfork_utils import fork_client_args, rank_checksums
 from sglang.test.test_utils import config_only_copy, find_free_port, kill_process_tree, popen_launch_server
 
 needs_mooncake = pytest.mark.skipif(not mooncake_available(), reason="mooncake-transfer-engine is not installed")
@@ -34,14 +34,7 @@ def _te_seed_args() -> list[str]:
 
 
 def _client_args(seed_url: str, backend: str, tp: int) -> list[str]:
-    args = [
-        "--load-format", "remote_instance",
-        "--remote-instance-weight-loader-backend", backend,
-        "--remote-instance-weight-loader-seed-instance-ip", "127.0.0.1",
-        "--remote-instance-weight-loader-seed-instance-service-port", seed_url.rsplit(":", 1)[1],
-        "--remote-instance-weight-loader-timeout", "60",
-        "--tp-size", str(tp), *SERVE,
-    ]  # fmt: skip
+    args = fork_client_args(seed_url, backend, "--tp-size", str(tp), *SERVE, timeout=60)
     if backend == "nccl":
         args += ["--remote-instance-weight-loader-send-weights-group-ports", str([find_free_port() for _ in range(tp)])]
     return args

@@ -17,6 +17,7 @@ import pytest
 import requests
 
 from sglang.srt.remote_instance.mooncake_guard import mooncake_available
+from sglang.test.rfork_utils import fork_client_args
 from sglang.test.test_utils import config_only_copy, find_free_port, kill_process_tree, popen_launch_server
 
 PEER = str(Path(__file__).with_name("rfork_upstream_peer.py"))
@@ -116,15 +117,7 @@ def _upstream_seed(kind: str, model_dir: str, tp: int = 1):
 
 
 def _fork_args(port: int, backend: str, *extra: str, tp: int = 1) -> list[str]:
-    args = [
-        "--load-format", "remote_instance",
-        "--remote-instance-weight-loader-backend", backend,
-        "--remote-instance-weight-loader-seed-instance-ip", "127.0.0.1",
-        "--remote-instance-weight-loader-seed-instance-service-port", str(port),
-        "--remote-instance-weight-loader-timeout", "30",
-        "--max-total-tokens", "2048",
-        "--tp-size", str(tp),
-    ]  # fmt: skip
+    args = fork_client_args(port, backend, "--max-total-tokens", "2048", "--tp-size", str(tp))
     if backend == "nccl":
         ports = ",".join(str(find_free_port()) for _ in range(tp))
         args += ["--remote-instance-weight-loader-send-weights-group-ports", f"[{ports}]"]

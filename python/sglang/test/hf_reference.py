@@ -8,16 +8,12 @@ from typing import Any
 import torch
 
 
-def _load(model_path: str) -> Any:
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
-
-
 @functools.lru_cache(maxsize=4)
 def hf_model(model_path: str) -> Any:
     """The HF model of a checkpoint in float32, loaded once per test process (only read, never changed)."""
-    return _load(model_path)
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
 
 
 def _greedy(model: Any, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
@@ -36,7 +32,7 @@ def _greedy(model: Any, prompts: list[list[int]], max_new_tokens: int) -> list[l
 
 def hf_greedy(model_path: str, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
     """Greedy continuation of each prompt with HF transformers (float32, full recompute, EOS ignored)."""
-    return _greedy(_load(model_path), prompts, max_new_tokens)
+    return _greedy(hf_model(model_path), prompts, max_new_tokens)
 
 
 @functools.cache
@@ -44,7 +40,7 @@ def hf_prefill_and_greedy(
     model_path: str, prompts: tuple[tuple[int, ...], ...], max_new_tokens: int
 ) -> tuple[list[torch.Tensor], list[list[int]]]:
     """HF prefill logits per prompt and HF greedy continuations, from one load of the model (cached per model)."""
-    model = _load(model_path)
+    model = hf_model(model_path)
     with torch.inference_mode():
         logits = [model(torch.tensor([list(p)])).logits[0].float() for p in prompts]
     return logits, _greedy(model, [list(p) for p in prompts], max_new_tokens)

@@ -12,16 +12,23 @@ import requests
 WHOLE = {"truncate_size": 10**6}
 
 
+def fork_client_args(seed: str | int, backend: str, *extra: str, timeout: int | None = 30) -> list[str]:
+    """Flags of a client forking over `backend` from the seed at `seed` (its URL, or its HTTP port on this host),
+    extra flags last; timeout None keeps the server's default."""
+    args = [
+        "--load-format", "remote_instance",
+        "--remote-instance-weight-loader-backend", backend,
+        "--remote-instance-weight-loader-seed-instance-ip", "127.0.0.1",
+        "--remote-instance-weight-loader-seed-instance-service-port", str(seed).rsplit(":", 1)[-1],
+    ]  # fmt: skip
+    if timeout is not None:
+        args += ["--remote-instance-weight-loader-timeout", str(timeout)]
+    return [*args, *extra]
+
+
 def te_client_args(seed_url: str, *extra: str, timeout: int = 30) -> list[str]:
     """Flags of a TransferEngine client of the seed at seed_url (extra flags last)."""
-    return [
-        "--load-format", "remote_instance",
-        "--remote-instance-weight-loader-backend", "transfer_engine",
-        "--remote-instance-weight-loader-seed-instance-ip", "127.0.0.1",
-        "--remote-instance-weight-loader-seed-instance-service-port", seed_url.rsplit(":", 1)[1],
-        "--remote-instance-weight-loader-timeout", str(timeout),
-        *extra,
-    ]  # fmt: skip
+    return fork_client_args(seed_url, "transfer_engine", *extra, timeout=timeout)
 
 
 def rank_checksums(url: str, tp: int) -> list[dict[str, str]]:

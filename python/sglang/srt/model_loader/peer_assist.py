@@ -155,9 +155,9 @@ class Swarm:
 
     def _engine(self) -> GuardedEngine:
         device = self.ctx.device
-        destination = merged_regions(weight_tensors(self.model), device) if self.protocol == "rdma" else None
+        gpu = device.index if device.type == "cuda" else None
         return rank_engine(
-            self.ctx.seed.ip, self.protocol, device.index if device.type == "cuda" else None, destination
+            self.ctx.seed.ip, self.protocol, gpu, lambda: merged_regions(weight_tensors(self.model), device)
         )
 
     def refresh(self, registry: Registry) -> None:

@@ -26,7 +26,6 @@ from sglang.srt.remote_instance.mooncake_guard import (
     ReadPlan,
     auto_nic_protocol,
     forced_protocol,
-    memory_location,
     mooncake_module,
     rank_engine,
     rdma_devices,
@@ -186,7 +185,7 @@ class TransferEngineBackend(RemoteWeightBackend):
         gpu = ctx.device.index if ctx.device.type == "cuda" else None
         start = time.perf_counter()
         try:
-            engine = rank_engine(ctx.seed.ip, protocol, gpu)
+            engine = rank_engine(ctx.seed.ip, protocol, gpu, lambda: merged_regions(tensors, ctx.device))
         except MooncakeError as e:
             raise RemoteInstanceError(ctx.seed.name, "transfer", str(e)) from None
         logger.info(
@@ -197,8 +196,6 @@ class TransferEngineBackend(RemoteWeightBackend):
             protocol,
         )
         try:
-            if protocol == "rdma":  # RDMA writes into the destination, which must be registered with the NIC
-                engine.register(merged_regions(tensors, ctx.device), memory_location(gpu))
             plan = READ_PLANS[protocol]
             if plan.touch_first:
                 _open_peer_memory(engine, endpoint.session_id, entries, ctx, plan)

@@ -201,8 +201,10 @@ class ReshardFork:
         endpoint = choose_endpoint(self.ranks[rank].info.endpoints, ctx.device)
         protocol = endpoint.protocol or auto_nic_protocol()
         gpu = ctx.device.index if ctx.device.type == "cuda" else None
-        destination = merged_regions(list(tensors.items()), ctx.device) if protocol == "rdma" else None
-        engine = engines[rank] = rank_engine(ctx.seed.ip, protocol, gpu, destination)
+        destination = list(tensors.items())
+        engine = engines[rank] = rank_engine(
+            ctx.seed.ip, protocol, gpu, lambda: merged_regions(destination, ctx.device)
+        )
         ctx.details["transport"] = protocol
         return engine, endpoint.session_id
 

@@ -8,7 +8,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -159,17 +159,17 @@ def memory_location(gpu: int | None) -> str:
 
 
 def rank_engine(
-    seed_ip: str, protocol: str, gpu: int | None, destination: list[tuple[int, int]] | None = None
+    seed_ip: str, protocol: str, gpu: int | None, destination: Callable[[], list[tuple[int, int]]] | None = None
 ) -> GuardedEngine:
     """A client rank's engine for `protocol` towards the seed's host, on the NIC nearest its GPU. `destination`
-    (address, length) regions are registered when the transport writes into them (RDMA); the engine is closed
-    again if that fails."""
+    gives the (address, length) regions the reads land in; they are worked out and registered only when the
+    transport writes into them (RDMA), and the engine is closed again if that fails."""
     engine = GuardedEngine(
         local_ip_towards(seed_ip), protocol, "" if protocol == "nvlink_intra" else nic_device_for_gpu(gpu)
     )
-    if protocol == "rdma" and destination:
+    if protocol == "rdma" and destination is not None:
         try:
-            engine.register(destination, memory_location(gpu))
+            engine.register(destination(), memory_location(gpu))
         except BaseException:
             engine.close()
             raise

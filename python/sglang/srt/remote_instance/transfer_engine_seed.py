@@ -127,10 +127,10 @@ def create_seed(
     engines: list[GuardedEngine] = []
     endpoints: list[dict[str, Any]] = []
     regions: dict[str, int] = {}
-    location = memory_location(device.index if device.type == "cuda" else None)
+    gpu = device.index if device.type == "cuda" else None
+    location = memory_location(gpu)
     try:
         for protocol in seed_protocols(device):
-            gpu = device.index if device.type == "cuda" else None
             engine = GuardedEngine(host, protocol, "" if protocol == "nvlink_intra" else nic_device_for_gpu(gpu))
             engines.append(engine)
             spans = segment_regions(tensors, device) if protocol == "nvlink_intra" else merged_regions(tensors, device)
