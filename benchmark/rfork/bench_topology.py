@@ -40,7 +40,9 @@ SCENARIOS = {  # name: (seed tp, seed base GPU, client tp, client base GPU)
     "tp2_to_tp1": (2, 0, 1, 1),
 }
 COMMON = ["--max-total-tokens", "16384", "--attention-backend", "torch_native", "--disable-cuda-graph"]
-FORK_LINE = re.compile(r"TP(\d+) R-Fork from \S+ via transfer_engine: ([\d.]+) MB in ([\d.]+) s .*steps: (.*)")
+# The log gives seconds to the millisecond and GB/s to 0.01; the rate is the finer of the two (26.6 ms prints as
+# 0.027 s, which alone would understate a 21 ms-scale transfer by 2-4 %).
+FORK_LINE = re.compile(r"TP(\d+) R-Fork from \S+ via transfer_engine: ([\d.]+) MB in [\d.]+ s \(([\d.]+) GB/s\).*steps: (.*)")
 
 
 def model_config(model_dir: Path):
@@ -266,8 +268,9 @@ def fork(name: str, scenario: tuple[int, int, int, int], model_dir: Path, logs: 
         seed.wait(60)
     text = log.read_text(errors="replace")
     ranks = {}
-    for rank, mb, seconds, steps in FORK_LINE.findall(text):
-        ranks[int(rank)] = {"bytes": int(float(mb) * 1e6), "transfer_s": float(seconds), "steps": steps}
+    for rank, mb, gbps, steps in FORK_LINE.findall(text):
+        seconds = float(mb) / 1e3 / max(float(gbps), 1e-9)
+        ranks[int(rank)] = {"bytes": int(float(mb) * 1e6), "transfer_s": round(seconds, 5), "steps": steps}
     if len(ranks) < client_tp or "read from the TP" not in text:
         return {"error": "no fork lines in the client log", "log_tail": text[-3000:]}
     slowest = max(r["transfer_s"] for r in ranks.values())
