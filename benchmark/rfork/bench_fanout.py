@@ -13,7 +13,8 @@ killed, and readers drop such dead peers at their first read.
 Per run: launch_to_all_ready_s (launch until the last client's weights are in and verified: the fork report's
 transfer end plus its verify step) and transfer_window_s (the first client's transfer start until the last one's
 weights are verified: the part fan-out changes, without process start-up), each also as a ratio to `one`, and per
-client the bytes it read from the seed and from peers.
+client the bytes it read from the seed and from peers and its start-up phases (`startup`, the server's own
+timeline: with ~0.04 s transfers over NVLink, start-up is what spreads the clients apart).
 
 The TCP seed holds an 8B-shaped model cut to --tcp-layers layers (Mooncake TCP on GPU memory moves ~1.5 GB/s, so the
 full 16 GB would take ~11 s per client and ~35 s for three without peer assist; 16 layers hold 9 GB); the JSON says
@@ -37,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "serving"))
 from common import launch, log_dir, server_info, stamp, write_result  # noqa: E402
 
+from sglang.srt import startup_timeline  # noqa: E402
 from sglang.srt.server_args import free_port  # noqa: E402
 from sglang.test.rfork_utils import fork_client_args  # noqa: E402
 from sglang.test.test_utils import kill_process_tree  # noqa: E402
@@ -124,6 +126,7 @@ def fork_together(
                 "dropped_sources": peers.get("dropped_sources", {}),
                 # Tensors asked of the seed although a forking peer had claimed them (its claim timed out).
                 "seed_reads_after_claim_wait": peers.get("seed_reads_after_claim_wait", 0),
+                "startup": startup_timeline.summary_line(info["startup_timeline"]),
             }
         )
     ready = max(c["ready_unix"] for c in clients)
