@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import PretrainedConfig
 
+from sglang.srt.configs.hf_files import HFConfig
 from sglang.srt.layers.activation import SiluAndMul
 from sglang.srt.layers.layernorm import RMSNorm
 from sglang.srt.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
@@ -21,7 +21,7 @@ from sglang.srt.model_executor.forward_batch_info import ForwardBatch
 from sglang.srt.model_loader.weight_utils import WeightLoadingError, default_weight_loader
 
 
-def head_dim_of(config: PretrainedConfig) -> int:
+def head_dim_of(config: HFConfig) -> int:
     """Per-head size: explicit in the config (Qwen3) or hidden_size / num_attention_heads."""
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
@@ -44,7 +44,7 @@ class LlamaMLP(nn.Module):
 class LlamaAttention(nn.Module):
     """Self-attention over this rank's heads: fused qkv, RoPE, paged attention, row-parallel output."""
 
-    def __init__(self, config: PretrainedConfig, layer_id: int, rotary_emb: RotaryEmbedding) -> None:
+    def __init__(self, config: HFConfig, layer_id: int, rotary_emb: RotaryEmbedding) -> None:
         super().__init__()
         num_heads = config.num_attention_heads
         num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
@@ -60,11 +60,11 @@ class LlamaAttention(nn.Module):
             self.qkv_proj.num_heads, self.head_dim, self.head_dim**-0.5, self.qkv_proj.num_kv_heads, layer_id
         )
 
-    def add_qk_norms(self, config: PretrainedConfig) -> None:
+    def add_qk_norms(self, config: HFConfig) -> None:
         """Hook for per-head q/k norm modules; Llama has none."""
 
     @staticmethod
-    def projection_biases(config: PretrainedConfig) -> tuple[bool, bool]:
+    def projection_biases(config: HFConfig) -> tuple[bool, bool]:
         """Whether qkv_proj and o_proj carry a bias."""
         bias = bool(getattr(config, "attention_bias", False))
         return bias, bias
@@ -87,7 +87,7 @@ class LlamaDecoderLayer(nn.Module):
 
     attention_cls: type[LlamaAttention] = LlamaAttention
 
-    def __init__(self, config: PretrainedConfig, layer_id: int, rotary_emb: RotaryEmbedding) -> None:
+    def __init__(self, config: HFConfig, layer_id: int, rotary_emb: RotaryEmbedding) -> None:
         super().__init__()
         self.self_attn = self.attention_cls(config, layer_id, rotary_emb)
         self.mlp = self.make_mlp(config, layer_id)
@@ -95,7 +95,7 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     @staticmethod
-    def make_mlp(config: PretrainedConfig, layer_id: int) -> nn.Module:
+    def make_mlp(config: HFConfig, layer_id: int) -> nn.Module:
         """The feed-forward block of layer layer_id; a mixture-of-experts model overrides this."""
         return LlamaMLP(
             config.hidden_size,
@@ -125,7 +125,7 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     """Embedding, decoder layers and final norm; one rotary table is shared by every layer."""
 
-    def __init__(self, config: PretrainedConfig, layer_cls: type[LlamaDecoderLayer]) -> None:
+    def __init__(self, config: HFConfig, layer_cls: type[LlamaDecoderLayer]) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         head_dim = head_dim_of(config)
@@ -156,7 +156,7 @@ class LlamaForCausalLM(nn.Module):
         ("gate_up_proj", "up_proj", 1),
     )
 
-    def __init__(self, config: PretrainedConfig) -> None:
+    def __init__(self, config: HFConfig) -> None:
         super().__init__()
         self.config = config
         self.model = LlamaModel(config, self.layer_cls)

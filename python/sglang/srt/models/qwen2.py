@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from transformers import PretrainedConfig
-
+from sglang.srt.configs.hf_files import HFConfig
 from sglang.srt.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM
 
 
@@ -11,7 +10,7 @@ class Qwen2Attention(LlamaAttention):
     """Llama attention with Qwen2's projection biases."""
 
     @staticmethod
-    def projection_biases(config: PretrainedConfig) -> tuple[bool, bool]:
+    def projection_biases(config: HFConfig) -> tuple[bool, bool]:
         """Qwen2 always biases q/k/v and never o_proj, whatever attention_bias says."""
         return True, False
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-from transformers import PretrainedConfig
 
+from sglang.srt.configs.hf_files import HFConfig
 from sglang.srt.layers.layernorm import RMSNorm
 from sglang.srt.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM
 
@@ -12,7 +12,7 @@ from sglang.srt.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForC
 class Qwen3Attention(LlamaAttention):
     """Llama attention plus q_norm / k_norm over each head's channels."""
 
-    def add_qk_norms(self, config: PretrainedConfig) -> None:
+    def add_qk_norms(self, config: HFConfig) -> None:
         """q_norm and k_norm, registered before qkv_proj as upstream SGLang's Qwen3 does."""
         self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)

@@ -6,8 +6,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import PretrainedConfig
 
+from sglang.srt.configs.hf_files import HFConfig
 from sglang.srt.layers.linear import ReplicatedLinear
 from sglang.srt.layers.moe import FusedMoE
 from sglang.srt.layers.moe.layer import EXPERT_PROJECTIONS
@@ -15,7 +15,7 @@ from sglang.srt.models.llama import LlamaDecoderLayer
 from sglang.srt.models.qwen3 import Qwen3DecoderLayer, Qwen3ForCausalLM
 
 
-def is_sparse_layer(config: PretrainedConfig, layer_id: int) -> bool:
+def is_sparse_layer(config: HFConfig, layer_id: int) -> bool:
     """Whether layer layer_id routes to experts: every decoder_sparse_step-th layer not in mlp_only_layers."""
     step = getattr(config, "decoder_sparse_step", 1) or 1
     return (
@@ -28,7 +28,7 @@ def is_sparse_layer(config: PretrainedConfig, layer_id: int) -> bool:
 class Qwen3MoeSparseMoeBlock(nn.Module):
     """Router (`gate`, replicated) then the routed experts (`experts`), as upstream names them."""
 
-    def __init__(self, config: PretrainedConfig) -> None:
+    def __init__(self, config: HFConfig) -> None:
         super().__init__()
         if config.hidden_act != "silu":
             raise ValueError(f"hidden_act {config.hidden_act!r} is not supported; only 'silu' is implemented")
@@ -49,7 +49,7 @@ class Qwen3MoeDecoderLayer(Qwen3DecoderLayer):
     """Qwen3 decoder layer whose MLP is a sparse MoE block on sparse layers and dense elsewhere."""
 
     @staticmethod
-    def make_mlp(config: PretrainedConfig, layer_id: int) -> nn.Module:
+    def make_mlp(config: HFConfig, layer_id: int) -> nn.Module:
         if is_sparse_layer(config, layer_id):
             return Qwen3MoeSparseMoeBlock(config)
         return LlamaDecoderLayer.make_mlp(config, layer_id)
