@@ -42,7 +42,9 @@ SCENARIOS = {  # name: (seed tp, seed base GPU, client tp, client base GPU)
 COMMON = ["--max-total-tokens", "16384", "--attention-backend", "torch_native", "--disable-cuda-graph"]
 # The log gives seconds to the millisecond and GB/s to 0.01; the rate is the finer of the two (26.6 ms prints as
 # 0.027 s, which alone would understate a 21 ms-scale transfer by 2-4 %).
-FORK_LINE = re.compile(r"TP(\d+) R-Fork from \S+ via transfer_engine: ([\d.]+) MB in [\d.]+ s \(([\d.]+) GB/s\).*steps: (.*)")
+FORK_LINE = re.compile(
+    r"TP(\d+) R-Fork from \S+ via transfer_engine: ([\d.]+) MB in [\d.]+ s \(([\d.]+) GB/s\).*steps: (.*)"
+)
 
 
 def model_config(model_dir: Path):

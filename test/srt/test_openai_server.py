@@ -24,9 +24,7 @@ def model_path() -> str:
 @pytest.fixture(scope="module")
 def chat_ids(model_path: str) -> list[int]:
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    return tokenizer.apply_chat_template(
-        MESSAGES, add_generation_prompt=True, tokenize=True, return_dict=False
-    )
+    return tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=True, return_dict=False)
 
 
 @pytest.fixture(scope="module")
@@ -58,9 +56,7 @@ def test_models(client, model_path):
 
 def test_completions_match_engine(client, model_path, reference):
     for prompt, ref in zip(PROMPTS, reference["completions"]):
-        resp = client.completions.create(
-            model=model_path, prompt=prompt, temperature=0, max_tokens=MAX_TOKENS
-        )
+        resp = client.completions.create(model=model_path, prompt=prompt, temperature=0, max_tokens=MAX_TOKENS)
         choice = resp.choices[0]
         assert choice.text == ref["text"] and choice.finish_reason == "length"
         assert resp.usage.prompt_tokens == ref["meta_info"]["prompt_tokens"]
@@ -93,9 +89,7 @@ def test_completions_stream(client, model_path, reference):
 
 def test_chat_matches_engine(client, model_path, reference, chat_ids):
     ref = reference["chat"]
-    resp = client.chat.completions.create(
-        model=model_path, messages=MESSAGES, temperature=0, max_tokens=MAX_TOKENS
-    )
+    resp = client.chat.completions.create(model=model_path, messages=MESSAGES, temperature=0, max_tokens=MAX_TOKENS)
     assert resp.object == "chat.completion"
     assert resp.choices[0].message.role == "assistant"
     assert resp.choices[0].message.content == ref["text"]
@@ -143,9 +137,7 @@ def test_n_choices_with_seed(client, model_path, chat_ids):
 def test_stop_strings(client, model_path, reference):
     ref = reference["completions"][1]["text"]
     # A stop string from the middle of the greedy output, free of replacement characters.
-    start = next(
-        i for i in range(3, len(ref) - 2) if "\ufffd" not in ref[i : i + 2] and ref[i : i + 2].strip()
-    )
+    start = next(i for i in range(3, len(ref) - 2) if "\ufffd" not in ref[i : i + 2] and ref[i : i + 2].strip())
     stop = ref[start : start + 2]
     expected = ref[: ref.index(stop)]
     kwargs = dict(model=model_path, prompt=PROMPTS[1], temperature=0, max_tokens=MAX_TOKENS)
@@ -156,9 +148,7 @@ def test_stop_strings(client, model_path, reference):
 
 
 def test_logprobs(client, model_path):
-    resp = client.completions.create(
-        model=model_path, prompt=PROMPTS[0], temperature=0, max_tokens=4, logprobs=2
-    )
+    resp = client.completions.create(model=model_path, prompt=PROMPTS[0], temperature=0, max_tokens=4, logprobs=2)
     logprobs = resp.choices[0].logprobs
     assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.top_logprobs) == 4
     for logprob, top in zip(logprobs.token_logprobs, logprobs.top_logprobs):
@@ -169,9 +159,7 @@ def test_logprobs(client, model_path):
     content = chat.choices[0].logprobs.content
     assert len(content) == chat.usage.completion_tokens == 4
     for item in content:
-        assert len(item.top_logprobs) == 2 and item.logprob == pytest.approx(
-            item.top_logprobs[0].logprob, abs=1e-5
-        )
+        assert len(item.top_logprobs) == 2 and item.logprob == pytest.approx(item.top_logprobs[0].logprob, abs=1e-5)
         assert item.bytes == list(item.token.encode())
 
 
@@ -204,9 +192,7 @@ def test_prompt_longer_than_context_is_400(client, model_path):
         client.completions.create(model=model_path, prompt=long_text, max_tokens=4)
     assert info.value.param == "prompt" and "context length" in info.value.message
     with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(
-            model=model_path, messages=[{"role": "user", "content": long_text}], stream=True
-        )
+        client.chat.completions.create(model=model_path, messages=[{"role": "user", "content": long_text}], stream=True)
     assert info.value.param == "messages" and "context length" in info.value.message
 
 

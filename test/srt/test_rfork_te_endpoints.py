@@ -26,6 +26,7 @@ INFO = "/remote_instance_transfer_engine_info"
 def failed(rank: int) -> dict:
     return {"error": {"message": f"Failed to get transfer engine info for rank {rank}"}}
 
+
 needs_mooncake = pytest.mark.skipif(not mooncake_available(), reason="mooncake-transfer-engine is not installed")
 
 
@@ -77,8 +78,12 @@ def test_bootstrap_port_taken_is_a_clear_error(bootstrap):
 @needs_mooncake
 def test_incomplete_flags_fall_back_loudly_or_refuse(tiny_model_dir, tmp_path, caplog):
     model_dir = tiny_model_dir("llama")
-    flags = {"load_format": "remote_instance", "remote_instance_weight_loader_backend": "transfer_engine",
-             "remote_instance_weight_loader_seed_instance_ip": "127.0.0.1", "device": "cpu"}
+    flags = {
+        "load_format": "remote_instance",
+        "remote_instance_weight_loader_backend": "transfer_engine",
+        "remote_instance_weight_loader_seed_instance_ip": "127.0.0.1",
+        "device": "cpu",
+    }
     with caplog.at_level(logging.WARNING):
         args = ServerArgs(model_path=model_dir, **flags)
     assert args.load_format == "auto"
@@ -90,8 +95,15 @@ def test_incomplete_flags_fall_back_loudly_or_refuse(tiny_model_dir, tmp_path, c
 @pytest.fixture(scope="module")
 def keyed_seed(tiny_model_dir):
     """A TransferEngine seed that requires an API key."""
-    args = ["--remote-instance-weight-loader-start-seed-via-transfer-engine", "--engine-info-bootstrap-port",
-            str(find_free_port()), "--api-key", KEY, "--max-total-tokens", "4096"]
+    args = [
+        "--remote-instance-weight-loader-start-seed-via-transfer-engine",
+        "--engine-info-bootstrap-port",
+        str(find_free_port()),
+        "--api-key",
+        KEY,
+        "--max-total-tokens",
+        "4096",
+    ]
     proc = popen_launch_server(tiny_model_dir("llama"), other_args=args, env=ENV)  # /health needs no key
     yield proc
     kill_process_tree(proc.pid)
@@ -143,20 +155,26 @@ def test_info_endpoint_unknown_rank(keyed_seed):
 
 def _engine_client(model_dir: str, seed_url: str, **extra):
     return sglang.Engine(
-        model_path=model_dir, load_format="remote_instance", remote_instance_weight_loader_backend="transfer_engine",
+        model_path=model_dir,
+        load_format="remote_instance",
+        remote_instance_weight_loader_backend="transfer_engine",
         remote_instance_weight_loader_seed_instance_ip="127.0.0.1",
         remote_instance_weight_loader_seed_instance_service_port=int(seed_url.rsplit(":", 1)[1]),
-        remote_instance_weight_loader_timeout=30, max_total_tokens=4096, **extra,
+        remote_instance_weight_loader_timeout=30,
+        max_total_tokens=4096,
+        **extra,
     )
 
 
 @needs_mooncake
 def test_client_sends_the_seed_key(keyed_seed, tiny_model_dir, tmp_path):
     model_dir = tiny_model_dir("llama")
-    expected = requests.get(f"{keyed_seed.base_url}/remote_instance_weight_manifest", params={"rank": 0},
-                            headers=AUTH, timeout=10).json()["checksums"]
-    with _engine_client(config_only_copy(model_dir, tmp_path / "c"), keyed_seed.base_url,
-                        remote_instance_weight_loader_seed_api_key=KEY) as engine:
+    expected = requests.get(
+        f"{keyed_seed.base_url}/remote_instance_weight_manifest", params={"rank": 0}, headers=AUTH, timeout=10
+    ).json()["checksums"]
+    with _engine_client(
+        config_only_copy(model_dir, tmp_path / "c"), keyed_seed.base_url, remote_instance_weight_loader_seed_api_key=KEY
+    ) as engine:
         assert engine.rpc("remote_instance_weight_manifest")[0]["checksums"] == expected
 
 

@@ -31,8 +31,13 @@ SMALL_KV = ["--max-total-tokens", "4096"]
 
 def seed_args(*extra: str) -> list[str]:
     """Flags of a TransferEngine seed with its own bootstrap port."""
-    return ["--remote-instance-weight-loader-start-seed-via-transfer-engine",
-            "--engine-info-bootstrap-port", str(find_free_port()), *SMALL_KV, *extra]
+    return [
+        "--remote-instance-weight-loader-start-seed-via-transfer-engine",
+        "--engine-info-bootstrap-port",
+        str(find_free_port()),
+        *SMALL_KV,
+        *extra,
+    ]
 
 
 def client_args(seed_url: str, *extra: str) -> list[str]:
@@ -109,7 +114,8 @@ def test_tp2_server(tiny_model_dir, tmp_path):
     seed2 = popen_launch_server(model_dir, other_args=seed_args("--tp-size", "2"), env=ENV)
     try:
         client = popen_launch_server(
-            config_only_copy(model_dir, tmp_path / "c"), other_args=client_args(seed2.base_url, "--tp-size", "2"),
+            config_only_copy(model_dir, tmp_path / "c"),
+            other_args=client_args(seed2.base_url, "--tp-size", "2"),
             env=ENV,
         )
         try:
@@ -135,8 +141,12 @@ class Streamer(threading.Thread):
         while not self.stop.is_set():
             start, chunks = time.monotonic(), []
             try:
-                with requests.post(f"{self.url}/generate", json={"text": PROMPT, "sampling_params": params,
-                                                                 "stream": True}, stream=True, timeout=60) as r:
+                with requests.post(
+                    f"{self.url}/generate",
+                    json={"text": PROMPT, "sampling_params": params, "stream": True},
+                    stream=True,
+                    timeout=60,
+                ) as r:
                     r.raise_for_status()
                     for line in r.iter_lines():
                         if line.startswith(b"data: ") and line != b"data: [DONE]":
@@ -205,8 +215,12 @@ def test_seed_hung_then_killed_during_transfer(model_dir, tmp_path):
         for proc in ranks:
             proc.suspend()
         # Hung seed: the client's Mooncake handshake stalls (Mooncake's own limit is ~60 s); ours is 5 s.
-        report, seconds = fork_failure(config_only_copy(model_dir, tmp_path / "c1"), victim.base_url,
-                                       "--remote-instance-weight-loader-timeout", "5")
+        report, seconds = fork_failure(
+            config_only_copy(model_dir, tmp_path / "c1"),
+            victim.base_url,
+            "--remote-instance-weight-loader-timeout",
+            "5",
+        )
         assert "failed at step 'transfer'" in report and "hung or unreachable" in report and seconds < 45
         # Killed seed: kill it once the next client is inside its transfer step.
         log = tmp_path / "client.log"
@@ -228,7 +242,15 @@ def test_seed_hung_then_killed_during_transfer(model_dir, tmp_path):
 
 def spawn_server(model_dir: str, args: list[str], log: Path) -> subprocess.Popen:
     """A server process writing to log, not waited for."""
-    command = [sys.executable, "-m", "sglang.launch_server", "--model-path", model_dir, "--port",
-               str(find_free_port()), *args]
+    command = [
+        sys.executable,
+        "-m",
+        "sglang.launch_server",
+        "--model-path",
+        model_dir,
+        "--port",
+        str(find_free_port()),
+        *args,
+    ]
     with open(log, "w") as f:
         return subprocess.Popen(command, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **ENV})

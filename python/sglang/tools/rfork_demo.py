@@ -54,7 +54,8 @@ def run_backend(backend: str, model_dir: Path, work: Path, tp_size: int) -> dict
     if backend == "transfer_engine":
         seed_args += [
             "--remote-instance-weight-loader-start-seed-via-transfer-engine",
-            "--engine-info-bootstrap-port", str(find_free_port()),
+            "--engine-info-bootstrap-port",
+            str(find_free_port()),
         ]
     started = time.perf_counter()
     seed = popen_launch_server(str(model_dir), other_args=seed_args)
@@ -64,11 +65,16 @@ def run_backend(backend: str, model_dir: Path, work: Path, tp_size: int) -> dict
         client_dir = config_only_copy(model_dir, work / f"client-{backend}")
         port = seed.base_url.rsplit(":", 1)[1]
         client_args = [
-            "--tp-size", str(tp_size),
-            "--load-format", "remote_instance",
-            "--remote-instance-weight-loader-backend", backend,
-            "--remote-instance-weight-loader-seed-instance-ip", "127.0.0.1",
-            "--remote-instance-weight-loader-seed-instance-service-port", port,
+            "--tp-size",
+            str(tp_size),
+            "--load-format",
+            "remote_instance",
+            "--remote-instance-weight-loader-backend",
+            backend,
+            "--remote-instance-weight-loader-seed-instance-ip",
+            "127.0.0.1",
+            "--remote-instance-weight-loader-seed-instance-service-port",
+            port,
         ]
         if backend == "nccl":
             ports = [find_free_port() for _ in range(tp_size)]
@@ -103,8 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = ensure_tiny_model(args.arch, args.model_dir)
     backends = ["nccl", "transfer_engine"] if args.backend == "all" else [args.backend]
     if "transfer_engine" in backends and not _mooncake_available():
-        print("Mooncake is not installed: skipping the transfer_engine backend "
-              "(pip install mooncake-transfer-engine-non-cuda; apt-get install libibverbs1).")
+        print(
+            "Mooncake is not installed: skipping the transfer_engine backend "
+            "(pip install mooncake-transfer-engine-non-cuda; apt-get install libibverbs1)."
+        )
         backends.remove("transfer_engine")
     ok = True
     with tempfile.TemporaryDirectory(prefix="rfork_demo_") as work:

@@ -45,6 +45,7 @@ PRETOKENIZE_REGEX = (
 )
 CORPUS_PATH = Path(__file__).with_name("tiny_corpus.txt")
 
+
 def train_tokenizer(vocab_size: int) -> Tokenizer:
     """Train a deterministic byte-level BPE tokenizer of (at most) ``vocab_size`` tokens on the bundled corpus."""
     min_size = len(SPECIAL_TOKENS) + len(pre_tokenizers.ByteLevel.alphabet())

@@ -61,9 +61,7 @@ class SourceReader:
                     if board.stopped or board.finished or board.fatal or source.failed:
                         return
                 continue
-            entries = [
-                ReadEntry(it.name, it.tensor.data_ptr(), source.addrs[it.index], it.nbytes) for it in batch
-            ]
+            entries = [ReadEntry(it.name, it.tensor.data_ptr(), source.addrs[it.index], it.nbytes) for it in batch]
             nbytes = sum(e.length for e in entries)
             limit = min(self.deadline, time.monotonic() + BATCH_TIMEOUT_S + nbytes / 1e8)
             try:
