@@ -70,7 +70,8 @@ def rank_model(cfg, tp: int, rank: int) -> tuple[dict, dict]:
 
 
 def seed_shards(cfg, seed_tp: int) -> tuple[dict, dict]:
-    """{seed rank: {name: SeedShard}} as the seed would publish them (digests left empty) and per-rank sizes."""
+    """{seed rank: {name: SeedShard}} as the seed would publish them (with placeholder digests: the timings do not
+    look at which blocks compare equal) and per-rank sizes."""
     from sglang.srt.model_loader.transfer_engine_reshard import Block, SeedShard
     from sglang.srt.remote_instance.shard_layout import block_bounds
 
@@ -81,7 +82,7 @@ def seed_shards(cfg, seed_tp: int) -> tuple[dict, dict]:
         seeds[r] = {}
         for n, t in tensors.items():
             bounds = block_bounds(layouts[n], t.element_size())
-            blocks = tuple(Block(lo, hi, "") for lo, hi in zip(bounds, bounds[1:]) if hi > lo)
+            blocks = tuple(Block(lo, hi, "0" * 16) for lo, hi in zip(bounds, bounds[1:]) if hi > lo)
             seeds[r][n] = SeedShard(layouts[n], t.element_size(), blocks)
     return seeds, sizes
 
@@ -142,13 +143,13 @@ def where(gpu: int | None) -> tuple[str, str]:
 
 def bare_seed(gpu: int | None, sizes: dict[str, int], info: mp.Queue, done: mp.Event) -> None:
     """A seed rank's bytes (tensors of these sizes back to back) in one registered allocation, until done."""
-    from sglang.srt.remote_instance.mooncake_guard import GuardedEngine
+    from sglang.srt.remote_instance.mooncake_guard import GuardedEngine, memory_location
 
     device, protocol = where(gpu)
     offsets, total = _offsets(sizes)
     buffer = torch.full((total,), 7, dtype=torch.uint8, device=device)
     engine = GuardedEngine("127.0.0.1", protocol)
-    engine.register([(buffer.data_ptr(), total)], f"cuda:{gpu}" if gpu is not None else "*")
+    engine.register([(buffer.data_ptr(), total)], memory_location(gpu))
     info.put((engine.session_id, buffer.data_ptr(), offsets))
     done.wait(900)
 

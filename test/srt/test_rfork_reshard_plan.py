@@ -189,6 +189,18 @@ def test_corrupted_byte_of_one_seed_rank_is_caught_in_place_and_staged(models, n
     assert any(d.name == name for p in plans.values() for d in p.direct) == ("qkv" in name)
 
 
+@pytest.mark.parametrize("digest", ["XYZ", "0123456789ABCDEF", "0" * 17, 7])
+def test_malformed_published_digest_is_refused_before_any_read(models, digest):
+    """A digest bad_blocks could not compare is refused where the seed's layout is parsed, naming the tensor."""
+    seed = disk_model(models["qwen3"], 1, 0)
+    published = json.loads(json.dumps(published_layout(seed, 0, 1)))["tensors"]
+    name = "model.layers.0.mlp.down_proj.weight"
+    published[name]["blocks"][0][2] = digest
+    weights = {n: [t.data_ptr(), t.numel(), t.element_size()] for n, t in weight_tensors(seed)}
+    with pytest.raises(ReshardError, match=f"malformed shard layout of {name}"):
+        parse_shards(published, weights)
+
+
 def test_other_model_is_refused_by_name(models, tiny_model_dir):
     other = tiny_model_dir("qwen3", num_heads=4, num_kv_heads=2, intermediate_size=64)
     seed = disk_model(models["qwen3"], 1, 0)

@@ -41,6 +41,7 @@ from sglang.srt.model_loader.transfer_engine_reshard_read import (
     tracing,
     warm_kernels,
 )
+from sglang.srt.remote_instance import block_checksum_gpu
 from sglang.srt.remote_instance.manifest import weight_tensors
 from sglang.srt.remote_instance.mooncake_guard import (
     GuardedEngine,
@@ -129,7 +130,8 @@ class ReshardFork:
             for r, (engine, session) in routes.items():
                 if READ_PLANS[engine.protocol].touch_first:
                     self._touch(ctx, r, engine, session, tensors)
-            traces: dict[int, Trace | None] = {r: [] if tracing() else None for r in plans}
+            traced = tracing()
+            traces: dict[int, Trace | None] = {r: [] if traced else None for r in plans}
             # Entries, scratch, scatter views and block-sum tables, before the first read (as a raw read of the
             # same bytes builds its entry lists before it starts).
             reads = {r: self._prepare_rank(ctx, r, plans[r], routes[r], tensors, traces[r]) for r in plans}
@@ -137,7 +139,7 @@ class ReshardFork:
                 torch.cuda.synchronize(ctx.device)  # the padding zeros, so that "transfer" times the reads alone
             if self.warming is not None:
                 self.warming.join(max(0.0, min(ctx.remaining(), 30.0)))
-            if tracing():
+            if traced:
                 self._log_context(ctx)
             ctx.timings["engine setup"] = time.perf_counter() - start
             start = time.perf_counter()
@@ -147,7 +149,7 @@ class ReshardFork:
             if ctx.device.type == "cuda":
                 torch.cuda.synchronize(ctx.device)  # the last rounds' sums and scatters are part of the transfer
             ctx.timings["transfer"] = time.perf_counter() - start
-            if tracing():
+            if traced:
                 self._log_trace(ctx, traces, start, joined)
         except MooncakeError as e:
             raise RemoteInstanceError(ctx.seed.name, "transfer", str(e)) from None
@@ -210,8 +212,6 @@ class ReshardFork:
 
     def _log_context(self, ctx: ForkContext) -> None:
         """What else runs in this process as the reads start (threads holding the GIL slow the read step)."""
-        from sglang.srt.remote_instance import block_checksum_gpu
-
         logger.info(
             "TP%d: reshard trace: fused block sums %s; threads: %s",
             ctx.tp_rank,

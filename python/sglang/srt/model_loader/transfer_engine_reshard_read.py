@@ -107,19 +107,18 @@ def all_checks(results: list[RankResult]) -> list[Checks]:
 
 
 def round_bytes(plan: RankPlan, device: torch.device, seed_ranks: int = 1) -> int:
-    """Scratch per round for this plan. On a GPU whose free memory holds every staged byte in FREE_SHARE of it
-    (shared by the seed ranks read at once), one round: two calls into the transport in all, the checks and
-    scatter hidden behind the in-place reads. (Weights load before the KV cache is allocated, so the memory is
-    usually there.) Otherwise BUFFERS rounds of what fits, at least the plan's largest staged block."""
-    largest = max((b.hi - b.lo for s in plan.staged for b in s.blocks), default=0)
-    staged = sum(-(-(s.hi - s.lo) // ALIGN) * ALIGN for s in plan.staged)
+    """Scratch per round for this plan (RankRead raises it to the plan's largest staged block). On a GPU whose free
+    memory holds every staged byte in FREE_SHARE of it (shared by the seed ranks read at once), one round: two
+    calls into the transport in all, the checks and scatter hidden behind the in-place reads. (Weights load
+    before the KV cache is allocated, so the memory is usually there.) Otherwise BUFFERS rounds of what fits."""
     if device.type != "cuda":
-        return max(ROUND_BYTES, largest)
+        return ROUND_BYTES
+    staged = sum(-(-(s.hi - s.lo) // ALIGN) * ALIGN for s in plan.staged)
     free, _ = torch.cuda.mem_get_info(device)
     budget = int(free * FREE_SHARE) // max(1, seed_ranks)
     if staged <= budget:
-        return max(staged, largest)
-    return max(MIN_ROUND_BYTES, budget // BUFFERS, largest)
+        return staged
+    return max(MIN_ROUND_BYTES, budget // BUFFERS)
 
 
 def tracing() -> bool:
@@ -224,9 +223,9 @@ class RankRead:
         self.buffers: list[torch.Tensor] = []
         self.rounds: list[_Round] = []
         if plan.staged:
-            size = scratch_bytes or round_bytes(plan, self.device, seed_ranks)
+            # A block is checked whole, so a round holds at least the largest one.
             largest = max(b.hi - b.lo for s in plan.staged for b in s.blocks)
-            groups = rounds(plan.staged, max(size, largest))
+            groups = rounds(plan.staged, max(scratch_bytes or round_bytes(plan, self.device, seed_ranks), largest))
             nbytes = max(at + s.hi - s.lo for g in groups for s, at in g)
             with spans("prepare: scratch"):
                 count = min(BUFFERS, len(groups))

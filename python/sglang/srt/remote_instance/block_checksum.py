@@ -55,7 +55,11 @@ def digest_values(sums: torch.Tensor) -> np.ndarray:
 
 def digests(sums: list[torch.Tensor]) -> list[str]:
     """Hex digests of block_sums results, with one copy to the host per device."""
-    return [f"{int(v):016x}" for v in digest_values(torch.tensor(host_values(sums), dtype=torch.int64).view(-1, 5))]
+    return _hex(digest_values(torch.tensor(host_values(sums), dtype=torch.int64).view(-1, 5)))
+
+
+def _hex(values: np.ndarray) -> list[str]:
+    return [f"{int(v):016x}" for v in values]
 
 
 class RangeSums:
@@ -203,5 +207,5 @@ def _run_sums(raw: torch.Tensor, count: int) -> torch.Tensor:
 
 
 def range_digests(ranges: list[tuple[torch.Tensor, int, int]]) -> list[str]:
-    """Digest of bytes [lo, hi) of each flat uint8 tensor."""
-    return digests(range_sums(ranges))
+    """Digest of bytes [lo, hi) of each flat uint8 tensor (all on one device), from one table of sums."""
+    return _hex(digest_values(RangeSums(ranges)())) if ranges else []

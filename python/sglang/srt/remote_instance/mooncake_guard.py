@@ -158,15 +158,18 @@ def memory_location(gpu: int | None) -> str:
     return f"cuda:{gpu}" if gpu is not None else "*"
 
 
+def open_engine(host: str, protocol: str, gpu: int | None) -> GuardedEngine:
+    """An engine for `protocol` on `host`, on the NIC nearest the GPU (NVLink needs none)."""
+    return GuardedEngine(host, protocol, "" if protocol == "nvlink_intra" else nic_device_for_gpu(gpu))
+
+
 def rank_engine(
     seed_ip: str, protocol: str, gpu: int | None, destination: Callable[[], list[tuple[int, int]]] | None = None
 ) -> GuardedEngine:
     """A client rank's engine for `protocol` towards the seed's host, on the NIC nearest its GPU. `destination`
     gives the (address, length) regions the reads land in; they are worked out and registered only when the
     transport writes into them (RDMA), and the engine is closed again if that fails."""
-    engine = GuardedEngine(
-        local_ip_towards(seed_ip), protocol, "" if protocol == "nvlink_intra" else nic_device_for_gpu(gpu)
-    )
+    engine = open_engine(local_ip_towards(seed_ip), protocol, gpu)
     if protocol == "rdma" and destination is not None:
         try:
             engine.register(destination(), memory_location(gpu))

@@ -20,7 +20,7 @@ from sglang.srt.remote_instance.mooncake_guard import (
     auto_nic_protocol,
     forced_protocol,
     memory_location,
-    nic_device_for_gpu,
+    open_engine,
     rdma_devices,
     supports_intra_nvlink,
 )
@@ -131,7 +131,7 @@ def create_seed(
     location = memory_location(gpu)
     try:
         for protocol in seed_protocols(device):
-            engine = GuardedEngine(host, protocol, "" if protocol == "nvlink_intra" else nic_device_for_gpu(gpu))
+            engine = open_engine(host, protocol, gpu)
             engines.append(engine)
             spans = segment_regions(tensors, device) if protocol == "nvlink_intra" else merged_regions(tensors, device)
             start = time.perf_counter()
